@@ -1,0 +1,34 @@
+# The single entry point for humans and CI.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.14.1 / torchvision 0.29.1 are the releases this platform provides locally; any
+# torch >= 2.1 works (setup.py) when you install by hand.
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install --quiet torch torchvision
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/lt demo -o demo-out
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_hessian.py
+	$(PY) benchmarks/bench_surface.py
+	$(PY) benchmarks/bench_featvar.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

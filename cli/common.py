@@ -1,0 +1,198 @@
+"""Options and helpers every command shares, so `--device`, `--seed`, `-o` look the same everywhere."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Sequence
+
+import click
+
+from landscape_tools.errors import ConfigError, DataError
+
+
+def _compose(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+def model_arguments(f):
+    """``MODELS...`` plus how to build a model from a bare state_dict, and the pickle opt-in."""
+    return _compose(
+        click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False)),
+        click.option("--arch", default=None, metavar="NAME",
+                     help="Zoo architecture for bare state_dicts (see `lt info --zoo`)."),
+        click.option("--model", "model_factory", default=None, metavar="PKG.MOD:FACTORY",
+                     help="Factory of a user model for bare state_dicts, or torchvision:NAME."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow checkpoints that are whole pickled modules (runs code from the file!)."),
+        click.option("--labels", default=None, metavar="A,B,...",
+                     help="Labels of the models in results and figures (default: file stems)."),
+    )(f)
+
+
+def data_options(split: str = "train", batch_size: int = 128):
+    """``--data --split --samples --batch-size`` with a command's own defaults."""
+    return _compose(
+        click.option("--data", "data_spec", default=None, metavar="SPEC",
+                     help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR | tensors:FILE "
+                          "(default: the data set recorded in the checkpoint)."),
+        click.option("--split", type=click.Choice(["train", "test"]), default=split, show_default=True,
+                     help="Which split to use."),
+        click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Use a seeded random subset of N samples (indices are stored)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
+                     help="Mini-batch size."),
+    )
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA when present), cpu, cuda or cuda:N.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
+output_option = _compose(
+    click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.h5",
+                 help="Result file (HDF5)."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing result file."),
+)
+plot_option = click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), metavar="FIG.png",
+                           help="Also draw the result (png, pdf or svg); `lt plot` redraws it later.")
+
+
+def split_labels(labels: str | None, paths: Sequence[str]) -> list[str | None]:
+    if labels is None:
+        return [None] * len(paths)
+    parts = [s.strip() for s in labels.split(",")]
+    if len(parts) != len(paths) or not all(parts):
+        raise ConfigError(f"--labels {labels!r} has {len(parts)} labels for {len(paths)} models; give one each")
+    return parts
+
+
+def load_models(paths: Sequence[str], arch: str | None, model_factory: str | None, trust_pickle: bool,
+                labels: str | None = None, device=None):
+    """Load every checkpoint -> list of ``(model, info)`` on ``device``; labels made unique."""
+    from landscape_tools.checkpoints import load_checkpoint
+
+    out, seen = [], set()
+    for path, label in zip(paths, split_labels(labels, paths)):
+        model, info = load_checkpoint(path, arch=arch, model=model_factory, trust_pickle=trust_pickle, label=label)
+        base, k = info.label, 2
+        while info.label in seen:
+            info.label = f"{base}_{k}"
+            k += 1
+        seen.add(info.label)
+        if device is not None:
+            model = model.to(device)
+        out.append((model, info))
+    return out
+
+
+def model_in_channels(model) -> int | None:
+    """The input channels a model expects (first conv), or None when it has none."""
+    import torch.nn as nn
+    kwargs = getattr(model, "arch_kwargs", None)
+    if kwargs and "in_channels" in kwargs:
+        return int(kwargs["in_channels"])
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+def load_data_for(info, model, data_spec: str | None, split: str, samples: int | None, batch_size: int, seed: int,
+                  device, dtype=None):
+    """Resolve the data of an analysis: ``--data`` or the data set recorded in the checkpoint."""
+    import torch
+
+    from landscape_tools.data import load_data
+
+    spec = data_spec or info.dataset
+    if spec is None:
+        raise DataError(f"{info.path} does not record the data set it was trained on; pass --data SPEC "
+                        f"(digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, tensors:FILE)")
+    ds = load_data(spec, split=split, samples=samples, seed=seed, batch_size=batch_size,
+                   in_channels=model_in_channels(model), device=device, dtype=dtype or torch.float32)
+    check_data_fits(model, info, ds)
+    return ds
+
+
+def check_data_fits(model, info, ds) -> None:
+    """A forward pass of one sample: wrong shapes, non-image data and out-of-range labels are errors."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(ds.x[:1].to(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters())
+                        else ds.x[:1])
+    except RuntimeError as exc:
+        raise DataError(f"data {ds.spec!r} (inputs of shape {tuple(ds.x.shape[1:])}) does not fit {info.label} "
+                        f"({info.arch}): {str(exc).splitlines()[0]}. Use data shaped as the model was trained on") from None
+    if out.dim() != 2:
+        raise DataError(f"{info.label} returns outputs of shape {tuple(out.shape)}; expected (batch, classes) logits")
+    n_out = int(out.shape[1])
+    top = int(ds.y.max())
+    if top >= n_out:
+        raise DataError(f"labels of {ds.spec!r} go up to {top} but {info.label} has {n_out} outputs; "
+                        f"use data with labels 0..{n_out - 1} or a model with num_classes >= {top + 1}")
+
+
+def dump_config(**options) -> dict:
+    """JSON-safe copy of resolved options for the ``config`` attribute."""
+    return json.loads(json.dumps(options, default=str))
+
+
+class ProgressBar:
+    """``progress(done, total, message)`` drawn on stderr: one redrawn line on a terminal, and
+    occasional plain lines (at most every ``interval`` seconds) in a batch log."""
+
+    def __init__(self, title: str, stream=None, interval: float = 10.0, quiet: bool = False):
+        self.title, self.stream, self.interval, self.quiet = title, stream or sys.stderr, interval, quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+        self.last = -1e9
+        self.last_done = None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        final = total > 0 and done >= total
+        if not final and now - self.last < (0.2 if self.tty else self.interval):
+            return
+        self.last = now
+        elapsed = now - self.start
+        pct = f"{100.0 * done / total:5.1f}%" if total else ""
+        eta = ""
+        if total and 0 < done < total:
+            eta = f" eta {_fmt_seconds(elapsed * (total - done) / done)}"
+        line = f"{self.title}: {done}/{total} {pct} {_fmt_seconds(elapsed)}{eta} {message}".rstrip()
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def info_line(message: str) -> None:
+    """Status text goes to stderr so stdout stays parseable."""
+    click.echo(message, err=True)
+
+
+def ensure_output_ok(output: str, overwrite: bool) -> None:
+    """Refuse an existing output before any work is done."""
+    from landscape_tools.store import check_writable
+    check_writable(output, overwrite)
+
+
+def render_plot(result_paths: Sequence[str], plot_path: str, kind: str | None = None, **options) -> None:
+    """Every `--plot` goes through the same code as `lt plot`."""
+    from landscape_tools.plotting import render
+    render(list(result_paths), plot_path, kind=kind, **options)
+    info_line(f"figure written to {plot_path}")

@@ -1,0 +1,86 @@
+"""The ``lt`` command group.  Commands are imported lazily so ``lt --help`` stays fast."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from landscape_tools import __version__
+
+#: command name -> module in landscape_tools.cli defining ``command``
+COMMANDS = {
+    "train": "train",
+    "info": "info",
+    "evaluate": "evaluate",
+    "hessian": "hessian",
+    "surface": "surface",
+    "merge": "merge",
+    "featvar": "featvar",
+    "plot": "plot",
+    "demo": "demo",
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use; library errors become ``Error:`` lines."""
+
+    def list_commands(self, ctx):
+        return [name for name, mod in COMMANDS.items() if self._available(mod)]
+
+    @staticmethod
+    def _available(mod: str) -> bool:
+        return importlib.util.find_spec(f"landscape_tools.cli.{mod}") is not None
+
+    def get_command(self, ctx, name):
+        mod = COMMANDS.get(name)
+        if mod is None or not self._available(mod):
+            return None
+        return importlib.import_module(f"landscape_tools.cli.{mod}").command
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            rows.append((name, cmd.get_short_help_str(limit=formatter.width - 20)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        from landscape_tools.errors import LTError
+        try:
+            return super().invoke(ctx)
+        except LTError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\nError: interrupted. Completed work is kept; run the same command again to resume.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="lt")
+def cli():
+    """landscape-tools: loss-landscape geometry and feature-map stability of neural networks.
+
+    Hessian eigen-spectra, loss-surface slices, feature-map variance across MC-dropout samples and
+    predictive metrics for the spatial-smoothing model zoo and any PyTorch model. Every result is an
+    HDF5 file with full provenance; `lt plot` draws any of them.
+
+    \b
+    Example:
+      lt train resnet_mcdo_smoothing_18 --width 16 --data digits -o smooth.pt
+      lt hessian smooth.pt --batches 4 -o hessian.h5 --plot hessian.png
+      lt info hessian.h5
+    """
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="lt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Data sources -> a fixed, ordered set of ``(x, y)`` batches, materialised once on a device.
+
+Specs:
+  ``digits``          scikit-learn's bundled 8x8 digits (no download), a fixed stratified 75/25
+                      train/test split, upsampled to 32x32 and normalised; 1 or 3 channels.
+  ``cifar10:DIR``     the python batch files of CIFAR-10 (``cifar-10-batches-py``), read with an
+  ``cifar100:DIR``    unpickler that only admits numpy arrays, never downloaded.
+  ``imagefolder:DIR`` ``DIR/<split>/<class>/*.png`` (or ``DIR/<class>/...`` for both splits).
+  ``tensors:FILE``    ``.npz``, ``.pt`` or ``.h5`` holding ``x``, ``y`` (and optionally ``x_test``,
+                      ``y_test``), used exactly as stored: no normalisation, no reordering.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+
+SPLITS = ("train", "test")
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class DataSet:
+    """Inputs and labels of one split, in a fixed order, on one device.
+
+    Attributes:
+        x: inputs, shape (N, C, H, W) for images (any shape for ``tensors:``).
+        y: int64 labels, shape (N,).
+        spec, split: where they came from.
+        num_classes: number of classes (max label + 1 when the source does not say).
+        indices: positions in the full split when ``samples`` picked a subset, else None.
+        normalisation: what was done to the raw values (recorded in results).
+        batch_size: size of the batches :meth:`batches` yields (the last may be smaller).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    spec: str
+    split: str
+    num_classes: int
+    batch_size: int = 128
+    indices: np.ndarray | None = None
+    normalisation: dict = field(default_factory=dict)
+    sample_seed: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def batches(self, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches in fixed order (views of :attr:`x` and :attr:`y`, no copies)."""
+        b = int(batch_size or self.batch_size)
+        return [(self.x[i:i + b], self.y[i:i + b]) for i in range(0, len(self), b)]
+
+    def batch_sizes(self, batch_size: int | None = None) -> list[int]:
+        return [int(bx.shape[0]) for bx, _ in self.batches(batch_size)]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DataSet":
+        """Move (and for floating inputs optionally cast) the data; returns a new DataSet."""
+        x = self.x.to(device)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        return DataSet(x, self.y.to(device), self.spec, self.split, self.num_classes, self.batch_size,
+                       self.indices, dict(self.normalisation), self.sample_seed)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: spec, split, size, subset seed and indices, normalisation."""
+        return {"spec": self.spec, "split": self.split, "num_samples": len(self), "num_classes": self.num_classes,
+                "input_shape": list(self.x.shape[1:]), "batch_size": self.batch_size,
+                "sample_seed": self.sample_seed,
+                "indices": None if self.indices is None else [int(i) for i in self.indices],
+                "normalisation": self.normalisation}
+
+
+# ----------------------------------------------------------------------------- readers
+def _digits(split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32) / 16.0
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=DIGITS_TEST_FRACTION, stratify=y,
+                                              random_state=DIGITS_SPLIT_SEED)
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    xs, ys = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    t = torch.from_numpy(np.ascontiguousarray(xs))[:, None]
+    t = F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)
+    t = (t - mean) / std
+    norm = {"scale": "1/16", "resize": "bilinear 8x8->32x32", "mean": [mean], "std": [std],
+            "split": f"stratified {1 - DIGITS_TEST_FRACTION:.0%}/{DIGITS_TEST_FRACTION:.0%}, seed {DIGITS_SPLIT_SEED}"}
+    return t.numpy(), ys, norm
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's python batches need; anything else is refused before it runs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch file")
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path} is not a readable CIFAR python batch file ({exc}); re-extract the archive") from None
+
+
+def _cifar(kind: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict, int]:
+    if kind == "cifar10":
+        sub, files = "cifar-10-batches-py", ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
+        label_key, n_classes = b"labels", 10
+    else:
+        sub, files = "cifar-100-python", (["train"] if split == "train" else ["test"])
+        label_key, n_classes = b"fine_labels", 100
+    folder = root / sub if (root / sub).is_dir() else root
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{kind} folder {root} lacks {', '.join(missing)}: expected the python version of "
+                        f"the data set, {sub}/{files[0]}... (extract {sub.replace('-python', '').replace('-batches-py', '')}"
+                        f"-python.tar.gz there); nothing is downloaded")
+    xs, ys = [], []
+    for f in files:
+        d = _read_cifar_batch(folder / f)
+        if b"data" not in d or label_key not in d:
+            raise DataError(f"{folder / f} has no {label_key.decode()!r}/'data' entries: not a {kind} batch file")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    mean, std = CIFAR_STATS[kind]
+    x = np.concatenate(xs).astype(np.float32) / 255.0
+    x = (x - np.array(mean, np.float32)[None, :, None, None]) / np.array(std, np.float32)[None, :, None, None]
+    return x, np.concatenate(ys), {"scale": "1/255", "mean": list(mean), "std": list(std)}, n_classes
+
+
+def _imagefolder(root: Path, split: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray, dict, int]:
+    from PIL import Image
+
+    folder = root / split if (root / split).is_dir() else root
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise DataError(f"imagefolder {root}: expected class sub-folders ({root}/<class>/*.png or "
+                        f"{root}/{split}/<class>/*.png), found none")
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    xs, ys = [], []
+    size = image_size
+    for label, cls in enumerate(classes):
+        for p in sorted((folder / cls).iterdir()):
+            if p.suffix.lower() not in exts:
+                continue
+            try:
+                img = Image.open(p).convert("RGB")
+            except OSError as exc:
+                raise DataError(f"cannot read image {p}: {exc}") from None
+            if size is None:
+                size = img.size[0]
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            ys.append(label)
+    if not xs:
+        raise DataError(f"imagefolder {folder}: the class folders hold no images ({', '.join(sorted(exts))})")
+    x = (np.stack(xs) - 0.5) / 0.5
+    return x, np.asarray(ys, np.int64), {"scale": "1/255", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                         "classes": classes, "size": size}, len(classes)
+
+
+def _tensors(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    if not path.is_file():
+        raise DataError(f"tensors file {path} does not exist")
+    xk, yk = ("x", "y") if split == "train" else ("x_test", "y_test")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} holds a {type(obj).__name__}; expected a dict with 'x' and 'y' tensors")
+            arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in obj.items()}
+        elif suffix in (".h5", ".hdf5"):
+            from . import store
+            arrays = store.read_plain_arrays(path)
+        else:
+            raise DataError(f"tensors file {path}: unknown extension {suffix!r}; expected .npz, .pt or .h5")
+    except DataError:
+        raise
+    except Exception as exc:  # corrupt archives raise many different types
+        raise DataError(f"cannot read tensors file {path}: {exc}") from None
+    if xk not in arrays or yk not in arrays:
+        have = ", ".join(sorted(arrays)) or "nothing"
+        extra = " (use --split train, or add x_test and y_test)" if split == "test" else ""
+        raise DataError(f"tensors file {path} has no {xk!r} and {yk!r} for the {split} split; it holds {have}{extra}")
+    x, y = np.asarray(arrays[xk]), np.asarray(arrays[yk])
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"tensors file {path}: {xk} has {x.shape[0]} rows but {yk} has {y.shape[0]}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"tensors file {path}: {yk} must be a 1-D integer class vector, got {y.dtype} {y.shape}")
+    n_classes = arrays.get("num_classes")
+    return x, y.astype(np.int64), (int(n_classes) if n_classes is not None else None)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"cifar10:/data" -> ("cifar10", "/data")``; validates the kind."""
+    kind, _, arg = spec.partition(":")
+    kinds = ("digits", "cifar10", "cifar100", "imagefolder", "tensors")
+    if kind not in kinds:
+        raise DataError(f"unknown data spec {spec!r}: expected digits, cifar10:DIR, cifar100:DIR, "
+                        f"imagefolder:DIR or tensors:FILE")
+    if kind == "digits":
+        if arg:
+            raise DataError(f"data spec {spec!r}: 'digits' takes no argument")
+        return kind, None
+    if not arg:
+        raise DataError(f"data spec {spec!r} needs a path: {kind}:{'FILE' if kind == 'tensors' else 'DIR'}")
+    return kind, os.path.expanduser(arg)
+
+
+def load_data(spec: str, split: str = "train", samples: int | None = None, seed: int = 0, batch_size: int = 128,
+              in_channels: int | None = None, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, image_size: int | None = None) -> DataSet:
+    """Resolve a data spec to a :class:`DataSet` on ``device``.
+
+    Args:
+        spec: see the module docstring.
+        split: ``train`` or ``test``.
+        samples: keep a seeded random subset of this many samples (in their original order;
+            indices recorded); None keeps all.
+        seed: seed of that subset.
+        batch_size: the batch size of :meth:`DataSet.batches`.
+        in_channels: the channels the model expects; grey images are repeated to 3 channels.
+        device, dtype: where and in which floating type the inputs live.
+        image_size: for ``imagefolder``: resize to this square size.
+
+    Raises:
+        DataError: unknown spec, missing folder or file, empty data, bad shapes.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not 'train' or 'test'")
+    if int(batch_size) < 1:
+        raise DataError(f"batch size {batch_size} must be at least 1")
+    kind, arg = parse_spec(spec)
+    normalisation: dict = {}
+    n_classes: int | None = None
+    if kind == "digits":
+        x, y, normalisation = _digits(split)
+        n_classes = 10
+    elif kind in ("cifar10", "cifar100"):
+        root = Path(arg)
+        if not root.is_dir():
+            raise DataError(f"{kind} folder {root} does not exist: expected a folder holding "
+                            f"{'cifar-10-batches-py' if kind == 'cifar10' else 'cifar-100-python'}/ (nothing is downloaded)")
+        x, y, normalisation, n_classes = _cifar(kind, root, split)
+    elif kind == "imagefolder":
+        root = Path(arg)
+        if not root.is_dir():
+            raise DataError(f"imagefolder {root} does not exist")
+        x, y, normalisation, n_classes = _imagefolder(root, split, image_size)
+    else:
+        x, y, n_classes = _tensors(Path(arg), split)
+        normalisation = {"none": "used exactly as stored"}
+    if len(y) == 0:
+        raise DataError(f"data {spec!r} ({split}) is empty: nothing to analyse")
+    if y.min() < 0:
+        raise DataError(f"data {spec!r} has negative labels (min {int(y.min())}); labels must be 0..C-1")
+    if n_classes is None:
+        n_classes = int(y.max()) + 1
+    indices = None
+    if samples is not None:
+        samples = int(samples)
+        if samples < 1:
+            raise DataError(f"--samples {samples} must be at least 1")
+        if samples < len(y):
+            rng = np.random.default_rng(seed)
+            indices = np.sort(rng.choice(len(y), size=samples, replace=False))
+            x, y = x[indices], y[indices]
+    xt = torch.as_tensor(np.ascontiguousarray(x))
+    if xt.is_floating_point():
+        xt = xt.to(dtype)
+    if in_channels is not None and xt.dim() == 4 and xt.shape[1] != in_channels:
+        if xt.shape[1] == 1:
+            xt = xt.expand(-1, in_channels, -1, -1).contiguous()
+            normalisation = dict(normalisation, channels=f"grey repeated to {in_channels}")
+        else:
+            raise DataError(f"data {spec!r} has {xt.shape[1]} channels but the model expects {in_channels}")
+    return DataSet(xt.to(device), torch.as_tensor(y, dtype=torch.int64).to(device), spec, split, n_classes,
+                   int(batch_size), indices, normalisation, seed if indices is not None else None)
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Plain fixed-order slicing, for code holding raw tensors."""
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def save_tensors(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write a ``.npz`` a ``tensors:`` spec can read (for tests and examples)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    Path(path).write_bytes(buf.getvalue())

@@ -1,0 +1,131 @@
+"""MC dropout: dropout that stays active in eval mode, and a switch for every dropout in a model.
+
+The paper's MC-dropout models apply dropout at prediction time too: a forward pass in eval mode
+(BatchNorm on running statistics) is one Monte-Carlo sample.  :func:`mc_dropout` turns all of a
+model's dropout on or off for the duration of a ``with`` block -- our :class:`MCDropout` layers and
+ordinary ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` modules of any user model alike -- and with a seed
+makes every forward pass inside the block draw the same masks (needed for a deterministic
+Hessian operator).  On exit the model is exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_ELEMENT_DROPOUTS = (nn.Dropout,)
+
+
+def _seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool) -> torch.Tensor:
+    shape = x.shape[:2] + (1,) * (x.dim() - 2) if channelwise else x.shape
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed) % (2**63 - 1))
+    keep = torch.rand(shape, generator=gen, device=x.device) >= p
+    return keep.to(x.dtype) / (1.0 - p) if p < 1.0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+def apply_dropout(x: torch.Tensor, p: float, active: bool, seed: int | None, channelwise: bool = False) -> torch.Tensor:
+    """Dropout with probability ``p``; identity when not ``active``; fixed mask when ``seed`` is set."""
+    if not active or p == 0.0:
+        return x
+    if seed is None:
+        if channelwise:
+            return F.dropout2d(x, p, training=True) if x.dim() == 4 else F.dropout1d(x, p, training=True)
+        return F.dropout(x, p, training=True)
+    return x * _seeded_mask(x, p, seed, channelwise)
+
+
+class MCDropout(nn.Module):
+    """Dropout that is active in train *and* eval mode (the paper's MC dropout).
+
+    It has no state, so models with and without it share state-dict keys.  ``mc_enabled`` and
+    ``mc_seed`` are set by :func:`mc_dropout`.
+    """
+
+    def __init__(self, p: float = 0.3):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability p={p} must be in [0, 1)")
+        self.p = float(p)
+        self.mc_enabled = True
+        self.mc_seed: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_dropout(x, self.p, self.mc_enabled, self.mc_seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every dropout-like module of ``model`` (ours and torch's), in registration order."""
+    kinds = (MCDropout,) + _ELEMENT_DROPOUTS + _CHANNEL_DROPOUTS
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def has_stochastic_dropout(model: nn.Module) -> bool:
+    """True when a forward pass of ``model`` in its current mode would draw dropout masks."""
+    for _, m in dropout_modules(model):
+        p = getattr(m, "p", 0.0)
+        if p == 0.0:
+            continue
+        if isinstance(m, MCDropout):
+            if m.mc_enabled and m.mc_seed is None:
+                return True
+        elif m.training and "forward" not in m.__dict__:
+            return True
+    return False
+
+
+def _make_forward(module: nn.Module, active: bool, seed: int | None, channelwise: bool):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return apply_dropout(x, module.p, active, seed, channelwise)
+    return forward
+
+
+@contextlib.contextmanager
+def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) -> Iterator[nn.Module]:
+    """Turn every dropout of ``model`` on (``enabled=True``) or off, restoring it on exit.
+
+    Args:
+        model: any ``nn.Module``; zoo models' :class:`MCDropout` layers and ordinary
+            ``nn.Dropout`` modules are both switched, whatever the model's train/eval mode.
+        enabled: True: dropout is applied (MC sampling); False: every dropout is the identity.
+        seed: with ``enabled``, every forward pass inside the block draws the *same* masks
+            (each dropout module gets its own stream derived from ``seed`` and its position);
+            None draws fresh masks from torch's global generator each pass.
+
+    Yields:
+        the same model.
+
+    Example::
+
+        with mc_dropout(model, True, seed=0):
+            a = model(x); b = model(x)    # identical: one fixed mask
+        with mc_dropout(model, False):
+            y = model(x)                  # deterministic prediction
+    """
+    saved = []
+    try:
+        for index, (_, m) in enumerate(dropout_modules(model)):
+            sub_seed = None if seed is None else int(seed) * 1_000_003 + index * 7919 + 17
+            if isinstance(m, MCDropout):
+                saved.append((m, "mc", (m.mc_enabled, m.mc_seed)))
+                m.mc_enabled, m.mc_seed = bool(enabled), sub_seed
+            else:
+                saved.append((m, "torch", m.__dict__.get("forward")))
+                channelwise = isinstance(m, _CHANNEL_DROPOUTS)
+                m.forward = _make_forward(m, bool(enabled), sub_seed, channelwise)
+        yield model
+    finally:
+        for m, kind, state in reversed(saved):
+            if kind == "mc":
+                m.mc_enabled, m.mc_seed = state
+            elif state is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = state

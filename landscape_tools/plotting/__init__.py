@@ -1,0 +1,90 @@
+"""Result file(s) -> matplotlib figure.  The only package that imports matplotlib (lazily).
+
+:func:`render` reads files with :mod:`landscape_tools.store`, picks the drawer registered for their
+``kind`` (and ``--kind`` variant), and saves png / pdf / svg.  Each analysis has its own module here
+(``hessian``, ``surface``, ``featvar``, ``evaluate``) defining ``KINDS`` (variant names, the first the
+default) and ``draw(results, kind, **options) -> Figure`` taking a list of
+:class:`landscape_tools.store.Result`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConfigError
+
+#: result kind -> drawing module
+DRAWERS = {"hessian": "hessian", "surface": "surface", "featvar": "featvar", "evaluate": "evaluate"}
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def _matplotlib():
+    import matplotlib
+    if os.environ.get("MPLBACKEND") is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def drawer(kind: str):
+    if kind not in DRAWERS:
+        raise ConfigError(f"no figure for results of kind {kind!r}; known: {', '.join(DRAWERS)}")
+    return importlib.import_module(f"{__name__}.{DRAWERS[kind]}")
+
+
+def available_kinds(result_kind: str) -> tuple[str, ...]:
+    return tuple(drawer(result_kind).KINDS)
+
+
+def render(paths: Sequence[str], output: str, kind: str | None = None, models: Sequence[str] | None = None,
+           **options) -> Path:
+    """Draw result files into ``output``.
+
+    Args:
+        paths: one or more result files of the same kind.
+        output: figure path ending in .png, .pdf or .svg.
+        kind: variant (e.g. ``contour``, ``heatmap``, ``3d`` for surfaces); default per result kind.
+        models: only these model labels (default: all, in file order).
+        options: passed to the drawer.
+
+    Raises:
+        ConfigError: unknown format, variant or label; mixed result kinds.
+    """
+    from .. import store
+
+    out = Path(output)
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"figure {out} must end in {', '.join(FORMATS)}")
+    results = [store.read_result(p) for p in paths]
+    kinds = {r.kind for r in results}
+    if len(kinds) != 1:
+        raise ConfigError(f"cannot draw results of different kinds together: {', '.join(sorted(kinds))}")
+    module = drawer(kinds.pop())
+    variant = kind or module.KINDS[0]
+    if variant not in module.KINDS:
+        raise ConfigError(f"--kind {variant!r} is not available for {results[0].kind} results; "
+                          f"choose one of {', '.join(module.KINDS)}")
+    if models:
+        known = [label for r in results for label in r.models]
+        unknown = [m for m in models if m not in known]
+        if unknown:
+            raise ConfigError(f"--models {', '.join(unknown)} not found; the files hold {', '.join(known)}")
+        for r in results:
+            r.models = {k: v for k, v in r.models.items() if k in models}
+    plt = _matplotlib()
+    fig = module.draw(results, variant, **options)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    return out
+
+
+def pyplot():
+    """matplotlib.pyplot with a non-interactive backend (for drawer modules)."""
+    return _matplotlib()

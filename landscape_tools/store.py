@@ -1,0 +1,440 @@
+"""Result files: HDF5, schema version 1.  The only module that touches h5py.
+
+A result file has root attributes ``format = "landscape-tools"``, ``format_version = 1``, ``kind``,
+``generated_by``, ``created``, ``command``, ``config`` (JSON), ``seed``, ``torch_version``, ``device``,
+and one group per analysed model.  Files are written atomically (temporary file in the same folder,
+then rename), never silently overwritten, and refused when foreign or newer than this reader.
+
+Long runs write through :class:`PartialResult`: a ``OUT.h5.partial`` file whose arrays (NaN where not
+yet computed) are updated in place; its layout is allocated once, so later writes only touch
+fixed-size data, and the file is renamed to ``OUT.h5`` when complete.  A second process that tries to
+write the same output is refused by a lock file.
+
+Nodes: writers take nested dicts ``{"attrs": {...}, "data": {name: array | (array, attrs)},
+"groups": {name: node}}``; readers return :class:`Node` objects of the same shape.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+from .errors import StoreError
+
+FORMAT = "landscape-tools"
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+KINDS = ("hessian", "surface", "featvar", "evaluate")
+
+
+# ----------------------------------------------------------------------------- provenance
+def provenance(kind: str, command: Iterable[str] | None = None, config: dict | None = None, seed: int | None = None,
+               device: str = "cpu") -> dict[str, Any]:
+    """Root attributes of a result file of ``kind``."""
+    import torch
+
+    from . import __version__
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "generated_by": f"landscape-tools {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "command": " ".join(command if command is not None else sys.argv),
+        "config": json.dumps(config or {}, sort_keys=True, default=str),
+        "seed": -1 if seed is None else int(seed),
+        "torch_version": torch.__version__,
+        "device": str(device),
+    }
+
+
+def _attr(value: Any) -> Any:
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, tuple, list)) and (isinstance(value, dict) or any(
+            isinstance(v, (dict, list, tuple, type(None))) for v in value)):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+        return np.asarray(value)
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+def _read_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in ("O", "S"):
+        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _dataset_value(array: Any) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.dtype.kind in ("U", "O"):
+        return np.array([str(v) for v in arr.ravel()], dtype=h5py.string_dtype()).reshape(arr.shape)
+    return arr
+
+
+def _write_node(group: h5py.Group, node: dict) -> None:
+    for key, value in (node.get("attrs") or {}).items():
+        group.attrs[key] = _attr(value)
+    for name, item in (node.get("data") or {}).items():
+        attrs = {}
+        if isinstance(item, tuple):
+            item, attrs = item
+        ds = group.create_dataset(name, data=_dataset_value(item))
+        for key, value in attrs.items():
+            ds.attrs[key] = _attr(value)
+    for name, child in (node.get("groups") or {}).items():
+        _write_node(group.create_group(name), child)
+
+
+@dataclass
+class Node:
+    """A group read back: attributes, datasets (as numpy arrays) and sub-groups."""
+
+    attrs: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+    data_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, "Node"] = field(default_factory=dict)
+
+    def __getitem__(self, path: str):
+        head, _, rest = path.partition("/")
+        if rest:
+            return self.groups[head][rest]
+        if head in self.data:
+            return self.data[head]
+        return self.groups[head]
+
+    def __contains__(self, path: str) -> bool:
+        try:
+            self[path]
+        except KeyError:
+            return False
+        return True
+
+
+def _read_node(group: h5py.Group) -> Node:
+    node = Node(attrs={k: _read_attr(v) for k, v in group.attrs.items()})
+    for name, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            value = item[()]
+            if item.dtype.kind == "O" or h5py.check_string_dtype(item.dtype) is not None:
+                value = np.asarray(item.asstr()[()], dtype=object)
+            node.data[name] = value
+            node.data_attrs[name] = {k: _read_attr(v) for k, v in item.attrs.items()}
+        else:
+            node.groups[name] = _read_node(item)
+    return node
+
+
+@dataclass
+class Result:
+    """A whole result file: root attributes (``config`` decoded) and one :class:`Node` per model."""
+
+    path: str
+    attrs: dict[str, Any]
+    models: dict[str, Node]
+
+    @property
+    def kind(self) -> str:
+        return self.attrs["kind"]
+
+    @property
+    def config(self) -> dict:
+        return self.attrs.get("config") or {}
+
+
+# ----------------------------------------------------------------------------- locking
+class OutputLock:
+    """``OUT.h5.lock`` created exclusively; a second writer of the same output is refused.
+
+    A lock left by a killed process (its pid no longer runs on this host) is taken over.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(str(path) + ".lock")
+        self.held = False
+
+    def acquire(self) -> "OutputLock":
+        import socket
+        me = f"{os.getpid()}@{socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text().strip() if self.path.exists() else ""
+                pid, _, host = owner.partition("@")
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise StoreError(f"{str(self.path)[:-5]} is being written by another lt process ({owner or 'unknown'}); "
+                                 f"wait for it to finish, or remove {self.path} if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise StoreError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- writing
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _disk_error(path: Path, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"no space left on the device holding {path}: free some space or write elsewhere with -o; "
+                          f"earlier results are untouched")
+    return StoreError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fail early (before any computation) when ``path`` exists and may not be replaced."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise StoreError(f"{p} already exists; pass --overwrite to replace it or choose another -o")
+    if p.suffix.lower() not in (".h5", ".hdf5"):
+        raise StoreError(f"output {p} should end in .h5 (HDF5 result file)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise StoreError(f"folder {parent} for the output {p.name} does not exist; create it first")
+
+
+def write_result(path: str | os.PathLike, root_attrs: dict, models: dict[str, dict], overwrite: bool = False) -> Path:
+    """Write a complete result file atomically.
+
+    Args:
+        path: output ``.h5`` path.
+        root_attrs: from :func:`provenance`.
+        models: label -> node dict (see the module docstring).
+        overwrite: replace an existing file (otherwise refused).
+
+    Raises:
+        StoreError: the file exists, or the disk is full / not writable (no partial file is left).
+    """
+    p = Path(path)
+    check_writable(p, overwrite)
+    tmp = _tmp_path(p)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in root_attrs.items():
+                f.attrs[key] = _attr(value)
+            for label, node in models.items():
+                _write_node(f.create_group(label), node)
+        os.replace(tmp, p)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(p, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def _open_checked(path: Path, mode: str = "r") -> h5py.File:
+    if not path.exists():
+        raise StoreError(f"result file {path} does not exist")
+    try:
+        f = h5py.File(path, mode)
+    except OSError as exc:
+        raise StoreError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {exc}. "
+                         f"Recompute it; it cannot be repaired") from None
+    fmt = _read_attr(f.attrs.get("format", ""))
+    if fmt != FORMAT:
+        f.close()
+        raise StoreError(f"{path} is not a landscape-tools result file (format {fmt!r})")
+    version = int(_read_attr(f.attrs.get("format_version", 0)))
+    if version > FORMAT_VERSION:
+        f.close()
+        raise StoreError(f"{path} has format_version {version}, newer than this landscape-tools reads "
+                         f"({FORMAT_VERSION}); upgrade landscape-tools")
+    return f
+
+
+def read_result(path: str | os.PathLike) -> Result:
+    """Read a whole result file into memory (arrays as numpy).
+
+    Raises:
+        StoreError: missing, corrupt, foreign or newer-version file.
+    """
+    p = Path(path)
+    with _open_checked(p) as f:
+        attrs = {k: _read_attr(v) for k, v in f.attrs.items()}
+        try:
+            attrs["config"] = json.loads(attrs.get("config", "{}"))
+        except (TypeError, ValueError):
+            pass
+        try:
+            models = {name: _read_node(g) for name, g in f.items() if isinstance(g, h5py.Group)}
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise StoreError(f"{p} is damaged: {exc}; recompute it") from None
+    return Result(str(p), attrs, models)
+
+
+def read_plain_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Top-level datasets of any HDF5 file (for ``tensors:FILE.h5`` data)."""
+    with h5py.File(path, "r") as f:
+        return {name: item[()] for name, item in f.items() if isinstance(item, h5py.Dataset)}
+
+
+# ----------------------------------------------------------------------------- resumable results
+class PartialResult:
+    """A result being computed: ``OUT.h5.partial``, updated in place, renamed to ``OUT.h5`` when done.
+
+    Use :func:`open_partial`.  ``resumed`` says whether earlier progress was found.  Arrays are
+    addressed by slash paths (``"label/loss"``).
+    """
+
+    def __init__(self, final: Path, partial: Path, lock: OutputLock, resumed: bool):
+        self.final, self.partial, self.lock, self.resumed = final, partial, lock, resumed
+        self.file: h5py.File | None = h5py.File(partial, "r+")
+
+    def read(self, path: str) -> np.ndarray:
+        return self.file[path][()]
+
+    def attrs(self, path: str = "/") -> dict[str, Any]:
+        return {k: _read_attr(v) for k, v in self.file[path].attrs.items()}
+
+    def write(self, path: str, index: Any, values: Any) -> None:
+        """``file[path][index] = values`` (in place; call :meth:`flush` after a batch of writes)."""
+        try:
+            self.file[path][index] = values
+        except OSError as exc:
+            raise _disk_error(self.partial, exc) from None
+
+    def set_attrs(self, path: str, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self.file[path].attrs[key] = _attr(value)
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise _disk_error(self.partial, exc) from None
+
+    def finalize(self, extra_root_attrs: dict | None = None) -> Path:
+        """Close and rename to the final name; returns the final path."""
+        if extra_root_attrs:
+            self.set_attrs("/", extra_root_attrs)
+        self.file.close()
+        self.file = None
+        os.replace(self.partial, self.final)
+        self.lock.release()
+        return self.final
+
+    def close(self) -> None:
+        """Close without finishing (progress stays in the ``.partial`` file for a resume)."""
+        if self.file is not None:
+            try:
+                self.file.close()
+            finally:
+                self.file = None
+        self.lock.release()
+
+    def __enter__(self) -> "PartialResult":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def open_partial(path: str | os.PathLike, root_attrs: dict, fingerprint: str, layout: dict[str, dict],
+                 overwrite: bool = False) -> PartialResult:
+    """Open (resume) or create the in-progress file for ``path``.
+
+    Args:
+        path: the final output path.
+        root_attrs: provenance for a new file.
+        fingerprint: a string identifying everything that determines the result (models, data, grid,
+            directions...). A partial file with another fingerprint is refused unless ``overwrite``.
+        layout: label -> node dict with every array at full size (NaN / False where not computed).
+        overwrite: replace an existing final file or a mismatching / corrupt partial file.
+
+    Raises:
+        StoreError: output exists, another process writes it, the partial file is foreign or corrupt.
+    """
+    final = Path(path)
+    check_writable(final, overwrite)
+    lock = OutputLock(final).acquire()
+    part = partial_path(final)
+    try:
+        if part.exists():
+            problem = None
+            try:
+                with _open_checked(part) as f:
+                    old = _read_attr(f.attrs.get("fingerprint", ""))
+                    if old != fingerprint:
+                        problem = (f"{part} holds progress of a different run (other models, data, grid or options); "
+                                   f"rerun with the same options to resume it, or pass --overwrite to start again")
+            except StoreError as exc:
+                problem = f"cannot resume from {part}: {exc}; pass --overwrite to start again"
+            if problem is None:
+                return PartialResult(final, part, lock, resumed=True)
+            if not overwrite:
+                raise StoreError(problem)
+            part.unlink()
+        tmp = _tmp_path(part)
+        try:
+            with h5py.File(tmp, "w") as f:
+                for key, value in dict(root_attrs, fingerprint=fingerprint).items():
+                    f.attrs[key] = _attr(value)
+                for label, node in layout.items():
+                    _write_node(f.create_group(label), node)
+            os.replace(tmp, part)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(part, exc) from None
+        return PartialResult(final, part, lock, resumed=False)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A short summary of a result file for ``lt info``: root attributes and, per model, its arrays."""
+    res = read_result(path)
+    models = {}
+    for label, node in res.models.items():
+        models[label] = {"attrs": node.attrs,
+                         "data": {k: f"{v.dtype} {tuple(v.shape)}" for k, v in node.data.items()},
+                         "groups": sorted(node.groups)}
+    return {"attrs": res.attrs, "models": models}

@@ -1,0 +1,332 @@
+"""Predictive metrics and the paper's ensemble-size curves (PAPER.md section 7).
+
+The prediction of an MC-dropout model with ``N`` samples is the mean of the softmax over ``N``
+stochastic forward passes (eval mode: BatchNorm on running statistics, dropout on).  For every ``N``
+of a sweep we report
+
+* **NLL**: ``-log p(y)`` of the mean probability, averaged over samples (nats).  Probabilities are
+  clamped from below at :data:`PROB_FLOOR` (``1e-12``) before the log, so one confidently wrong
+  sample costs at most ``-log(1e-12) = 27.6`` nats instead of ``inf``.
+* **accuracy**: fraction of samples whose arg-max class (ties: the lowest class index) is the label.
+* **ECE**: 10 equal-width bins of the max probability; bin ``b`` holds confidences in
+  ``(edges[b], edges[b+1]]`` (the first bin also holds 0); ``ECE = sum_b (n_b / n) |acc_b - conf_b|``.
+* **Brier**: ``sum_k (onehot_k - p_k)^2``, averaged over samples (range 0..2).
+* a **reliability diagram**: per bin its count, accuracy and mean confidence (NaN for empty bins).
+
+A sweep reuses samples: the running sum of probabilities over MC samples ``1..max(N)`` is scored
+whenever the count reaches one of the ``N``, so it costs ``max(N)`` forward passes per batch, not
+``sum(N)``.  It streams over the data: only the current batch's probability sums are held.  MC sample
+``s`` of batch ``b`` uses the dropout masks of :func:`mc_seed` ``(seed, b, s)``, so a run is
+reproducible for a given seed and batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .device import Progress, report
+from .errors import ConfigError, DataError, NumericalError
+from .models import dropout_modules, mc_dropout
+
+#: lower clamp of probabilities inside the NLL's log
+PROB_FLOOR = 1e-12
+#: equal-width confidence bins of the ECE and the reliability diagram
+N_BINS = 10
+#: the paper's ensemble-size sweep (`lt evaluate --mc` default)
+DEFAULT_SIZES = (1, 2, 5, 10, 20, 50)
+
+
+def parse_ensemble_sizes(text: str | Sequence[int], option: str = "--mc") -> tuple[int, ...]:
+    """``"1,2,5"`` (or a sequence of ints) -> sorted, de-duplicated positive ensemble sizes.
+
+    Args:
+        text: comma-separated whole numbers, or a sequence of ints.
+        option: the option name used in error messages.
+
+    Returns:
+        ascending tuple of distinct sizes.
+
+    Raises:
+        ConfigError: empty list, an entry that is not a whole number, or a size below 1.
+    """
+    example = "e.g. 1,2,5,10,20,50"
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    if not parts or parts == [""]:
+        raise ConfigError(f"{option} is empty; give ensemble sizes (numbers of MC samples), {example}")
+    sizes = []
+    for part in parts:
+        if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+            value = int(part)
+        elif isinstance(part, str) and part.isdigit():
+            value = int(part)
+        else:
+            shown = "an empty entry" if part == "" else repr(part)
+            raise ConfigError(f"{option} {_show(text)}: {shown} is not a whole number; "
+                              f"give comma-separated ensemble sizes, {example}")
+        if value < 1:
+            raise ConfigError(f"{option} {_show(text)}: ensemble size {value} must be at least 1, {example}")
+        sizes.append(value)
+    return tuple(sorted(set(sizes)))
+
+
+def _show(text) -> str:
+    return repr(text) if isinstance(text, str) else repr(",".join(str(v) for v in text))
+
+
+def mc_seed(seed: int, batch_index: int, sample_index: int) -> int:
+    """The dropout-mask seed of MC sample ``sample_index`` (0-based) on batch ``batch_index``."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(sample_index)]).generate_state(2)
+    return int(state[0]) << 31 | int(state[1] >> 1)
+
+
+# ----------------------------------------------------------------------------- metrics
+class MetricAccumulator:
+    """Streaming NLL / accuracy / ECE / Brier / reliability over batches of predicted probabilities.
+
+    ``add`` per batch, then ``metrics()``; :func:`predictive_metrics` is one ``add`` of everything.
+    """
+
+    def __init__(self, n_bins: int = N_BINS):
+        if int(n_bins) < 1:
+            raise ConfigError(f"n_bins={n_bins} must be at least 1")
+        self.n_bins = int(n_bins)
+        self.edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        self.n = 0
+        self.nll_sum = 0.0
+        self.correct_sum = 0.0
+        self.brier_sum = 0.0
+        self.bin_count = np.zeros(self.n_bins, dtype=np.int64)
+        self.bin_correct = np.zeros(self.n_bins, dtype=np.float64)
+        self.bin_conf = np.zeros(self.n_bins, dtype=np.float64)
+
+    def add(self, probs: Any, labels: Any) -> None:
+        """Add a batch: ``probs`` (n, classes) rows of probabilities, ``labels`` (n,) class indices.
+
+        Raises:
+            DataError: shapes that do not match, labels outside 0..classes-1.
+            NumericalError: non-finite or negative probabilities.
+        """
+        p = _as_numpy(probs, np.float64)
+        y = _as_numpy(labels, None)
+        if p.ndim != 2:
+            raise DataError(f"probabilities must have shape (samples, classes), got {p.shape}")
+        if y.shape != (p.shape[0],):
+            raise DataError(f"labels must have shape ({p.shape[0]},) to match the probabilities, got {y.shape}")
+        if p.shape[0] == 0:
+            return
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"labels must be integer class indices, got {y.dtype}")
+        k = p.shape[1]
+        if y.min() < 0 or y.max() >= k:
+            raise DataError(f"labels range over {int(y.min())}..{int(y.max())} but there are {k} classes (0..{k - 1})")
+        if not np.isfinite(p).all() or (p < 0).any():
+            raise NumericalError("predicted probabilities contain NaN, inf or negative values: the model's outputs "
+                                 "are not finite (check the checkpoint's weights and the input scaling)")
+        rows = np.arange(p.shape[0])
+        p_true = p[rows, y]
+        pred = np.argmax(p, axis=1)
+        correct = (pred == y).astype(np.float64)
+        conf = p.max(axis=1)
+        onehot_sq = (p ** 2).sum(axis=1) - 2.0 * p_true + 1.0  # sum_k (onehot_k - p_k)^2
+        self.n += p.shape[0]
+        self.nll_sum += float(-np.log(np.maximum(p_true, PROB_FLOOR)).sum())
+        self.correct_sum += float(correct.sum())
+        self.brier_sum += float(onehot_sq.sum())
+        # bin b holds (edges[b], edges[b+1]]; confidence 0 falls into bin 0
+        bins = np.clip(np.searchsorted(self.edges[1:-1], conf, side="left"), 0, self.n_bins - 1)
+        self.bin_count += np.bincount(bins, minlength=self.n_bins)
+        self.bin_correct += np.bincount(bins, weights=correct, minlength=self.n_bins)
+        self.bin_conf += np.bincount(bins, weights=conf, minlength=self.n_bins)
+
+    def metrics(self) -> dict[str, Any]:
+        """``nll``, ``accuracy``, ``ece``, ``brier`` (floats), ``num_samples`` and per-bin ``bin_edges``,
+        ``bin_counts``, ``bin_accuracy``, ``bin_confidence`` (NaN for empty bins).
+
+        Raises:
+            DataError: nothing was added.
+        """
+        if self.n == 0:
+            raise DataError("no samples to score: the data is empty")
+        filled = self.bin_count > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bin_acc = np.where(filled, self.bin_correct / self.bin_count, np.nan)
+            bin_conf = np.where(filled, self.bin_conf / self.bin_count, np.nan)
+        ece = float(np.abs(self.bin_correct - self.bin_conf).sum() / self.n)
+        return {"nll": self.nll_sum / self.n, "accuracy": self.correct_sum / self.n, "ece": ece,
+                "brier": self.brier_sum / self.n, "num_samples": self.n, "bin_edges": self.edges.copy(),
+                "bin_counts": self.bin_count.copy(), "bin_accuracy": bin_acc, "bin_confidence": bin_conf}
+
+
+def _as_numpy(value: Any, dtype) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    return arr.astype(dtype) if dtype is not None else arr
+
+
+def predictive_metrics(probs: Any, labels: Any, n_bins: int = N_BINS) -> dict[str, Any]:
+    """Metrics of predicted class probabilities.
+
+    Args:
+        probs: (n, classes) probabilities (numpy or torch; each row sums to 1).
+        labels: (n,) integer labels.
+        n_bins: equal-width confidence bins of the ECE and reliability diagram.
+
+    Returns:
+        dict with ``nll`` (mean ``-log max(p_y, 1e-12)``), ``accuracy``, ``ece``, ``brier``
+        (mean ``sum_k (onehot_k - p_k)^2``), ``num_samples``, and the reliability diagram:
+        ``bin_edges`` (n_bins+1,), ``bin_counts``, ``bin_accuracy``, ``bin_confidence`` (n_bins,).
+
+    Raises:
+        DataError: mismatched shapes, labels out of range, no samples.
+        NumericalError: non-finite or negative probabilities.
+    """
+    acc = MetricAccumulator(n_bins)
+    acc.add(probs, labels)
+    return acc.metrics()
+
+
+# ----------------------------------------------------------------------------- ensemble-size sweep
+@dataclass
+class EnsembleCurve:
+    """Metrics of one model for every ensemble size.
+
+    Attributes:
+        sizes: the ensemble sizes N, ascending (len S).
+        nll, accuracy, ece, brier: float64 arrays (S,).
+        bin_edges: (n_bins+1,); bin_counts (S, n_bins) int64; bin_accuracy, bin_confidence (S, n_bins)
+            float64, NaN for empty bins.
+        num_samples: scored data samples.
+        mc_active: whether the model has dropout with p > 0 (otherwise every N is the same prediction).
+        forward_passes: forward passes per batch that were run (max(N), or 1 without dropout).
+        seed: the seed of the dropout masks.
+        note: a human-readable remark ("" when there is nothing to say).
+    """
+
+    sizes: np.ndarray
+    nll: np.ndarray
+    accuracy: np.ndarray
+    ece: np.ndarray
+    brier: np.ndarray
+    bin_edges: np.ndarray
+    bin_counts: np.ndarray
+    bin_accuracy: np.ndarray
+    bin_confidence: np.ndarray
+    num_samples: int
+    mc_active: bool
+    forward_passes: int
+    seed: int
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_node(self, attrs: dict | None = None) -> dict:
+        """The HDF5 group of one model (schema: kind ``evaluate``); ``attrs`` are added to its attributes."""
+        node_attrs = {"num_samples": int(self.num_samples), "mc_active": bool(self.mc_active),
+                      "forward_passes": int(self.forward_passes), "seed": int(self.seed), "note": self.note,
+                      "prob_floor": PROB_FLOOR, "ece_bins": int(len(self.bin_edges) - 1)}
+        node_attrs.update(attrs or {})
+        return {
+            "attrs": node_attrs,
+            "data": {
+                "n_samples": (self.sizes.astype(np.int64), {"description": "ensemble size N (MC samples averaged)"}),
+                "nll": (self.nll, {"description": "mean -log p(label) of the mean softmax, nats",
+                                   "prob_floor": PROB_FLOOR}),
+                "accuracy": (self.accuracy, {"description": "fraction of arg-max predictions equal to the label"}),
+                "ece": (self.ece, {"description": "expected calibration error, equal-width bins of max probability",
+                                   "bins": int(len(self.bin_edges) - 1)}),
+                "brier": (self.brier, {"description": "mean sum_k (onehot_k - p_k)^2"}),
+            },
+            "groups": {"reliability": {
+                "attrs": {"binning": "bin b holds max probability in (edges[b], edges[b+1]]; empty bins are NaN"},
+                "data": {"bin_edges": self.bin_edges, "counts": self.bin_counts.astype(np.int64),
+                         "accuracy": self.bin_accuracy, "confidence": self.bin_confidence}}},
+        }
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """True when the model has a dropout module (ours or torch's) with p > 0, i.e. MC sampling varies."""
+    return any(float(getattr(m, "p", 0.0)) > 0.0 for _, m in dropout_modules(model))
+
+
+def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0, n_bins: int = N_BINS,
+                   progress: Progress = None) -> EnsembleCurve:
+    """Predictive metrics of the N-sample MC-dropout ensemble for every N in ``ns``.
+
+    The model runs in eval mode (BatchNorm on running statistics) with every dropout switched on by
+    :func:`landscape_tools.models.mc_dropout`; its train/eval mode is restored afterwards.  MC
+    sample ``s`` of batch ``b`` draws the masks of :func:`mc_seed` ``(seed, b, s)``; the running sum
+    of softmax probabilities (float64) over samples ``1..max(ns)`` is scored when the count reaches
+    each N, so the sweep costs ``max(ns)`` forward passes per batch.  A model without dropout gives
+    the same prediction for every N: it is run once per batch and that prediction scored for all N.
+
+    Args:
+        model: a classifier returning (batch, classes) logits, on the device of the batches.
+        batches: ``(x, y)`` pairs in a fixed order (e.g. ``DataSet.batches()``); floating inputs are
+            cast to the model's parameter dtype.
+        ns: ensemble sizes (or a string like ``"1,2,5"``).
+        seed: seed of the dropout masks.
+        n_bins: confidence bins of the ECE / reliability diagram.
+        progress: ``progress(done, total, message)`` after every forward pass.
+
+    Returns:
+        an :class:`EnsembleCurve`.
+
+    Raises:
+        ConfigError: bad ensemble sizes.
+        DataError: no data, logits of the wrong shape, labels out of range.
+        NumericalError: non-finite outputs.
+    """
+    sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
+    batches = list(batches)
+    if not batches:
+        raise DataError("no data batches to evaluate")
+    active = has_active_dropout(model)
+    passes = max(sizes) if active else 1
+    accs = {n: MetricAccumulator(n_bins) for n in sizes}
+    params = next(iter(model.parameters()), None)
+    dtype = params.dtype if params is not None and params.is_floating_point() else None
+    total, done = len(batches) * passes, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b, (x, y) in enumerate(batches):
+                if dtype is not None and x.is_floating_point():
+                    x = x.to(dtype)
+                running = None
+                for s in range(passes):
+                    with mc_dropout(model, True, seed=mc_seed(seed, b, s)):
+                        logits = model(x)
+                    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                        raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for a batch of "
+                                        f"{x.shape[0]}; expected (batch, classes) logits")
+                    probs = torch.softmax(logits.double(), dim=1)
+                    running = probs if running is None else running + probs
+                    done += 1
+                    if active and (s + 1) in accs:
+                        accs[s + 1].add(running / (s + 1), y)
+                    report(progress, done, total, f"batch {b + 1}/{len(batches)}, MC sample {s + 1}/{passes}")
+                if not active:
+                    for acc in accs.values():
+                        acc.add(running, y)
+    finally:
+        model.train(was_training)
+    results = [accs[n].metrics() for n in sizes]
+    note = ""
+    if not active:
+        note = ("the model has no dropout (or only p = 0): every MC sample is the same deterministic prediction, "
+                "so all ensemble sizes give identical metrics (one forward pass per batch was run)")
+
+    def stack(key):
+        return np.array([r[key] for r in results], dtype=np.int64 if key == "bin_counts" else np.float64)
+
+    return EnsembleCurve(sizes=np.array(sizes, dtype=np.int64), nll=stack("nll"), accuracy=stack("accuracy"),
+                         ece=stack("ece"), brier=stack("brier"), bin_edges=results[0]["bin_edges"],
+                         bin_counts=stack("bin_counts"), bin_accuracy=stack("bin_accuracy"),
+                         bin_confidence=stack("bin_confidence"), num_samples=int(results[0]["num_samples"]),
+                         mc_active=active, forward_passes=passes, seed=int(seed), note=note)

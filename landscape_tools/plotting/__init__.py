@@ -29,9 +29,36 @@ def _matplotlib():
 
 
 def drawer(kind: str):
+    """The drawing module of a result kind.
+
+    Raises:
+        ConfigError: unknown kind, or its drawing module is not part of this installation.
+    """
     if kind not in DRAWERS:
         raise ConfigError(f"no figure for results of kind {kind!r}; known: {', '.join(DRAWERS)}")
-    return importlib.import_module(f"{__name__}.{DRAWERS[kind]}")
+    name = f"{__name__}.{DRAWERS[kind]}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise ConfigError(f"figures of {kind} results are not available in this installation "
+                          f"(no module {name})") from None
+
+
+def check_figure_path(output: str | os.PathLike) -> Path:
+    """Validate a figure path before any work: known extension, existing folder.
+
+    Raises:
+        ConfigError: another extension, or the folder does not exist.
+    """
+    out = Path(output)
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"figure {out} must end in {', '.join(FORMATS)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"folder {parent} for the figure {out.name} does not exist; create it first")
+    return out
 
 
 def available_kinds(result_kind: str) -> tuple[str, ...]:
@@ -54,9 +81,7 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
     """
     from .. import store
 
-    out = Path(output)
-    if out.suffix.lower() not in FORMATS:
-        raise ConfigError(f"figure {out} must end in {', '.join(FORMATS)}")
+    out = check_figure_path(output)
     results = [store.read_result(p) for p in paths]
     kinds = {r.kind for r in results}
     if len(kinds) != 1:

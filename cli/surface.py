@@ -1,0 +1,208 @@
+"""`lt surface`: 1-D and 2-D loss-surface slices, resumable and shardable."""
+from __future__ import annotations
+
+import glob
+import os
+
+import click
+
+from . import common
+
+DEFAULT_RANGE = "-1:1:21"
+DEFAULT_TO_RANGE = "-0.5:1.5:21"
+AUTO_POINTS = 21
+AUTO_MARGIN = 0.25
+
+
+def _expand(patterns) -> list[str]:
+    """``--pca`` values: paths, comma-separated lists or glob patterns (sorted), in the order given."""
+    out = []
+    for pattern in patterns:
+        for part in (s.strip() for s in pattern.split(",")):
+            if not part:
+                continue
+            matches = sorted(glob.glob(os.path.expanduser(part))) if any(c in part for c in "*?[") else [part]
+            if not matches:
+                from landscape_tools.errors import ConfigError
+                raise ConfigError(f"--pca {part!r} matches no checkpoint")
+            out.extend(matches)
+    return out
+
+
+def _auto_range(values, option: str):
+    """A grid covering ``values`` (plane / PCA coordinates) with a margin on each side."""
+    import numpy as np
+
+    lo, hi = float(min(values)), float(max(values))
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)
+    lo, hi = lo - AUTO_MARGIN * span, hi + AUTO_MARGIN * span
+    return np.linspace(lo, hi, AUTO_POINTS)
+
+
+@click.command("surface")
+@common.model_arguments
+@click.option("--dims", type=click.Choice(["1", "2"]), default=None,
+              help="1: a line, 2: a plane [default: 2; 1 with --to].")
+@click.option("--x", "x_spec", default=None, metavar="MIN:MAX:NUM",
+              help=f"Grid along the first direction [default: {DEFAULT_RANGE}; {DEFAULT_TO_RANGE} with --to; "
+                   f"around the models with --plane / --pca].")
+@click.option("--y", "y_spec", default=None, metavar="MIN:MAX:NUM", help="Grid along the second direction (2-D).")
+@click.option("--norm", type=click.Choice(["filter", "layer", "weight", "none", "filter-dim0"]), default="filter",
+              show_default=True, help="Normalisation of random directions (filter: Li et al.; filter-dim0: the "
+                                      "reference code's norm over dim 0).")
+@click.option("--ignore", type=click.Choice(["biasbn", "none"]), default="biasbn", show_default=True,
+              help="biasbn: do not perturb biases and BatchNorm parameters (random directions).")
+@click.option("--to", "to_path", default=None, type=click.Path(dir_okay=False), metavar="OTHER.pt",
+              help="The line from MODEL (x=0) to another checkpoint (x=1), exact at both ends.")
+@click.option("--plane", "plane_paths", nargs=2, default=None, type=click.Path(dir_okay=False), metavar="A.pt B.pt",
+              help="The plane through MODEL, A and B (orthonormal axes).")
+@click.option("--pca", "pca_paths", multiple=True, metavar="CKPT",
+              help="Trajectory checkpoints (repeat, comma-separate or glob 'run/epoch_*.pt'): the plane of "
+                   "their top-2 principal directions around MODEL.")
+@click.option("--directions", "directions_path", default=None, type=click.Path(dir_okay=False), metavar="FILE.h5",
+              help="Reuse the directions of an earlier surface of the same model, exactly.")
+@common.data_options(split="train", batch_size=256)
+@click.option("--mc", type=click.IntRange(min=0), default=0, show_default=True,
+              help="MC-dropout samples averaged per point (0: dropout off).")
+@click.option("--bn", type=click.Choice(["frozen", "recompute"]), default="frozen", show_default=True,
+              help="BatchNorm statistics: the centre's running ones, or re-estimated at each point on the data.")
+@click.option("--shard", "shard_spec", default=None, metavar="I/N",
+              help="Compute only shard I of N (from 0) into its own file; assemble with `lt merge`.")
+@common.device_option
+@common.seed_option
+@common.output_option
+@common.plot_option
+def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_spec, norm, ignore, to_path,
+            plane_paths, pca_paths, directions_path, data_spec, split, samples, batch_size, mc, bn, shard_spec,
+            device, seed, output, overwrite, plot_path):
+    """Loss and accuracy on a 1-D or 2-D slice through each MODEL's weights.
+
+    Each point (a, b) is evaluated at w0 + a*dx + b*dy, written from the centre weights w0 (the
+    centre point is the model itself). Directions are seeded Gaussian, filter-normalised, with biases
+    and BatchNorm left alone, unless --to, --plane, --pca or --directions says otherwise. Results go
+    to OUT.h5.partial as they are computed: an interrupted run resumes when the same command is run
+    again. --shard I/N splits the grid between jobs; `lt merge` joins their files.
+
+    \b
+    Example:
+      lt surface smooth.pt --x -1:1:21 --y -1:1:21 --samples 512 -o surf.h5 --plot surf.png
+      lt surface a.pt --to b.pt -o line.h5 --plot line.png
+      lt surface final.pt --pca 'run/epoch_*.pt' -o pca.h5 --plot pca.png
+      lt surface smooth.pt --shard 0/4 -o part0.h5   # ... 1/4 2/4 3/4, then:
+      lt merge part*.h5 -o surf.h5
+    """
+    import numpy as np
+
+    from landscape_tools import surface as S
+    from landscape_tools.checkpoints import load_checkpoint
+    from landscape_tools.device import resolve_device
+    from landscape_tools.errors import ConfigError
+
+    modes = [name for name, used in (("--to", to_path), ("--plane", plane_paths), ("--pca", pca_paths),
+                                     ("--directions", directions_path)) if used]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined: choose one way to make the directions")
+    mode = modes[0] if modes else "random"
+    if mode in ("--to", "--plane", "--pca") and len(models) != 1:
+        raise ConfigError(f"{mode} takes exactly one MODEL (the centre), got {len(models)}")
+    if mode == "--to":
+        if dims == "2":
+            raise ConfigError("--to draws a line: it has one dimension (drop --dims 2, or use --plane A.pt B.pt)")
+        n_dims = 1
+    elif mode in ("--plane", "--pca"):
+        if dims == "1":
+            raise ConfigError(f"{mode} spans a plane: it has two dimensions (drop --dims 1)")
+        n_dims = 2
+    else:
+        n_dims = int(dims or 2)
+    if n_dims == 1 and y_spec is not None:
+        raise ConfigError(f"--y {y_spec!r} given for a 1-D slice: drop it, or use --dims 2")
+    x = S.parse_range(x_spec, "--x") if x_spec else None
+    y = S.parse_range(y_spec, "--y") if y_spec else None
+    shard = S.parse_shard(shard_spec) if shard_spec else None
+    common.ensure_output_ok(output, overwrite)
+    dev = resolve_device(device)
+
+    loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
+
+    def load_other(path):
+        other, info = load_checkpoint(path, arch=arch, model=model_factory, trust_pickle=trust_pickle)
+        return other, info
+
+    jobs = []
+    data_cache = {}
+    for model, info in loaded:
+        key = (data_spec or info.dataset, common.model_in_channels(model))
+        if key not in data_cache:
+            data_cache[key] = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
+        else:
+            common.check_data_fits(model, info, data_cache[key])
+        data = data_cache[key]
+        if mode == "--to":
+            other, oinfo = load_other(to_path)
+            directions = S.line_to(model, other, oinfo.label)
+        elif mode == "--plane":
+            (a, ainfo), (b, binfo) = load_other(plane_paths[0]), load_other(plane_paths[1])
+            directions = S.plane_through(model, a, b, (ainfo.label, binfo.label))
+        elif mode == "--pca":
+            trajectory = []
+            for path in _expand(pca_paths):
+                m, minfo = load_other(path)
+                trajectory.append((minfo.label, {k: v.detach().cpu() for k, v in m.named_parameters()}))
+            directions = S.pca_directions(model, trajectory)
+        elif mode == "--directions":
+            directions = S.load_directions(directions_path, S.model_fingerprint(model), n_dims)
+        else:
+            directions = S.random_directions(model, n_dims, norm, ignore, seed)
+        jobs.append(S.SurfaceJob(info.label, model, info, data, directions))
+
+    if x is None:
+        if mode in ("--plane", "--pca"):
+            x = _auto_range([c[0] for j in jobs for c in j.directions.points.values()], "--x")
+        else:
+            x = S.parse_range(DEFAULT_TO_RANGE if mode == "--to" else DEFAULT_RANGE, "--x")
+    if n_dims == 2 and y is None:
+        if mode in ("--plane", "--pca"):
+            y = _auto_range([c[1] for j in jobs for c in j.directions.points.values()], "--y")
+        else:
+            y = S.parse_range(DEFAULT_RANGE, "--y")
+
+    config = common.dump_config(models=list(models), dims=n_dims, x=[float(v) for v in x],
+                                y=None if y is None else [float(v) for v in y], norm=norm, ignore=ignore,
+                                to=to_path, plane=list(plane_paths) if plane_paths else None,
+                                pca=list(pca_paths) or None, directions=directions_path, data=data_spec, split=split,
+                                samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
+                                device=str(dev), seed=seed, mode=mode)
+    n_points = len(x) * (1 if y is None else len(y))
+    share = n_points if shard is None else len(S.shard_points(n_points, *shard))
+    common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
+                     f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'} "
+                     f"on {len(jobs[0].data)} samples ({split}), {dev}")
+    path = S.run_surface(jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard, overwrite=overwrite,
+                         config=config, device=str(dev), progress=common.ProgressBar("surface"))
+    _summary(path)
+    if plot_path:
+        common.render_plot([str(path)], plot_path)
+
+
+def _summary(path) -> None:
+    import numpy as np
+
+    from landscape_tools import store
+
+    res = store.read_result(path)
+    for label, node in res.models.items():
+        loss, done = node.data["loss"], node.data["done"].astype(bool)
+        x = node.data["x"]
+        y = node.data.get("y")
+        parts = [f"{label}: {int(done.sum())}/{done.size} points"]
+        centre = tuple(int(np.argmin(np.abs(v))) for v in ((x,) if y is None else (x, y)))
+        if done[centre] and (x[centre[0]] == 0 and (y is None or y[centre[1]] == 0)):
+            parts.append(f"centre loss {loss[centre]:.4f} (accuracy {node.data['accuracy'][centre]:.4f})")
+        finite = done & np.isfinite(loss)
+        if finite.any():
+            parts.append(f"loss {np.nanmin(np.where(finite, loss, np.nan)):.4f}..{np.nanmax(np.where(finite, loss, np.nan)):.4f}")
+        if (done & ~np.isfinite(loss)).any():
+            parts.append(f"{int((done & ~np.isfinite(loss)).sum())} non-finite")
+        click.echo(", ".join(parts))
+    click.echo(f"written to {path}")

@@ -1,0 +1,336 @@
+"""Directions of loss-surface slices: random (normalised), line to a model, plane, PCA, from a file.
+
+Private machinery of :mod:`landscape_tools.surface` (which re-exports the public names).  Every
+direction lives on the CPU as a dict ``parameter name -> tensor`` in the parameter's dtype, built
+deterministically (seeded CPU generator, CPU arithmetic), so the same recipe gives bit-identical
+vectors on any device and a resumed run recognises its own directions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+
+NORMS = ("filter", "layer", "weight", "none", "filter-dim0")
+IGNORES = ("biasbn", "none")
+
+Vectors = dict[str, torch.Tensor]
+
+
+@dataclass
+class Directions:
+    """One or two directions through a centre model, with how they were made.
+
+    Attributes:
+        x, y: parameter name -> direction tensor (CPU, parameter dtype); ``y`` is None for 1-D.
+        recipe: how they were built (kind random | to | plane | pca | file, norm, ignore, seed...).
+        fingerprint: sha256 of the centre model's weights (:func:`model_fingerprint`).
+        target: for ``to`` lines, the other model's parameters and floating buffers; points are then
+            ``lerp(w0, target, a)``, which is exact at both ends (a = 0 and a = 1).
+        points: named coordinates to mark on figures (plane corners, PCA trajectory), label -> (a, b).
+        extras: arrays to store beside them (explained variance, distances from the plane).
+    """
+
+    x: Vectors
+    y: Vectors | None
+    recipe: dict
+    fingerprint: str
+    target: Vectors | None = None
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dims(self) -> int:
+        return 1 if self.y is None else 2
+
+    def digest(self) -> str:
+        """sha256 of every vector (and the target), for result fingerprints."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.recipe, sort_keys=True, default=str).encode())
+        h.update(self.fingerprint.encode())
+        for axis, vecs in (("x", self.x), ("y", self.y), ("target", self.target)):
+            if vecs is None:
+                continue
+            for name in sorted(vecs):
+                t = vecs[name].detach().cpu().contiguous()
+                h.update(f"{axis}/{name}/{t.dtype}/{tuple(t.shape)}".encode())
+                h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's weights: every floating parameter and buffer, by name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        c = t.detach().cpu().contiguous()
+        h.update(f"{name}/{c.dtype}/{tuple(c.shape)}".encode())
+        h.update((c.float() if c.dtype == torch.bfloat16 else c).numpy().tobytes())
+    return h.hexdigest()
+
+
+def parameters_cpu(model: nn.Module) -> Vectors:
+    """The trainable parameters, detached copies on the CPU, in registration order."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- normalisation
+def normalize_direction(direction: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                        norm: str = "filter", ignore: str = "biasbn") -> Vectors:
+    """Rescale a direction to the scale of the weights it perturbs (Li et al. 2018).
+
+    Args:
+        direction: parameter name -> raw direction tensor.
+        weights: parameter name -> the centre weights (same shapes).
+        norm: ``filter``: each output filter (slice along dim 0) gets the norm of the same filter of
+            the weights; ``layer``: each tensor gets the norm of its weight tensor; ``weight``:
+            elementwise ``d * |w|``; ``none``: unchanged; ``filter-dim0``: the reference code's
+            variant, norms taken over dim 0 (across filters) for each remaining index.
+            Tensors with one dimension (biases, BN affine) are rescaled as a whole under
+            ``filter`` / ``filter-dim0`` when not ignored.
+        ignore: ``biasbn`` zeroes tensors with fewer than 2 dims (biases, BN); ``none`` keeps them.
+
+    Returns:
+        a new dict of normalised tensors.  A filter whose weights have zero norm gets a zero
+        direction (so it keeps the weights' norm, 0); a zero direction filter stays zero -- no
+        division by zero anywhere.
+
+    Raises:
+        ConfigError: unknown ``norm`` / ``ignore``.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORMS)}")
+    if ignore not in IGNORES:
+        raise ConfigError(f"--ignore {ignore!r} is not one of {', '.join(IGNORES)}")
+    out: Vectors = {}
+    for name, d in direction.items():
+        w = weights[name]
+        if ignore == "biasbn" and d.dim() < 2:
+            out[name] = torch.zeros_like(d)
+            continue
+        dd, ww = d.double(), w.double()
+        if norm == "none":
+            r = dd
+        elif norm == "weight":
+            r = dd * ww.abs()
+        elif norm == "layer" or d.dim() < 2:
+            r = dd * _ratio(ww.norm(), dd.norm())
+        elif norm == "filter":
+            dims = tuple(range(1, d.dim()))
+            shape = (-1,) + (1,) * (d.dim() - 1)
+            vn = torch.linalg.vector_norm
+            r = dd * _ratio(vn(ww, dim=dims), vn(dd, dim=dims)).reshape(shape)
+        else:  # filter-dim0
+            vn = torch.linalg.vector_norm
+            r = dd * _ratio(vn(ww, dim=0, keepdim=True), vn(dd, dim=0, keepdim=True))
+        out[name] = r.to(d.dtype)
+    return out
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den is 0 (a zero direction stays zero)."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.zeros_like(num))
+
+
+# ----------------------------------------------------------------------------- recipes
+def random_directions(model: nn.Module, dims: int = 2, norm: str = "filter", ignore: str = "biasbn",
+                      seed: int = 0) -> Directions:
+    """Seeded Gaussian directions, normalised with :func:`normalize_direction`.
+
+    The draws come from a CPU generator seeded with ``seed``: all of x (parameters in registration
+    order), then all of y, so the same seed gives the same vectors on any device.
+
+    Raises:
+        ConfigError: dims not 1 or 2, unknown norm / ignore.
+    """
+    if dims not in (1, 2):
+        raise ConfigError(f"--dims {dims} must be 1 or 2")
+    weights = parameters_cpu(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    axes = []
+    for _ in range(dims):
+        raw = {name: torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype) for name, w in weights.items()}
+        axes.append(normalize_direction(raw, weights, norm, ignore))
+    recipe = {"kind": "random", "norm": norm, "ignore": ignore, "seed": int(seed), "dims": dims,
+              "distribution": "gaussian"}
+    return Directions(axes[0], axes[1] if dims == 2 else None, recipe, model_fingerprint(model))
+
+
+def _check_same_params(a: Vectors, b: Vectors, what: str) -> None:
+    if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
+        diff = [k for k in a if k not in b or a[k].shape != b[k].shape] + [k for k in b if k not in a]
+        raise ConfigError(f"{what} has other parameters than the centre model ({', '.join(diff[:5])}...): "
+                          f"both must be the same architecture")
+
+
+def line_to(model: nn.Module, other: nn.Module, label: str = "other") -> Directions:
+    """The line from ``model`` (a = 0) to ``other`` (a = 1), exact at both ends.
+
+    Parameters and floating buffers (BN running statistics) are interpolated with ``torch.lerp``,
+    which returns each end bit for bit.  ``x`` holds ``other - model`` for reference.
+    """
+    w0, w1 = parameters_cpu(model), parameters_cpu(other)
+    _check_same_params(w0, w1, label)
+    target = {k: v.detach().cpu().clone() for k, v in other.state_dict().items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    own = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if set(target) != own:
+        raise ConfigError(f"{label} has other buffers than the centre model: both must be the same architecture")
+    x = {k: w1[k] - w0[k] for k in w0}
+    recipe = {"kind": "to", "target": label, "target_fingerprint": model_fingerprint(other), "norm": "none",
+              "ignore": "none", "dims": 1}
+    return Directions(x, None, recipe, model_fingerprint(model), target=target,
+                      points={"centre": (0.0, 0.0), label: (1.0, 0.0)})
+
+
+def _flat(vecs: Vectors, names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([vecs[n].reshape(-1).double() for n in names])
+
+
+def _unflat(flat: torch.Tensor, like: Vectors) -> Vectors:
+    out, i = {}, 0
+    for name, t in like.items():
+        n = t.numel()
+        out[name] = flat[i:i + n].reshape(t.shape).to(t.dtype)
+        i += n
+    return out
+
+
+def plane_through(model: nn.Module, a: nn.Module, b: nn.Module, labels: tuple[str, str] = ("A", "B")) -> Directions:
+    """The plane through three models: ``model`` at the origin, orthonormal axes.
+
+    x = (a - model) / |a - model|; y = the part of (b - model) orthogonal to x, normalised.
+    Coordinates (in weight-space distance) of the three models are stored in ``points``.
+
+    Raises:
+        ConfigError: different architectures, or the three models are (nearly) on one line.
+    """
+    w0, wa, wb = parameters_cpu(model), parameters_cpu(a), parameters_cpu(b)
+    _check_same_params(w0, wa, labels[0])
+    _check_same_params(w0, wb, labels[1])
+    names = list(w0)
+    da, db = _flat(wa, names) - _flat(w0, names), _flat(wb, names) - _flat(w0, names)
+    na = da.norm()
+    if na == 0:
+        raise ConfigError(f"{labels[0]} has the same weights as the centre model: no plane through them")
+    u = da / na
+    pb = db @ u
+    rest = db - pb * u
+    nr = rest.norm()
+    if nr <= 1e-9 * max(float(db.norm()), 1e-300):
+        raise ConfigError(f"the centre, {labels[0]} and {labels[1]} lie on one line: no plane through them")
+    v = rest / nr
+    recipe = {"kind": "plane", "models": list(labels), "norm": "none", "ignore": "none", "dims": 2,
+              "fingerprints": [model_fingerprint(a), model_fingerprint(b)]}
+    points = {"centre": (0.0, 0.0), labels[0]: (float(na), 0.0), labels[1]: (float(pb), float(nr))}
+    return Directions(_unflat(u, w0), _unflat(v, w0), recipe, model_fingerprint(model), points=points)
+
+
+def pca_directions(model: nn.Module, trajectory: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> Directions:
+    """Top-2 principal directions of a training trajectory around ``model`` (Li et al. 2018, sec. 7).
+
+    Rows ``w_i - w0`` (every trainable parameter) are centred on their mean; the two leading right
+    singular vectors are the unit-norm directions.  Stored: explained variance ratio of each, each
+    checkpoint's coordinates ``(<w_i - w0, x>, <w_i - w0, y>)`` and its distance from the plane.
+
+    Args:
+        model: the centre (usually the final checkpoint).
+        trajectory: ``(label, parameters)`` of each checkpoint, in training order.
+
+    Raises:
+        ConfigError: fewer than 2 checkpoints, other architectures, or a trajectory without two
+            independent directions.
+    """
+    if len(trajectory) < 2:
+        raise ConfigError(f"--pca needs at least 2 checkpoints of the trajectory, got {len(trajectory)}")
+    w0 = parameters_cpu(model)
+    names = list(w0)
+    c0 = _flat(w0, names)
+    rows = []
+    for label, params in trajectory:
+        params = {k: v for k, v in params.items() if k in w0} if set(w0) <= set(params) else dict(params)
+        _check_same_params(w0, params, label)
+        rows.append(_flat(params, names) - c0)
+    m = torch.stack(rows)                        # (k, n) float64
+    centred = m - m.mean(dim=0, keepdim=True)
+    gram = centred @ centred.T                   # (k, k): cheap even for millions of parameters
+    evals, evecs = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)
+    evals, evecs = evals[order].clamp(min=0), evecs[:, order]
+    total = float(evals.sum())
+    if total <= 0 or len(evals) < 2 or evals[1] <= 1e-12 * evals[0]:
+        raise ConfigError("the trajectory checkpoints do not span two independent directions "
+                          "(identical or collinear weights): PCA has no plane")
+    axes = []
+    for k in range(2):
+        vec = centred.T @ evecs[:, k]
+        vec = vec / vec.norm()
+        axes.append(vec)
+    u, v = axes
+    coords = torch.stack([m @ u, m @ v], dim=1)  # (k, 2)
+    resid = m - coords[:, :1] * u - coords[:, 1:] * v
+    distance = resid.norm(dim=1)
+    labels = [label for label, _ in trajectory]
+    recipe = {"kind": "pca", "checkpoints": labels, "norm": "none", "ignore": "none", "dims": 2,
+              "centred": True}
+    extras = {"explained_variance_ratio": (evals[:2] / total).numpy(), "trajectory_labels": np.array(labels),
+              "trajectory_coords": coords.numpy(), "trajectory_distance": distance.numpy()}
+    points = {label: (float(a), float(b)) for label, (a, b) in zip(labels, coords.tolist())}
+    return Directions(_unflat(u, w0), _unflat(v, w0), recipe, model_fingerprint(model), points=points, extras=extras)
+
+
+# ----------------------------------------------------------------------------- storage
+def to_node(d: Directions) -> dict:
+    """The ``directions`` group of a surface result."""
+    groups = {"x": {"data": {k: v.numpy() for k, v in _storable(d.x).items()}}}
+    if d.y is not None:
+        groups["y"] = {"data": {k: v.numpy() for k, v in _storable(d.y).items()}}
+    if d.target is not None:
+        groups["target"] = {"data": {k: v.numpy() for k, v in _storable(d.target).items()}}
+    data: dict[str, Any] = {}
+    if d.points:
+        labels = list(d.points)
+        data["point_labels"] = np.array(labels)
+        data["point_coords"] = np.array([d.points[k] for k in labels], dtype=np.float64)
+    for key, value in d.extras.items():
+        data[key] = np.asarray(value)
+    return {"attrs": {"recipe": json.dumps(d.recipe, sort_keys=True), "model_fingerprint": d.fingerprint,
+                      "dims": d.dims, "digest": d.digest(), "parameters": list(d.x)},
+            "data": data, "groups": groups}
+
+
+def _storable(vecs: Vectors) -> Vectors:
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().contiguous() for k, v in vecs.items()}
+
+
+def from_node(node, source: str = "file") -> Directions:
+    """Rebuild :class:`Directions` from a stored ``directions`` group (a :class:`store.Node`)."""
+    def vectors(group) -> Vectors:
+        order = node.attrs.get("parameters") or list(group.data)
+        return {k: torch.from_numpy(np.array(group.data[k])) for k in order if k in group.data} \
+            if group is not None else None
+
+    recipe = node.attrs.get("recipe", "{}")
+    recipe = json.loads(recipe) if isinstance(recipe, str) else dict(recipe)
+    x = vectors(node.groups["x"])
+    y = vectors(node.groups["y"]) if "y" in node.groups else None
+    target = None
+    if "target" in node.groups:
+        tg = node.groups["target"]
+        target = {k: torch.from_numpy(np.array(v)) for k, v in tg.data.items()}
+    points = {}
+    if "point_labels" in node.data:
+        points = {str(k): (float(a), float(b)) for k, (a, b) in zip(node.data["point_labels"], node.data["point_coords"])}
+    extras = {k: v for k, v in node.data.items() if k not in ("point_labels", "point_coords")}
+    return Directions(x, y, recipe, str(node.attrs.get("model_fingerprint", "")), target=target, points=points,
+                      extras=extras)

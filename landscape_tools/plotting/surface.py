@@ -1,0 +1,182 @@
+"""Figures of surface results: contour, filled contour, heatmap, 3-D surface, 1-D lines.
+
+One panel per model (across every file given), side by side, sharing one colour scale, so two
+models' landscapes compare at a glance.  Plane corners and PCA trajectories stored with the
+directions are drawn on 2-D panels.  1-D results are always drawn as lines (loss on the left axis,
+accuracy on the right); ``line`` on a 2-D result draws its ``y = 0`` row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+
+KINDS = ("contour", "filled", "heatmap", "3d", "line")
+
+
+def _panels(results):
+    out = []
+    for r in results:
+        for label, node in r.models.items():
+            title = label if len(results) == 1 else f"{label} ({r.path.rsplit('/', 1)[-1]})"
+            out.append((title, node))
+    if not out:
+        raise ConfigError("the result file(s) hold no models to draw")
+    return out
+
+
+def _masked(node, metric: str) -> np.ndarray:
+    values = np.asarray(node.data[metric], dtype=np.float64)
+    done = np.asarray(node.data.get("done", np.ones(values.shape, bool))).astype(bool)
+    return np.where(done & np.isfinite(values), values, np.nan)
+
+
+def _points(node):
+    d = node.groups.get("directions")
+    if d is None or "point_labels" not in d.data:
+        return []
+    labels = [str(v) for v in d.data["point_labels"]]
+    return list(zip(labels, np.asarray(d.data["point_coords"], dtype=np.float64)))
+
+
+def _is_trajectory(node) -> bool:
+    d = node.groups.get("directions")
+    return d is not None and "trajectory_coords" in d.data
+
+
+def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False, levels: int = 20,
+         vmin: float | None = None, vmax: float | None = None, **_ignored):
+    """Draw surface results.
+
+    Args:
+        results: :class:`landscape_tools.store.Result` objects of kind ``surface``.
+        kind: one of :data:`KINDS`.
+        metric: ``loss`` or ``accuracy`` (2-D panels).
+        log: logarithmically spaced contour levels / colour scale (loss > 0).
+        levels: number of contour levels.
+        vmin, vmax: fix the shared colour scale (default: the finite range over all panels).
+
+    Returns:
+        a matplotlib Figure.
+
+    Raises:
+        ConfigError: unknown kind / metric, nothing computed yet.
+    """
+    from . import pyplot
+    plt = pyplot()
+
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: surface figures are {', '.join(KINDS)}")
+    if metric not in ("loss", "accuracy"):
+        raise ConfigError(f"metric {metric!r}: expected loss or accuracy")
+    panels = _panels(results)
+    one_d = all("y" not in node.data for _, node in panels)
+    if one_d or kind == "line":
+        return _draw_lines(plt, panels)
+    if any("y" not in node.data for _, node in panels):
+        raise ConfigError("cannot draw 1-D and 2-D surfaces in one figure: plot them separately")
+    values = [_masked(node, metric) for _, node in panels]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    if finite.size == 0:
+        raise ConfigError("no point of these surfaces is computed (or finite) yet: nothing to draw")
+    lo = float(finite.min()) if vmin is None else float(vmin)
+    hi = float(finite.max()) if vmax is None else float(vmax)
+    if log and lo <= 0:
+        positive = finite[finite > 0]
+        if positive.size == 0:
+            raise ConfigError("log levels need positive values")
+        lo = float(positive.min())
+    if hi <= lo:
+        hi = lo + max(abs(lo) * 1e-6, 1e-12)
+    if log:
+        from matplotlib.colors import LogNorm
+        norm = LogNorm(vmin=lo, vmax=hi)
+        lv = np.geomspace(lo, hi, levels)
+    else:
+        from matplotlib.colors import Normalize
+        norm = Normalize(vmin=lo, vmax=hi)
+        lv = np.linspace(lo, hi, levels)
+
+    n = len(panels)
+    proj = {"projection": "3d"} if kind == "3d" else {}
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.8, 4.2), squeeze=False, subplot_kw=proj)
+    mappable = None
+    for ax, (title, node), z in zip(axes[0], panels, values):
+        x, y = np.asarray(node.data["x"]), np.asarray(node.data["y"])
+        X, Y = np.meshgrid(x, y, indexing="ij")          # loss[i, j] at (x[i], y[j])
+        zm = np.ma.masked_invalid(z)
+        if kind == "3d":
+            zz = np.where(np.isfinite(z), z, np.nan)
+            mappable = ax.plot_surface(X, Y, np.log10(zz) if log else zz, cmap="viridis",
+                                       norm=None if log else norm, linewidth=0, antialiased=True)
+            ax.set_zlabel(f"log10 {metric}" if log else metric)
+        elif kind == "heatmap":
+            mappable = ax.pcolormesh(X, Y, zm, cmap="viridis", norm=norm, shading="nearest")
+        elif kind == "filled":
+            if zm.count() >= 4 and min(z.shape) >= 2:
+                mappable = ax.contourf(X, Y, zm, levels=lv, cmap="viridis", norm=norm, extend="both")
+            else:
+                mappable = ax.pcolormesh(X, Y, zm, cmap="viridis", norm=norm, shading="nearest")
+        else:
+            if zm.count() >= 4 and min(z.shape) >= 2:
+                mappable = ax.contour(X, Y, zm, levels=lv, cmap="viridis", norm=norm)
+                ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
+            else:
+                mappable = ax.pcolormesh(X, Y, zm, cmap="viridis", norm=norm, shading="nearest")
+        if kind != "3d":
+            _overlay(ax, node)
+            ax.set_aspect("auto")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        missing = int((~np.isfinite(z)).sum())
+        ax.set_title(title + (f"\n{missing} point(s) missing / non-finite" if missing else ""), fontsize=10)
+    if mappable is not None and kind != "3d":
+        from matplotlib.cm import ScalarMappable
+        sm = ScalarMappable(norm=norm, cmap="viridis")
+        fig.colorbar(sm, ax=list(axes[0]), label=metric + (" (log scale)" if log else ""), shrink=0.9)
+    return fig
+
+
+def _overlay(ax, node) -> None:
+    pts = _points(node)
+    if not pts:
+        return
+    if _is_trajectory(node):
+        xy = np.array([c for _, c in pts])
+        ax.plot(xy[:, 0], xy[:, 1], "-o", color="red", ms=3, lw=1, label="trajectory")
+        ax.annotate(pts[0][0], xy[0], fontsize=7, color="red")
+        ax.annotate(pts[-1][0], xy[-1], fontsize=7, color="red")
+        ax.plot([0], [0], "*", color="white", mec="black", ms=10, label="centre")
+        d = node.groups["directions"]
+        if "explained_variance_ratio" in d.data:
+            ev = np.asarray(d.data["explained_variance_ratio"], dtype=float)
+            ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)")
+            ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)")
+        return
+    for label, (a, b) in pts:
+        ax.plot([a], [b], "o", color="red", mec="white", ms=7)
+        ax.annotate(label, (a, b), textcoords="offset points", xytext=(4, 4), fontsize=8, color="red")
+
+
+def _draw_lines(plt, panels):
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), squeeze=False)
+    for ax, (title, node) in zip(axes[0], panels):
+        x = np.asarray(node.data["x"])
+        loss, acc = _masked(node, "loss"), _masked(node, "accuracy")
+        if loss.ndim == 2:                               # 2-D result: the y = 0 row
+            j = int(np.argmin(np.abs(np.asarray(node.data["y"]))))
+            loss, acc = loss[:, j], acc[:, j]
+            title += f" (y = {float(node.data['y'][j]):.3g})"
+        ax.plot(x, loss, "-o", color="tab:blue", ms=3, label="loss")
+        ax.set_xlabel("x")
+        ax.set_ylabel("loss (NLL)", color="tab:blue")
+        twin = ax.twinx()
+        twin.plot(x, acc, "--s", color="tab:orange", ms=3, label="accuracy")
+        twin.set_ylabel("accuracy", color="tab:orange")
+        for label, (a, _) in _points(node):
+            ax.axvline(a, color="grey", lw=0.8, ls=":")
+            ax.annotate(label, (a, ax.get_ylim()[1]), fontsize=8, color="grey", va="top")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,619 @@
+"""Loss-surface slices: 1-D lines and 2-D planes through a model's weights.
+
+Each point ``(a, b)`` is evaluated at ``w0 + a*dx + b*dy`` written straight from the centre weights
+``w0`` into the model's parameters on its device (never a cumulative walk), so the centre point is the
+model itself, bit for bit, and the model is restored exactly afterwards.  The data set is materialised
+once on the device; nothing is re-read per point.
+
+Grids are stored in ``(nx, ny)`` order: ``loss[i, j]`` is the loss at ``x[i], y[j]``.
+
+Library use::
+
+    from landscape_tools.surface import random_directions, surface
+    d = random_directions(model, dims=2, seed=0)
+    res = surface(model, data, d, x=np.linspace(-1, 1, 21), y=np.linspace(-1, 1, 21))
+    res["loss"][i, j]
+
+:func:`run_surface` does the same resumably into a result file (``lt surface``), optionally for one
+shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import store
+from ._directions import (IGNORES, NORMS, Directions, from_node, line_to, model_fingerprint, normalize_direction,
+                          parameters_cpu, pca_directions, plane_through, random_directions, to_node)
+from .data import DataSet
+from .device import Progress, report
+from .errors import ConfigError, StoreError
+from .models import mc_dropout
+
+__all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
+           "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
+           "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
+           "evaluate_model"]
+
+BN_MODES = ("frozen", "recompute")
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_RANGE = re.compile(r"^\s*([-+]?[0-9.eE+-]+)\s*:\s*([-+]?[0-9.eE+-]+)\s*:\s*([0-9]+)\s*$")
+
+
+# ----------------------------------------------------------------------------- grids and shards
+def parse_range(spec: str, option: str = "--x") -> np.ndarray:
+    """``"-1:1:21"`` -> 21 evenly spaced float64 values from -1 to 1 (both included).
+
+    A value within 1e-12 (relative to the range width) of an integer is set to that integer, so a grid
+    that nominally contains 0 (or 1, the far end of a ``--to`` line) hits it exactly.
+
+    Raises:
+        ConfigError: not ``MIN:MAX:NUM`` with finite MIN < MAX and NUM >= 2 (or NUM = 1 with MIN = MAX).
+    """
+    expected = f"expected MIN:MAX:NUM, e.g. {option} -1:1:21 (MIN < MAX, NUM >= 2 points)"
+    m = _RANGE.match(str(spec))
+    if not m:
+        raise ConfigError(f"{option} {spec!r} is not a range: {expected}")
+    try:
+        lo, hi, num = float(m.group(1)), float(m.group(2)), int(m.group(3))
+    except ValueError:
+        raise ConfigError(f"{option} {spec!r} is not a range: {expected}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or num < 1 or (num == 1 and lo != hi) or (num > 1 and not lo < hi):
+        raise ConfigError(f"{option} {spec!r} is not a valid range: {expected}")
+    values = np.linspace(lo, hi, num, dtype=np.float64)
+    nearest = np.round(values)
+    snap = np.abs(values - nearest) <= 1e-12 * max(hi - lo, 1.0)
+    values[snap] = nearest[snap] + 0.0        # + 0.0 turns -0.0 into 0.0
+    return values
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"2/8"`` -> (2, 8): shard 2 of 8, counted from 0.
+
+    Raises:
+        ConfigError: not ``I/N`` with integers 0 <= I < N.
+    """
+    m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", str(spec))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard {spec!r} is not a shard: expected I/N with 0 <= I < N, e.g. --shard 0/4 "
+                          f"(shards are counted from 0, like Slurm array tasks and torch ranks)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_points(n_points: int, i: int, n: int) -> np.ndarray:
+    """The flat point indices shard ``i`` of ``n`` computes: ``i, i + n, i + 2n, ...``.
+
+    Interleaved, so every shard gets a spread of the grid and the shares differ by at most one
+    point; disjoint and complete over ``i = 0..n-1``.  A torch.distributed launcher uses
+    ``i = rank, n = world_size``.
+
+    Raises:
+        ConfigError: ``n < 1`` or ``i`` outside ``0..n-1``.
+    """
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard {i}/{n}: expected 0 <= i < n")
+    return np.arange(i, int(n_points), n, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0) -> tuple[float, float]:
+    """Mean NLL and accuracy of ``model`` as it is (eval mode), the way every surface point is measured.
+
+    Args:
+        model: any classifier returning logits.
+        data: the evaluation data (batches in fixed order).
+        mc: 0: dropout off (deterministic); N >= 1: the probabilities averaged over N MC-dropout
+            samples, each (sample, batch) with its own fixed seed so every grid point sees the same masks.
+        seed: seed of those masks.
+
+    Returns:
+        ``(nll, accuracy)`` as Python floats; NaN / inf losses are returned as computed.
+    """
+    was_training = _training_flags(model)
+    model.eval()
+    try:
+        return _evaluate(model, data, mc, seed)
+    finally:
+        _restore_training(model, was_training)
+
+
+def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int) -> tuple[float, float]:
+    total = torch.zeros((), dtype=torch.float64, device=data.y.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.y.device)
+    with torch.no_grad():
+        for b, (bx, by) in enumerate(data.batches()):
+            if mc <= 0:
+                with mc_dropout(model, False):
+                    logp = F.log_softmax(model(bx), dim=1)
+            else:
+                samples = []
+                for s in range(mc):
+                    with mc_dropout(model, True, seed=_mc_seed(seed, s, b)):
+                        samples.append(F.log_softmax(model(bx), dim=1))
+                logp = torch.logsumexp(torch.stack(samples), dim=0) - math.log(mc)
+            total += F.nll_loss(logp, by, reduction="sum").double()
+            correct += (logp.argmax(dim=1) == by).sum()
+    n = len(data)
+    return float(total) / n, float(correct) / n
+
+
+def _mc_seed(seed: int, sample: int, batch: int) -> int:
+    return (int(seed) * 1_000_003 + sample * 10_007 + batch * 101 + 1) % (2**61 - 1)
+
+
+def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_training(model: nn.Module, flags) -> None:
+    for m, flag in flags:
+        m.training = flag
+
+
+class SurfaceEvaluator:
+    """Evaluates a model at points of a slice, in place, and restores it exactly on exit.
+
+    Use as a context manager::
+
+        with SurfaceEvaluator(model, data, directions) as ev:
+            loss, acc = ev(0.5, -0.25)
+
+    Args:
+        model: the centre model (its parameters are overwritten during the block, restored after).
+        data: the evaluation data, on the model's device.
+        directions: :class:`Directions` (1-D: ``b`` must be 0).
+        mc: MC-dropout samples per point (0: dropout off).
+        bn: ``frozen`` (BatchNorm running statistics of the centre) or ``recompute`` (re-estimated at
+            every point on ``data``: cumulative average over its batches, train-mode BN, dropout off).
+        seed: seed of the MC-dropout masks.
+
+    Raises:
+        ConfigError: directions of another model (fingerprint), unknown ``bn``.
+    """
+
+    def __init__(self, model: nn.Module, data: DataSet, directions: Directions, mc: int = 0, bn: str = "frozen",
+                 seed: int = 0):
+        if bn not in BN_MODES:
+            raise ConfigError(f"--bn {bn!r} is not one of {', '.join(BN_MODES)}")
+        if mc < 0:
+            raise ConfigError(f"--mc {mc} must be 0 (dropout off) or a number of samples >= 1")
+        self.model, self.data, self.directions, self.mc, self.bn, self.seed = model, data, directions, int(mc), bn, seed
+        fp = model_fingerprint(model)
+        if directions.fingerprint and directions.fingerprint != fp:
+            raise ConfigError(f"the directions were made for another model (fingerprint {directions.fingerprint[:12]}), "
+                              f"not this one ({fp[:12]}); compute new directions for it")
+        self._entered = False
+
+    def __enter__(self) -> "SurfaceEvaluator":
+        model, d = self.model, self.directions
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, _ in self.params]
+        if set(d.x) != set(names):
+            missing = sorted(set(names) ^ set(d.x))
+            raise ConfigError(f"the directions do not match the model's parameters ({', '.join(missing[:5])})")
+        self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
+        self.flags = _training_flags(model)
+        self.bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
+        self.momenta = [m.momentum for m in self.bns]
+        self.w0 = [p.detach().clone() for _, p in self.params]
+        dev = lambda t, p: t.to(device=p.device, dtype=p.dtype)  # noqa: E731
+        self.dx = [dev(d.x[n], p) for n, p in self.params]
+        self.dy = [dev(d.y[n], p) for n, p in self.params] if d.y is not None else None
+        # skip tensors whose direction is all zero (ignored biases / BN): nothing to add
+        self.active_x = [bool(t.any()) for t in self.dx]
+        self.active_y = [bool(t.any()) for t in self.dy] if self.dy is not None else None
+        self.lerp = None
+        if d.target is not None:
+            sd = dict(model.named_parameters())
+            sd.update(dict(model.named_buffers()))
+            self.lerp = [(sd[k], sd[k].detach().clone(), dev(v, sd[k])) for k, v in d.target.items() if k in sd]
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the centre weights, buffers, train/eval flags and BN momenta back exactly."""
+        if not self._entered:
+            return
+        with torch.no_grad():
+            current = self.model.state_dict(keep_vars=True)
+            for k, v in self.state.items():
+                current[k].copy_(v)
+        for m, mom in zip(self.bns, self.momenta):
+            m.momentum = mom
+        _restore_training(self.model, self.flags)
+        self._entered = False
+
+    def set_point(self, a: float, b: float = 0.0) -> None:
+        """Write ``w0 + a*dx + b*dy`` (or ``lerp(w0, target, a)``) into the parameters."""
+        with torch.no_grad():
+            if self.lerp is not None:
+                if b != 0.0:
+                    raise ConfigError("a line to another model has one dimension: b must be 0")
+                for t, start, end in self.lerp:
+                    t.copy_(torch.lerp(start, end, float(a)))
+                return
+            for k, (_, p) in enumerate(self.params):
+                p.copy_(self.w0[k])
+                if a != 0.0 and self.active_x[k]:
+                    p.add_(self.dx[k], alpha=float(a))
+                if b != 0.0 and self.dy is not None and self.active_y[k]:
+                    p.add_(self.dy[k], alpha=float(b))
+            if b != 0.0 and self.dy is None:
+                raise ConfigError("1-D directions: b must be 0")
+
+    def _recompute_bn(self) -> None:
+        if not self.bns:
+            return
+        for m in self.bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.model.eval()
+        for m in self.bns:
+            m.train()
+        with torch.no_grad(), mc_dropout(self.model, False):
+            for bx, _ in self.data.batches():
+                self.model(bx)
+        self.model.eval()
+
+    def __call__(self, a: float, b: float = 0.0) -> tuple[float, float]:
+        """``(nll, accuracy)`` at ``(a, b)``."""
+        if not self._entered:
+            raise RuntimeError("use SurfaceEvaluator as a context manager")
+        self.set_point(a, b)
+        if self.bn == "recompute":
+            self._recompute_bn()
+        else:
+            self.model.eval()
+        return _evaluate(self.model, self.data, self.mc, self.seed)
+
+
+def surface(model: nn.Module, data: DataSet, directions: Directions, x: Sequence[float],
+            y: Sequence[float] | None = None, mc: int = 0, bn: str = "frozen", seed: int = 0,
+            progress: Progress = None) -> dict[str, np.ndarray]:
+    """Loss and accuracy over a 1-D or 2-D grid, in memory.
+
+    Args:
+        model, data, directions, mc, bn, seed: see :class:`SurfaceEvaluator`.
+        x: coordinates along ``directions.x``.
+        y: coordinates along ``directions.y`` (2-D directions), else None.
+        progress: ``progress(done, total, message)``.
+
+    Returns:
+        ``{"x", "y" (2-D only), "loss", "accuracy"}``; loss / accuracy shaped (nx,) or (nx, ny).
+
+    Raises:
+        ConfigError: ``y`` given for 1-D directions or missing for 2-D ones.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    shape = _grid_shape(directions, x, y)
+    loss = np.full(shape, np.nan)
+    acc = np.full(shape, np.nan)
+    coords = _coords(x, None if y is None else np.asarray(y, np.float64))
+    with SurfaceEvaluator(model, data, directions, mc, bn, seed) as ev:
+        for k, (a, b) in enumerate(coords):
+            idx = np.unravel_index(k, shape)
+            loss[idx], acc[idx] = ev(a, b)
+            report(progress, k + 1, len(coords))
+    out = {"x": x, "loss": loss, "accuracy": acc}
+    if y is not None:
+        out["y"] = np.asarray(y, np.float64)
+    return out
+
+
+def _grid_shape(directions: Directions, x: np.ndarray, y) -> tuple[int, ...]:
+    if directions.dims == 2 and y is None:
+        raise ConfigError("2-D directions need y coordinates (--y)")
+    if directions.dims == 1 and y is not None:
+        raise ConfigError("1-D directions take no y coordinates: use --dims 2 for a plane")
+    return (len(x),) if y is None else (len(x), len(y))
+
+
+def _coords(x: np.ndarray, y: np.ndarray | None) -> list[tuple[float, float]]:
+    if y is None:
+        return [(float(a), 0.0) for a in x]
+    return [(float(a), float(b)) for a in x for b in y]     # row-major over (nx, ny)
+
+
+# ----------------------------------------------------------------------------- directions from files
+def load_directions(path: str, fingerprint: str, dims: int, label: str | None = None) -> Directions:
+    """Reuse the directions stored in a surface result file, exactly.
+
+    Picks the model group whose directions were made for the model with ``fingerprint`` (or the
+    group named ``label``).
+
+    Raises:
+        ConfigError: the file holds no surface, no directions for this model, or another number of
+            dimensions.
+        StoreError: unreadable file.
+    """
+    res = store.read_result(path)
+    if res.kind != "surface":
+        raise ConfigError(f"--directions {path} is a {res.kind} result, not a surface: it holds no directions")
+    found = []
+    for name, node in res.models.items():
+        if "directions" in node.groups:
+            found.append((name, node.groups["directions"]))
+    if not found:
+        raise ConfigError(f"--directions {path} holds no directions")
+    match = [(n, g) for n, g in found if g.attrs.get("model_fingerprint") == fingerprint]
+    if not match:
+        have = ", ".join(f"{n} ({str(g.attrs.get('model_fingerprint', ''))[:12]})" for n, g in found)
+        raise ConfigError(f"--directions {path} was made for other weights ({have}), not this model "
+                          f"({fingerprint[:12]}); directions only mean something for the model they were "
+                          f"normalised to: compute new ones")
+    name, node = match[0]
+    d = from_node(node)
+    if d.dims != dims:
+        raise ConfigError(f"--directions {path} holds {d.dims}-D directions but this run is {dims}-D "
+                          f"(--dims {dims}); use a {dims}-D direction file or --dims {d.dims}")
+    return d
+
+
+# ----------------------------------------------------------------------------- resumable runs
+@dataclass
+class SurfaceJob:
+    """One model of a surface run: its label, the model, its :class:`ModelInfo`, data and directions."""
+
+    label: str
+    model: nn.Module
+    info: Any
+    data: DataSet
+    directions: Directions
+
+
+def _job_key(job: SurfaceJob) -> dict:
+    return {"label": job.label, "checkpoint_sha256": getattr(job.info, "sha256", None),
+            "model_fingerprint": job.directions.fingerprint, "directions": job.directions.digest(),
+            "data": {k: v for k, v in job.data.describe().items()}}
+
+
+def run_fingerprint(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
+    """Everything that determines a surface result (shard excluded), as a JSON-able dict."""
+    return {"models": [_job_key(j) for j in jobs], "x": [float(v) for v in x],
+            "y": None if y is None else [float(v) for v in y],
+            "options": {k: options[k] for k in sorted(options)}}
+
+
+def _provenance(command, config, seed, device) -> dict:
+    root = store.provenance("surface", command, config, seed, device)
+    # torch.__version__ is a str subclass h5py cannot store as an attribute
+    return {k: (str(v) if isinstance(v, str) else v) for k, v in root.items()}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
+    shape = (len(x),) if y is None else (len(x), len(y))
+    layout = {}
+    for j in jobs:
+        data = {"x": x, "loss": np.full(shape, np.nan), "accuracy": np.full(shape, np.nan),
+                "done": np.zeros(shape, dtype=bool)}
+        if y is not None:
+            data["y"] = y
+        attrs = dict(j.info.describe()) if hasattr(j.info, "describe") else {}
+        attrs.update({"norm": j.directions.recipe.get("norm"), "ignore": j.directions.recipe.get("ignore"),
+                      "bn": options["bn"], "mc": options["mc"], "split": j.data.split, "dims": j.directions.dims,
+                      "directions_kind": j.directions.recipe.get("kind"), "num_samples": len(j.data),
+                      "data": json.dumps(j.data.describe(), sort_keys=True, default=str)})
+        layout[j.label] = {"attrs": attrs, "data": data, "groups": {"directions": to_node(j.directions)}}
+    return layout
+
+
+def _explain_mismatch(partial: Path, key: dict) -> str | None:
+    """Which part of an existing partial file differs from this run (for a helpful refusal)."""
+    try:
+        old = store.read_result(partial).attrs.get("surface_key")
+        old = json.loads(old) if isinstance(old, str) else old
+    except Exception:
+        return None
+    if not isinstance(old, dict):
+        return None
+    for part, what in (("models", "models or directions or data"), ("x", "grid (--x)"), ("y", "grid (--y)"),
+                       ("options", "options")):
+        if old.get(part) != key.get(part):
+            if part == "models" and isinstance(old.get("models"), list):
+                for o, n in zip(old["models"], key["models"]):
+                    for k, label in (("checkpoint_sha256", "model"), ("model_fingerprint", "model weights"),
+                                     ("directions", "directions"), ("data", "data")):
+                        if o.get(k) != n.get(k):
+                            return f"another {label} ({n['label']})"
+            return f"another {what}"
+    return None
+
+
+def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.ndarray | None = None, *,
+                mc: int = 0, bn: str = "frozen", seed: int = 0, shard: tuple[int, int] | None = None,
+                overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
+                device: str = "cpu", progress: Progress = None, flush_seconds: float = 5.0,
+                flush_points: int = 64, on_point: Callable[[int, int], None] | None = None) -> Path:
+    """Compute a surface for each job into ``output``, resumably; returns the final path.
+
+    Progress goes to ``output + ".partial"`` in batches (every ``flush_seconds`` or ``flush_points``
+    points, whichever comes first): values first, then their ``done`` flags, so a run killed at any
+    moment loses at most the unflushed batch, and the same call later finishes the remaining points.
+
+    Args:
+        jobs: the models with their data and directions.
+        output: final ``.h5`` path.
+        x, y: grid coordinates (``y`` None for 1-D).
+        mc, bn, seed: see :class:`SurfaceEvaluator`.
+        shard: ``(i, n)``: compute only :func:`shard_points` ``(N, i, n)``; root attrs ``shard``, ``n_shards``.
+        overwrite: replace an existing output or a partial file of another run.
+        command, config, device: provenance.
+        progress: ``progress(done, total, message)``.
+        flush_seconds, flush_points: write batching.
+        on_point: called as ``on_point(job_index, point_index)`` after each point is computed (a test
+            hook: raising from it simulates an interrupted run).
+
+    Raises:
+        StoreError: output exists, another process writes it, a partial file of another run.
+        ConfigError: inconsistent directions / grid.
+    """
+    if not jobs:
+        raise ConfigError("no models to evaluate")
+    x = np.asarray(x, np.float64)
+    y = None if y is None else np.asarray(y, np.float64)
+    for j in jobs:
+        _grid_shape(j.directions, x, y)
+    shape = (len(x),) if y is None else (len(x), len(y))
+    n_points = int(np.prod(shape))
+    options = {"mc": int(mc), "bn": bn, "seed": int(seed)}
+    key = run_fingerprint(jobs, x, y, options)
+    surface_fp = _digest(key)
+    shard_i, shard_n = shard if shard is not None else (0, 1)
+    points = shard_points(n_points, shard_i, shard_n)
+    fingerprint = f"{surface_fp}/shard {shard_i}/{shard_n}"
+    root = _provenance(command, config, seed, device)
+    root.update({"surface_fingerprint": surface_fp, "surface_key": json.dumps(key, sort_keys=True, default=str),
+                 "shard": shard_i, "n_shards": shard_n, "dims": 1 if y is None else 2})
+    part = store.partial_path(output)
+    if part.exists() and not overwrite:
+        try:
+            old_fp = store.read_result(part).attrs.get("fingerprint")
+        except StoreError:
+            old_fp = None
+        if old_fp is not None and old_fp != fingerprint:
+            why = _explain_mismatch(part, key) or "another run"
+            raise StoreError(f"{part} holds progress of a different run ({why}); rerun the same command to resume "
+                             f"it, or pass --overwrite to start again")
+    result = store.open_partial(output, root, fingerprint, _layout(jobs, x, y, options), overwrite=overwrite)
+    try:
+        total = len(points) * len(jobs)
+        done_count = 0
+        todo = []
+        for ji, job in enumerate(jobs):
+            done = result.read(f"{job.label}/done").reshape(-1)
+            remaining = [int(p) for p in points if not done[p]]
+            done_count += len(points) - len(remaining)
+            todo.append(remaining)
+        report(progress, done_count, total, "resumed" if result.resumed else "")
+        for ji, job in enumerate(jobs):
+            if not todo[ji]:
+                continue
+            coords = _coords(x, y)
+            pending: list[tuple[int, float, float]] = []
+            last = time.monotonic()
+            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed) as ev:
+                try:
+                    for p in todo[ji]:
+                        a, b = coords[p]
+                        loss, acc = ev(a, b)
+                        pending.append((p, loss, acc))
+                        done_count += 1
+                        if on_point is not None:
+                            on_point(ji, p)
+                        if len(pending) >= flush_points or time.monotonic() - last >= flush_seconds:
+                            _write_points(result, job.label, shape, pending)
+                            pending, last = [], time.monotonic()
+                        report(progress, done_count, total, job.label)
+                finally:
+                    if pending and result.file is not None:
+                        _write_points(result, job.label, shape, pending)
+        return result.finalize()
+    finally:
+        result.close()
+
+
+def _write_points(result: "store.PartialResult", label: str, shape: tuple[int, ...],
+                  pending: list[tuple[int, float, float]]) -> None:
+    """Values first, flushed, then their done flags: a kill in between loses nothing recorded as done."""
+    idx = [np.unravel_index(p, shape) for p, _, _ in pending]
+    for i, (_, loss, acc) in zip(idx, pending):
+        result.write(f"{label}/loss", i, loss)
+        result.write(f"{label}/accuracy", i, acc)
+    result.flush()
+    for i in idx:
+        result.write(f"{label}/done", i, True)
+    result.flush()
+
+
+# ----------------------------------------------------------------------------- merging shards
+def merge_shards(paths: Sequence[str], output: str, overwrite: bool = False,
+                 command: Sequence[str] | None = None) -> Path:
+    """Assemble ``--shard i/n`` files into one complete result.
+
+    Raises:
+        StoreError / ConfigError: a file that is not a finished surface shard, shards of different runs
+            (fingerprints), missing or duplicated shards, overlapping or missing points.
+    """
+    if not paths:
+        raise ConfigError("lt merge needs the shard files to assemble")
+    store.check_writable(output, overwrite)
+    results = [store.read_result(p) for p in paths]
+    for r in results:
+        if r.kind != "surface":
+            raise ConfigError(f"{r.path} is a {r.kind} result, not a surface shard")
+        if "surface_fingerprint" not in r.attrs:
+            raise ConfigError(f"{r.path} has no surface fingerprint: not written by lt surface")
+    fps = {r.attrs["surface_fingerprint"] for r in results}
+    if len(fps) != 1:
+        groups = {}
+        for r in results:
+            groups.setdefault(r.attrs["surface_fingerprint"][:12], []).append(r.path)
+        listing = "; ".join(f"{fp}: {', '.join(ps)}" for fp, ps in groups.items())
+        raise ConfigError(f"these shards come from different runs (models, data, grid, directions or options "
+                          f"differ): {listing}; merge only shards of one command")
+    n_shards = {int(r.attrs.get("n_shards", 1)) for r in results}
+    if len(n_shards) != 1:
+        raise ConfigError(f"the shards were cut in different numbers of pieces ({sorted(n_shards)})")
+    n = n_shards.pop()
+    seen: dict[int, str] = {}
+    for r in results:
+        i = int(r.attrs.get("shard", 0))
+        if i in seen:
+            raise ConfigError(f"shard {i}/{n} given twice: {seen[i]} and {r.path}")
+        seen[i] = r.path
+    missing_shards = sorted(set(range(n)) - set(seen))
+    labels = list(results[0].models)
+    merged: dict[str, dict] = {}
+    for label in labels:
+        base = results[0].models[label]
+        done = np.zeros(base.data["done"].shape, dtype=bool)
+        loss = np.full(done.shape, np.nan)
+        acc = np.full(done.shape, np.nan)
+        for r in results:
+            if label not in r.models:
+                raise ConfigError(f"{r.path} has no model {label!r}: not a shard of the same run")
+            node = r.models[label]
+            d = node.data["done"].astype(bool)
+            overlap = d & done
+            if overlap.any():
+                raise ConfigError(f"{r.path} overlaps other shards at {int(overlap.sum())} point(s) of {label}; "
+                                  f"each point must come from one shard")
+            loss[d], acc[d] = node.data["loss"][d], node.data["accuracy"][d]
+            done |= d
+        if not done.all():
+            extra = f" (shard(s) {', '.join(f'{i}/{n}' for i in missing_shards)} not given)" if missing_shards else ""
+            raise ConfigError(f"the shards leave {int((~done).sum())} point(s) of {label} not computed{extra}; "
+                              f"compute the missing shards (or finish interrupted ones) first")
+        data = {k: v for k, v in base.data.items() if k not in ("loss", "accuracy", "done")}
+        data.update({"loss": loss, "accuracy": acc, "done": done})
+        merged[label] = {"attrs": dict(base.attrs), "data": data, "groups": _node_to_dict(base)["groups"]}
+    attrs = {k: v for k, v in results[0].attrs.items() if k not in ("fingerprint",)}
+    prov = _provenance(command, results[0].config, attrs.get("seed"), attrs.get("device", "cpu"))
+    attrs.update({"created": prov["created"], "command": prov["command"], "generated_by": prov["generated_by"],
+                  "config": json.dumps(results[0].config, sort_keys=True, default=str), "shard": 0, "n_shards": 1,
+                  "merged_from": [str(p) for p in paths]})
+    return store.write_result(output, attrs, merged, overwrite=overwrite)
+
+
+def _node_to_dict(node) -> dict:
+    return {"attrs": dict(node.attrs),
+            "data": {k: ((v, node.data_attrs[k]) if node.data_attrs.get(k) else v) for k, v in node.data.items()},
+            "groups": {k: _node_to_dict(g) for k, g in node.groups.items()}}

@@ -1,0 +1,84 @@
+"""`lt evaluate`: NLL, accuracy, ECE and Brier of MC-dropout ensembles of every size (the paper's curves)."""
+from __future__ import annotations
+
+import click
+
+from . import common
+
+
+@click.command("evaluate")
+@common.model_arguments
+@click.option("--mc", default="1,2,5,10,20,50", show_default=True, metavar="N1,N2,...",
+              help="Ensemble sizes: numbers of MC-dropout samples averaged per prediction. "
+                   "The sweep costs max(N) forward passes per batch.")
+@common.data_options(split="test", batch_size=256)
+@common.device_option
+@common.seed_option
+@common.output_option
+@common.plot_option
+def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, device,
+            seed, output, overwrite, plot_path):
+    """Predictive metrics of MC-dropout ensembles of N samples, for every N in --mc.
+
+    For each N the prediction is the mean softmax of N stochastic forward passes (eval mode,
+    BatchNorm on running statistics, every dropout on): NLL (probabilities clamped at 1e-12),
+    accuracy, ECE (10 equal-width confidence bins), Brier score, and a reliability diagram.
+    Larger N reuse the samples of smaller N. A model without dropout gives the same prediction
+    for every N (said in the output). The result file holds one group per model; a table per
+    model is printed.
+
+    \b
+    Example:
+      lt evaluate plain.pt smooth.pt --mc 1,2,5,10,20,50 -o evaluate.h5 --plot evaluate.png
+      lt evaluate smooth.pt --data cifar100:~/data --samples 2000 --device cuda -o eval.h5
+    """
+    from pathlib import Path
+
+    from landscape_tools import store
+    from landscape_tools.device import resolve_device
+    from landscape_tools.evaluate import ensemble_curve, parse_ensemble_sizes
+    from landscape_tools.plotting import check_figure_path
+
+    sizes = parse_ensemble_sizes(mc)
+    common.ensure_output_ok(output, overwrite)
+    if plot_path:
+        check_figure_path(plot_path)
+    dev = resolve_device(device)
+    loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
+    nodes = {}
+    for model, info in loaded:
+        ds = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
+        common.info_line(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
+                         f"N = {','.join(map(str, sizes))}, on {dev}")
+        curve = ensemble_curve(model, ds.batches(), sizes, seed=seed,
+                               progress=common.ProgressBar(f"evaluate {info.label}"))
+        data = ds.describe()
+        attrs = dict(info.describe(), split=split, data_spec=ds.spec,
+                     data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
+        node = curve.to_node(attrs)
+        if data["indices"] is not None:
+            node["data"]["sample_indices"] = (data["indices"], {"description": f"indices into the {split} split "
+                                                                              f"(seed {ds.sample_seed})"})
+        nodes[info.label] = node
+        click.echo(_table(info.label, curve))
+        if curve.note:
+            common.info_line(f"note: {info.label}: {curve.note}")
+    config = common.dump_config(models=list(models), labels=labels, mc=list(sizes), data=data_spec, split=split,
+                                samples=samples, batch_size=batch_size, device=str(dev), seed=seed,
+                                arch=arch, model=model_factory)
+    root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
+    root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}  # torch.__version__ is a str subclass
+    store.write_result(output, root, nodes, overwrite=overwrite)
+    common.info_line(f"result written to {Path(output)}")
+    if plot_path:
+        common.render_plot([output], plot_path)
+
+
+def _table(label: str, curve) -> str:
+    mode = "MC dropout" if curve.mc_active else "deterministic (no dropout)"
+    lines = [f"{label}: {mode}, {curve.num_samples} samples",
+             f"{'N':>5}  {'NLL':>8}  {'accuracy':>8}  {'ECE':>8}  {'Brier':>8}"]
+    for i, n in enumerate(curve.sizes):
+        lines.append(f"{int(n):>5}  {curve.nll[i]:8.4f}  {curve.accuracy[i]:8.4f}  {curve.ece[i]:8.4f}  "
+                     f"{curve.brier[i]:8.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""`lt featvar`: feature-map variance across MC samples (or over positions), layer by layer."""
+from __future__ import annotations
+
+import click
+
+from . import common
+
+
+@click.command("featvar")
+@common.model_arguments
+@click.option("--over", type=click.Choice(["mc", "spatial"]), default="mc", show_default=True,
+              help="mc: sample variance (Bessel-corrected, 1/(N-1)) of every feature-map entry across --mc "
+                   "stochastic passes, averaged over channels, positions and samples. spatial: variance over "
+                   "positions of each (sample, channel) map (Bessel-corrected), averaged; deterministic.")
+@click.option("--mc", type=click.IntRange(min=2), default=None, metavar="N",
+              help="MC samples per input for --over mc  [default: 32]")
+@click.option("--source", default=None, metavar="dropout|noise:SIGMA",
+              help="Randomness for --over mc: the model's dropout (every dropout switched on, BatchNorm on "
+                   "running statistics) or Gaussian input noise of std SIGMA for deterministic models  "
+                   "[default: dropout]")
+@click.option("--layers", default=None, metavar="stages|blocks|GLOB,...",
+              help="Layers: zoo stage outputs after smoothing (stages, the default for zoo models), every "
+                   "block (blocks), or comma-separated module-name globs (default for other models: the "
+                   "top-level children).")
+@click.option("--fourier", is_flag=True, help="Also store each layer's relative log amplitude along the "
+                                              "half-diagonal of its 2-D spectrum (0 to pi).")
+@common.data_options(split="test", batch_size=64)
+@click.option("--max-batch", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N",
+              help="At most N samples (MC copies x batch) per forward pass; results do not depend on it.")
+@common.device_option
+@common.seed_option
+@common.output_option
+@common.plot_option
+def command(models, arch, model_factory, trust_pickle, labels, over, mc, source, layers, fourier, data_spec, split,
+            samples, batch_size, max_batch, device, seed, output, overwrite, plot_path):
+    """Feature-map variance of MODELS, layer by layer (Park & Kim 2022, section 6).
+
+    With --over mc (default) each batch is repeated once per MC sample and run as one batched
+    forward pass (chunks of --max-batch samples), every copy with its own seeded dropout masks or
+    input noise; the statistics stream in float64, so memory does not grow with --mc. A killed
+    run continues where it stopped when the same command is run again. Several models go into one
+    file, one group each, and are overlaid by `--plot` against normalised depth.
+
+    \b
+    Example:
+      lt featvar mcdo.pt smooth.pt --data digits --split test --mc 32 -o featvar.h5 --plot featvar.png
+      lt featvar dnn.pt --source noise:0.1 --layers blocks --fourier -o dnn_featvar.h5
+      lt plot dnn_featvar.h5 --kind fourier -o fourier.png
+    """
+    from landscape_tools import featvar, store
+    from landscape_tools.device import resolve_device
+
+    common.ensure_output_ok(output, overwrite)
+    if over == "spatial" and (mc is not None or source is not None):
+        raise click.UsageError("--mc and --source apply to --over mc only; --over spatial is deterministic")
+    src = featvar.parse_source(source) if over == "mc" else None
+    dev = resolve_device(device)
+    jobs = []
+    for model, info in common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev):
+        ds = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
+        described = ds.describe()
+        jobs.append(featvar.Job(info.label, model, dict(info.describe(), data=described), ds.batches(),
+                                data={k: v for k, v in described.items() if k != "normalisation"}))
+    config = common.dump_config(models=list(models), over=over, mc=mc if over == "mc" else None,
+                                source=str(src) if src else None, layers=layers, fourier=fourier,
+                                data=data_spec, split=split, samples=samples, batch_size=batch_size,
+                                max_batch=max_batch, seed=seed)
+    attrs = store.provenance("featvar", None, config, seed, str(dev))
+    results = featvar.run_to_file(jobs, output, attrs, over=over, mc=mc, source=src, layers=layers, fourier=fourier,
+                                  seed=seed, max_batch=max_batch, overwrite=overwrite,
+                                  progress=common.ProgressBar("featvar"))
+    for label, res in results.items():
+        values = ", ".join(f"{name} {v:.4g}" for name, v in zip(res.layers.names, res.variance))
+        click.echo(f"{label}: {res.over} variance ({res.samples} samples, {res.source}) {values}")
+    click.echo(f"written to {output}")
+    if plot_path:
+        common.render_plot([output], plot_path)

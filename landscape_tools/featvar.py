@@ -1,0 +1,777 @@
+"""Feature-map variance, layer by layer: across Monte-Carlo samples, over spatial positions, and the
+Fourier picture of the feature maps (Park & Kim 2022, section 6 of ``PAPER.md``).
+
+``over="mc"``: for each selected layer, the sample variance (Bessel-corrected, ``1/(mc-1)``) of
+every feature-map entry across ``mc`` stochastic forward passes, averaged over channels, positions
+and data samples.  The randomness is the model's dropout (every ``MCDropout`` and ``nn.Dropout*``
+module switched on, BatchNorm on running statistics) or Gaussian input noise of std ``sigma`` with
+every dropout switched off.
+
+``over="spatial"``: for each selected layer, the variance over the ``H x W`` positions of every
+(sample, channel) map (Bessel-corrected, as ``torch.var`` and the how-do-vits-work notebook),
+averaged over samples and channels; one deterministic pass with dropout off.
+
+``fourier=True``: per layer, ``log(|FFT2(map)| + 1e-6)``, shifted so frequency 0 is central, averaged
+over every map seen (samples, channels and, for ``mc``, the MC copies), read along the half-diagonal
+from frequency 0 to pi, minus its value at 0 ("relative log amplitude").
+
+How the MC samples are run: the data batch is repeated along the batch dimension, one copy per MC
+sample, and the copies go through the model in ONE forward pass (or in chunks of ``max_batch``
+samples, halved again on out-of-memory).  Every copy draws its own dropout masks (or noise) from a
+generator seeded by ``derive_seed(seed, batch index, copy, dropout module, call)``, so the result does
+not depend on the chunking, equals the plain loop of ``mc`` separate passes with the same masks, and
+a resumed run equals an uninterrupted one.  Statistics are merged in float64 as they stream out of
+the forward hooks (Chan et al.'s parallel Welford update), so memory does not grow with ``mc``.
+Hooks, dropout switches and train/eval flags are always restored: the model is left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .device import Progress, report
+from .errors import ConfigError, NumericalError
+from .models import Smoothing, dropout_modules
+from .models.mc import _CHANNEL_DROPOUTS
+
+OVER = ("mc", "spatial")
+LAYER_PRESETS = ("stages", "blocks")
+LOG_EPS = 1e-6
+DEFAULT_MC = 32
+#: default cap on the samples (copies x batch) of one forward pass
+DEFAULT_MAX_BATCH = 1024
+
+_MASK64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Source:
+    """Where MC randomness comes from: ``dropout`` or Gaussian input ``noise`` of std ``sigma``."""
+
+    kind: str = "dropout"
+    sigma: float = 0.0
+
+    def __str__(self) -> str:
+        return "dropout" if self.kind == "dropout" else f"noise:{self.sigma:g}"
+
+
+def parse_source(text: str | Source | None) -> Source:
+    """``"dropout"`` or ``"noise:SIGMA"`` -> :class:`Source`.
+
+    Raises:
+        ConfigError: anything else, or a sigma that is not a positive finite number.
+    """
+    if isinstance(text, Source):
+        return text
+    if text is None or text == "dropout":
+        return Source("dropout")
+    kind, sep, arg = str(text).partition(":")
+    if kind == "noise" and sep:
+        try:
+            sigma = float(arg)
+        except ValueError:
+            sigma = float("nan")
+        if math.isfinite(sigma) and sigma > 0:
+            return Source("noise", sigma)
+    raise ConfigError(f"--source {text!r}: expected 'dropout' or 'noise:SIGMA' with SIGMA a positive number "
+                      f"(the std of Gaussian input noise), e.g. noise:0.1")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 mixing): the seed of each copy's masks and noise.
+
+    ``derive_seed(seed, batch, copy)`` seeds the input noise of MC copy ``copy`` of data batch
+    ``batch``; ``derive_seed(seed, batch, copy, module, call)`` the dropout mask drawn by the
+    ``module``-th dropout module (in ``dropout_modules`` order) at its ``call``-th call in a pass.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device, dtype) -> torch.Tensor:
+    """The scaled keep-mask ``(rand >= p) / (1 - p)`` drawn from a generator seeded with ``seed``."""
+    gen = _generator(seed, torch.device(device))
+    keep = torch.rand(tuple(shape), generator=gen, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def input_noise(shape: Sequence[int], sigma: float, seed: int, device, dtype) -> torch.Tensor:
+    """``sigma * N(0, 1)`` noise drawn from a generator seeded with ``seed``."""
+    gen = _generator(seed, torch.device(device))
+    return sigma * torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+@dataclass
+class LayerInfo:
+    """The selected layers of one model, in forward order.
+
+    Attributes:
+        names: module names (``named_modules``), in the order their outputs are produced.
+        depth: normalised depth ``index / (n - 1)`` (0 for a single layer).
+        is_smoothing: a smoothing layer ran since the previous selected layer (inclusive).
+        is_downsampling: a downsampling layer ran since the previous selected layer (zoo models:
+            ``zoo_spec.downsampling_layers``; other models: the output's spatial size shrank).
+        shapes: per-sample output shape of each layer.
+    """
+
+    names: list[str]
+    depth: np.ndarray
+    is_smoothing: np.ndarray
+    is_downsampling: np.ndarray
+    shapes: list[tuple[int, ...]]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def fourier_length(self, i: int) -> int:
+        """Points on layer ``i``'s half-diagonal (0 when its maps are not square ``C x H x H``)."""
+        s = self.shapes[i]
+        return s[-1] // 2 + 1 if len(s) == 3 and s[-1] == s[-2] else 0
+
+
+@dataclass
+class _Probe:
+    order: list[str]                           # module names, by completion in the forward pass
+    shapes: dict[str, tuple[int, ...] | None]  # per-sample output shape (None: not a tensor)
+    calls: dict[str, int]
+    input_shape: tuple[int, ...]
+
+
+def _probe(model: nn.Module, sample: torch.Tensor) -> _Probe:
+    """One deterministic forward pass of one sample with a hook on every module."""
+    order, shapes, calls, handles = [], {}, {}, []
+
+    def make(name):
+        def hook(_module, _inp, out):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+                shapes[name] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make(name)))
+    except (RuntimeError, AttributeError) as exc:
+        for h in handles:
+            h.remove()
+        raise ConfigError(f"cannot attach forward hooks to this model ({type(model).__name__}: "
+                          f"{str(exc).splitlines()[0]}); TorchScript models cannot be hooked: load the weights as a "
+                          f"state_dict with --arch NAME or --model pkg.module:factory instead") from None
+    try:
+        with _evaluation(model), _copywise_dropout(model, None), torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Probe(order, shapes, calls, tuple(sample.shape[1:]))
+
+
+def available_layers(model: nn.Module, limit: int = 12) -> list[str]:
+    """A few module names worth suggesting (top-level children first)."""
+    top = [n for n, _ in model.named_children()]
+    rest = [n for n, _ in model.named_modules() if n and n not in top]
+    return (top + rest)[:limit]
+
+
+def _match_globs(model: nn.Module, spec: str) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    picked: list[str] = []
+    for glob in (g.strip() for g in spec.split(",")):
+        if not glob:
+            raise ConfigError(f"--layers {spec!r} has an empty entry; give comma-separated module names or globs")
+        hits = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+        if not hits:
+            raise ConfigError(f"--layers {glob!r} matches no module of the model; available names include "
+                              f"{', '.join(available_layers(model))} (globs like 'layer*' match by name)")
+        picked += [n for n in hits if n not in picked]
+    return picked
+
+
+def select_layers(model: nn.Module, spec: str | Sequence[str] | None, sample: torch.Tensor) -> LayerInfo:
+    """Resolve a layer selection against a model and describe the layers.
+
+    Args:
+        model: any ``nn.Module``; zoo models carry ``zoo_spec``.
+        spec: None (zoo: ``stages``; other models: the top-level children), ``stages``, ``blocks``,
+            comma-separated globs matched (fnmatch) against ``named_modules`` names, or a list of names.
+        sample: one input batch (its first sample runs through the model once).
+
+    Returns:
+        a :class:`LayerInfo`, layers in forward order.
+
+    Raises:
+        ConfigError: a preset on a non-zoo model, a glob matching nothing, a layer that never runs,
+            runs more than once per forward pass or does not return a tensor.
+    """
+    zoo = getattr(model, "zoo_spec", None)
+    if spec is None:
+        spec = "stages" if zoo is not None else None
+    if spec in LAYER_PRESETS:
+        if zoo is None:
+            raise ConfigError(f"--layers {spec} needs a zoo model (it reads model.zoo_spec); this "
+                              f"{type(model).__name__} has none: pick modules by name or glob instead, e.g. "
+                              f"--layers {','.join(available_layers(model, 3)) or 'NAME'}")
+        wanted = list(getattr(zoo, spec))
+    elif spec is None:
+        wanted = [n for n, _ in model.named_children()]
+    elif isinstance(spec, str):
+        wanted = _match_globs(model, spec)
+    else:
+        wanted = list(spec)
+        known = {n for n, _ in model.named_modules() if n}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ConfigError(f"layers {', '.join(unknown)} are not modules of the model; available names include "
+                              f"{', '.join(available_layers(model))}")
+    probe = _probe(model, sample[:1])
+    twice = [n for n in wanted if probe.calls.get(n, 0) > 1]
+    if twice:
+        raise ConfigError(f"layer {twice[0]} runs {probe.calls[twice[0]]} times per forward pass, so its output is "
+                          f"ambiguous; select modules that run once")
+    ran = [n for n in probe.order if n in set(wanted)]
+    if not ran:
+        raise ConfigError(f"none of the selected layers ({', '.join(wanted[:6])}) runs in the forward pass")
+    bad = [n for n in ran if probe.shapes[n] is None]
+    if bad:
+        raise ConfigError(f"layer {bad[0]} does not return a tensor; select another module")
+    position = {n: i for i, n in enumerate(probe.order)}
+    if zoo is not None:
+        smoothing = set(zoo.smoothing_layers)
+        downsampling = set(zoo.downsampling_layers)
+    else:
+        smoothing = {n for n, m in model.named_modules() if isinstance(m, Smoothing)}
+        downsampling = set()
+    is_smooth, is_down = [], []
+    prev_pos, prev_spatial = -1, _spatial(probe.input_shape)
+    for n in ran:
+        pos = position[n]
+        segment = {m for m in probe.order[prev_pos + 1:pos + 1]}
+        is_smooth.append(bool(segment & smoothing))
+        if zoo is not None:
+            is_down.append(bool(segment & downsampling))
+        else:
+            spatial = _spatial(probe.shapes[n])
+            is_down.append(spatial is not None and prev_spatial is not None and spatial < prev_spatial)
+            prev_spatial = spatial if spatial is not None else prev_spatial
+        prev_pos = pos
+    count = len(ran)
+    depth = np.arange(count, dtype=np.float64) / max(count - 1, 1)
+    return LayerInfo(ran, depth, np.array(is_smooth, bool), np.array(is_down, bool), [probe.shapes[n] for n in ran])
+
+
+def _spatial(shape: tuple[int, ...] | None) -> int | None:
+    if shape is None or len(shape) != 3:
+        return None
+    return int(shape[1] * shape[2])
+
+
+# ----------------------------------------------------------------------------- model state
+@contextlib.contextmanager
+def _evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BN on running statistics) for the block; every module's flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class _CopySchedule:
+    """Which MC copies the current forward pass carries, and how their masks are seeded."""
+
+    def __init__(self, seed: int, batch: int, copies: Sequence[int]):
+        self.seed, self.batch, self.copies = int(seed), int(batch), list(copies)
+        self.calls: dict[int, int] = {}
+
+    def next_call(self, module_index: int) -> int:
+        call = self.calls.get(module_index, 0)
+        self.calls[module_index] = call + 1
+        return call
+
+
+@contextlib.contextmanager
+def _copywise_dropout(model: nn.Module, holder: list | None) -> Iterator[None]:
+    """Replace every dropout's forward: identity when ``holder`` is None or holds None, else each MC
+    copy of the repeated batch gets its own mask seeded by ``derive_seed``.  Restored on exit."""
+    saved = []
+    try:
+        for index, (_, m) in enumerate(dropout_modules(model)):
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = _copy_forward(m, index, holder, isinstance(m, _CHANNEL_DROPOUTS))
+        yield
+    finally:
+        for m, state in reversed(saved):
+            if state is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = state
+
+
+def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwise: bool):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        schedule = holder[0] if holder else None
+        p = float(getattr(module, "p", 0.0))
+        if schedule is None or p == 0.0:
+            return x
+        call = schedule.next_call(index)
+        n = len(schedule.copies)
+        if x.shape[0] % n:
+            raise NumericalError(f"dropout input of batch {x.shape[0]} is not {n} MC copies of one batch: the model "
+                                 f"mixes samples across the batch; use --mc with a model that treats samples independently")
+        b = x.shape[0] // n
+        shape = (b, x.shape[1]) + (1,) * (x.dim() - 2) if channelwise and x.dim() > 2 else (b,) + tuple(x.shape[1:])
+        if p >= 1.0:
+            return torch.zeros_like(x)
+        masks = [dropout_mask(shape, p, derive_seed(schedule.seed, schedule.batch, k, index, call), x.device, x.dtype)
+                 for k in schedule.copies]
+        return x * torch.cat(masks)
+    return forward
+
+
+# ----------------------------------------------------------------------------- statistics
+def spatial_variance(maps: torch.Tensor) -> torch.Tensor:
+    """Variance over positions of each map: ``(N, C, H, W) -> (N, C)``, Bessel-corrected, float64."""
+    return maps.to(torch.float64).flatten(2).var(dim=2, unbiased=True)
+
+
+def frequency_axis(size: int) -> np.ndarray:
+    """Frequencies (radians per pixel) on the half-diagonal of a ``size x size`` spectrum: 0 .. pi."""
+    return 2.0 * np.pi * np.arange(size // 2 + 1) / size
+
+
+def fourier_diagonal(maps: torch.Tensor) -> torch.Tensor:
+    """``log(|FFT2| + 1e-6)`` of square maps ``(..., H, H)``, fftshift-ed, on the half-diagonal.
+
+    Returns float64 ``(..., H // 2 + 1)``: entry ``k`` is the log amplitude at frequency
+    ``(2 pi k / H, 2 pi k / H)``, from 0 to pi (pi included for even ``H``).
+    """
+    size = maps.shape[-1]
+    amp = torch.log(torch.fft.fft2(maps.to(torch.float64)).abs() + LOG_EPS)
+    amp = torch.fft.fftshift(amp, dim=(-2, -1))
+    idx = (size // 2 + torch.arange(size // 2 + 1, device=maps.device)) % size
+    return amp[..., idx, idx]
+
+
+class _Welford:
+    """Per-entry mean and sum of squared deviations over MC copies, merged chunk by chunk (float64)."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """``chunk``: ``(copies, *entry_shape)``."""
+        x = chunk.to(torch.float64)
+        k = x.shape[0]
+        mean = x.mean(dim=0)
+        m2 = ((x - mean) ** 2).sum(dim=0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = k, mean, m2
+            return
+        total = self.n + k
+        delta = mean - self.mean
+        self.mean += delta * (k / total)
+        self.m2 += m2 + delta.square() * (self.n * k / total)
+        self.n = total
+
+
+@dataclass
+class BatchStats:
+    """Sums of one data batch, per layer (what a resumed run stores and adds up).
+
+    Attributes:
+        var_sum: (n_layers,) sum of the per-entry variances (mc) or per-map variances (spatial).
+        count: (n_layers,) number of entries / maps summed.
+        fourier_sum: (n_layers, n_freq) sum of half-diagonal log amplitudes over maps (NaN-padded).
+        fourier_count: (n_layers,) number of maps in ``fourier_sum``.
+    """
+
+    var_sum: np.ndarray
+    count: np.ndarray
+    fourier_sum: np.ndarray
+    fourier_count: np.ndarray
+
+
+@dataclass
+class FeatVarResult:
+    """Feature-map variance of one model.
+
+    Attributes:
+        layers: the :class:`LayerInfo`.
+        variance: (n_layers,) mean variance per layer (NaN where undefined, e.g. spatial variance
+            of a layer without spatial dimensions).
+        over, samples, source: ``mc``/``spatial``, MC samples (1 for spatial), randomness source.
+        num_samples: data samples analysed; batches: data batches.
+        frequency, fourier: (n_layers, n_freq) NaN-padded frequency axis (radians) and relative log
+            amplitude, or None without ``fourier``.
+    """
+
+    layers: LayerInfo
+    variance: np.ndarray
+    over: str
+    samples: int
+    source: str
+    num_samples: int
+    batches: int
+    seed: int
+    frequency: np.ndarray | None = None
+    fourier: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+class FeatureVariance:
+    """The analysis of one model, batch by batch (so a run can resume at batch granularity).
+
+    Args:
+        model: any ``nn.Module`` taking ``(N, ...)`` inputs and treating samples independently in
+            eval mode (true of the zoo); left unchanged.
+        sample: a batch of inputs (only its first sample is used, to find the layers).
+        over: ``mc`` or ``spatial``.
+        mc: MC samples per input (>= 2) for ``mc``.
+        source: ``dropout``, ``noise:SIGMA`` or a :class:`Source` (``mc`` only).
+        layers: see :func:`select_layers`.
+        fourier: also compute the relative log amplitude per layer.
+        seed: seed of every mask and noise draw.
+        max_batch: at most this many samples (copies x batch) per forward pass.
+
+    Raises:
+        ConfigError: bad options, a model without dropout for ``source=dropout``, bad layers.
+    """
+
+    def __init__(self, model: nn.Module, sample: torch.Tensor, over: str = "mc", mc: int | None = DEFAULT_MC,
+                 source: str | Source | None = None, layers: str | Sequence[str] | None = None,
+                 fourier: bool = False, seed: int = 0, max_batch: int = DEFAULT_MAX_BATCH):
+        if over not in OVER:
+            raise ConfigError(f"--over {over!r}: expected one of {', '.join(OVER)}")
+        if over == "mc":
+            mc = DEFAULT_MC if mc is None else int(mc)
+            if mc < 2:
+                raise ConfigError(f"--mc {mc}: the sample variance needs at least 2 MC samples")
+            self.source = parse_source(source)
+            if self.source.kind == "dropout":
+                active = [n for n, m in dropout_modules(model) if float(getattr(m, "p", 0.0)) > 0.0]
+                if not active:
+                    raise ConfigError(f"{getattr(model, 'arch_name', type(model).__name__)} has no dropout, so "
+                                      f"--source dropout gives zero variance; use --source noise:SIGMA (Gaussian "
+                                      f"input noise, e.g. noise:0.1) or --over spatial")
+        else:
+            if source is not None and str(source) != "dropout":
+                raise ConfigError("--source applies to --over mc only; --over spatial is deterministic")
+            mc = 1
+            self.source = None
+        if int(max_batch) < 1:
+            raise ConfigError(f"--max-batch {max_batch} must be at least 1")
+        self.model, self.over, self.mc, self.fourier = model, over, int(mc), bool(fourier)
+        self.seed, self.max_batch = int(seed), int(max_batch)
+        self.layers = select_layers(model, layers, sample)
+        self.n_freq = max([self.layers.fourier_length(i) for i in range(len(self.layers))] + [1])
+
+    # ------------------------------------------------------------------ per batch
+    def empty_stats(self) -> BatchStats:
+        n = len(self.layers)
+        return BatchStats(np.zeros(n), np.zeros(n), np.full((n, self.n_freq), np.nan), np.zeros(n))
+
+    def batch_stats(self, index: int, x: torch.Tensor) -> BatchStats:
+        """Statistics of data batch ``index`` (its position in the fixed batch order) with inputs ``x``."""
+        b = int(x.shape[0])
+        copies = max(1, min(self.mc, self.max_batch // max(b, 1)))
+        while True:
+            try:
+                return self._batch_stats(index, x, copies)
+            except Exception as exc:  # out of memory: fewer copies per pass, same masks, same answer
+                if not _is_oom(exc) or copies == 1:
+                    raise
+                copies = max(1, copies // 2)
+                if x.is_cuda:
+                    torch.cuda.empty_cache()
+
+    def _batch_stats(self, index: int, x: torch.Tensor, copies: int) -> BatchStats:
+        n_layers = len(self.layers)
+        stats = self.empty_stats()
+        fsum = [None] * n_layers
+        welford = [_Welford() for _ in range(n_layers)]
+        holder: list = [None]
+        current = {"n": 1}
+        b = int(x.shape[0])
+        layer_of = {name: i for i, name in enumerate(self.layers.names)}
+        modules = dict(self.model.named_modules())
+
+        def make_hook(i):
+            def hook(_module, _inp, out):
+                if not isinstance(out, torch.Tensor):
+                    raise ConfigError(f"layer {self.layers.names[i]} does not return a tensor")
+                out = out.detach()
+                if self.over == "mc":
+                    welford[i].add(out.reshape((current["n"], b) + tuple(out.shape[1:])))
+                else:
+                    if out.dim() == 4:
+                        v = spatial_variance(out)
+                        stats.var_sum[i] += float(v.sum())
+                        stats.count[i] += v.numel()
+                    else:
+                        stats.var_sum[i], stats.count[i] = np.nan, 1
+                if self.fourier and self.layers.fourier_length(i):
+                    diag = fourier_diagonal(out).sum(dim=(0, 1))
+                    fsum[i] = diag if fsum[i] is None else fsum[i] + diag
+                    stats.fourier_count[i] += out.shape[0] * out.shape[1]
+            return hook
+
+        handles = []
+        try:
+            for name, i in layer_of.items():
+                handles.append(modules[name].register_forward_hook(make_hook(i)))
+            with _evaluation(self.model), _copywise_dropout(self.model, holder), torch.no_grad(), \
+                    _seeded_global_rng(derive_seed(self.seed, index), x.device):
+                if self.over == "spatial":
+                    self.model(x)
+                else:
+                    for start in range(0, self.mc, copies):
+                        ks = list(range(start, min(start + copies, self.mc)))
+                        current["n"] = len(ks)
+                        if self.source.kind == "dropout":
+                            holder[0] = _CopySchedule(self.seed, index, ks)
+                            xin = x.repeat((len(ks),) + (1,) * (x.dim() - 1))
+                        else:
+                            holder[0] = None
+                            xin = torch.cat([x + input_noise(x.shape, self.source.sigma,
+                                                             derive_seed(self.seed, index, k), x.device, x.dtype)
+                                             for k in ks])
+                        self.model(xin)
+                        holder[0] = None
+        finally:
+            for h in handles:
+                h.remove()
+        if self.over == "mc":
+            for i, w in enumerate(welford):
+                if w.n != self.mc:
+                    raise NumericalError(f"layer {self.layers.names[i]} saw {w.n} of {self.mc} MC samples")
+                var = w.m2 / (self.mc - 1)
+                stats.var_sum[i] = float(var.sum())
+                stats.count[i] = var.numel()
+        for i, s in enumerate(fsum):
+            if s is not None:
+                stats.fourier_sum[i, :s.numel()] = s.cpu().numpy()
+        return stats
+
+    # ------------------------------------------------------------------ reduction
+    def finish(self, batches: Sequence[BatchStats], num_samples: int) -> FeatVarResult:
+        """Add up the batches' sums (in batch order) into the result."""
+        var_sum = np.sum([s.var_sum for s in batches], axis=0)
+        count = np.sum([s.count for s in batches], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = np.where(count > 0, var_sum / np.maximum(count, 1), np.nan)
+        frequency = amplitude = None
+        if self.fourier:
+            n = len(self.layers)
+            frequency = np.full((n, self.n_freq), np.nan)
+            amplitude = np.full((n, self.n_freq), np.nan)
+            fsum = np.sum([s.fourier_sum for s in batches], axis=0)
+            fcount = np.sum([s.fourier_count for s in batches], axis=0)
+            for i in range(n):
+                length = self.layers.fourier_length(i)
+                if length and fcount[i] > 0:
+                    mean = fsum[i, :length] / fcount[i]
+                    amplitude[i, :length] = mean - mean[0]
+                    frequency[i, :length] = frequency_axis(self.layers.shapes[i][-1])
+        return FeatVarResult(self.layers, variance, self.over, self.mc, str(self.source) if self.source else "none",
+                             int(num_samples), len(batches), self.seed, frequency, amplitude)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines the numbers (for fingerprints and attributes)."""
+        return {"over": self.over, "samples": self.mc, "source": str(self.source) if self.source else "none",
+                "fourier": self.fourier, "seed": self.seed, "layers": list(self.layers.names)}
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Any randomness we do not control (a user model's own) is seeded per batch; global state restored."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def feature_variance(model: nn.Module, batches: Sequence[tuple[torch.Tensor, Any]] | Sequence[torch.Tensor],
+                     over: str = "mc", mc: int | None = DEFAULT_MC, source: str | Source | None = None,
+                     layers: str | Sequence[str] | None = None, fourier: bool = False, seed: int = 0,
+                     max_batch: int = DEFAULT_MAX_BATCH, progress: Progress = None) -> FeatVarResult:
+    """Feature-map variance per layer over fixed-order data batches (see the module docstring).
+
+    Args:
+        model: the network (left unchanged: hooks removed, modes restored).
+        batches: ``[(x, y), ...]`` (e.g. ``DataSet.batches()``) or ``[x, ...]``.
+        over, mc, source, layers, fourier, seed, max_batch: see :class:`FeatureVariance`.
+        progress: ``progress(done, total, message)`` after each batch.
+
+    Returns:
+        a :class:`FeatVarResult`.
+
+    Raises:
+        ConfigError: bad options or layers; NumericalError: a model that mixes samples.
+    """
+    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not xs:
+        raise ConfigError("no data batches to analyse")
+    analysis = FeatureVariance(model, xs[0], over, mc, source, layers, fourier, seed, max_batch)
+    stats = []
+    for i, x in enumerate(xs):
+        stats.append(analysis.batch_stats(i, x))
+        report(progress, i + 1, len(xs), "")
+    return analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+
+
+# ----------------------------------------------------------------------------- result files
+def result_node(result: FeatVarResult, model_attrs: dict) -> dict:
+    """The HDF5 group of one model (schema v1, ``featvar``)."""
+    layers = result.layers
+    node = {"attrs": dict(model_attrs, over=result.over, samples=result.samples, source=result.source,
+                          num_samples=result.num_samples, batches=result.batches, seed=result.seed,
+                          variance_definition=_definition(result.over)),
+            "data": {"layers": np.array(layers.names, dtype=object), "depth": layers.depth,
+                     "variance": result.variance, "is_smoothing": layers.is_smoothing,
+                     "is_downsampling": layers.is_downsampling}}
+    if result.fourier is not None:
+        node["groups"] = {"fourier": _fourier_node(layers, result.frequency, result.fourier)}
+    return node
+
+
+def _definition(over: str) -> str:
+    if over == "mc":
+        return ("per entry: sample variance (Bessel, 1/(samples-1)) across MC samples; "
+                "mean over channels, positions and data samples")
+    return "per (sample, channel) map: variance over positions (Bessel, 1/(H*W-1)); mean over samples and channels"
+
+
+def _fourier_node(layers: LayerInfo, frequency: np.ndarray, amplitude: np.ndarray) -> dict:
+    lengths = np.array([layers.fourier_length(i) for i in range(len(layers))], dtype=np.int64)
+    return {"attrs": {"definition": "log(|fftshift(FFT2(map))| + 1e-6) averaged over maps, half-diagonal from "
+                                    "frequency 0 to pi, minus its value at frequency 0",
+                      "frequency_unit": "radians per pixel"},
+            "data": {"frequency": frequency, "amplitude": amplitude, "length": lengths}}
+
+
+def _layout(analysis: FeatureVariance, n_batches: int, model_attrs: dict) -> dict:
+    n = len(analysis.layers)
+    placeholder = FeatVarResult(analysis.layers, np.full(n, np.nan), analysis.over, analysis.mc,
+                                str(analysis.source) if analysis.source else "none", 0, n_batches, analysis.seed,
+                                np.full((n, analysis.n_freq), np.nan) if analysis.fourier else None,
+                                np.full((n, analysis.n_freq), np.nan) if analysis.fourier else None)
+    node = result_node(placeholder, model_attrs)
+    node.setdefault("groups", {})["sums"] = {
+        "attrs": {"note": "per-batch sums the variance is computed from (kept for resuming and merging)"},
+        "data": {"var_sum": np.zeros((n_batches, n)), "count": np.zeros((n_batches, n)),
+                 "fourier_sum": np.full((n_batches, n, analysis.n_freq), np.nan),
+                 "fourier_count": np.zeros((n_batches, n)), "done": np.zeros(n_batches, dtype=bool)}}
+    return node
+
+
+@dataclass
+class Job:
+    """One model to analyse: its label, the network, its group attributes and its data batches."""
+
+    label: str
+    model: nn.Module
+    attrs: dict
+    batches: list
+    data: dict = field(default_factory=dict)
+
+
+def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = "mc", mc: int | None = DEFAULT_MC,
+                source: str | Source | None = None, layers: str | Sequence[str] | None = None,
+                fourier: bool = False, seed: int = 0, max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False,
+                progress: Progress = None) -> dict[str, FeatVarResult]:
+    """Analyse every job and write one result file, resumable at batch granularity.
+
+    Progress (per-batch sums) goes to ``OUTPUT.partial`` after every batch; the same call after an
+    interruption continues where it stopped and gives the same file as an uninterrupted run.
+
+    Args:
+        jobs: the models with their data; each becomes one group.
+        output: the ``.h5`` path.
+        root_attrs: provenance (``store.provenance``).
+        over, mc, source, layers, fourier, seed, max_batch: see :class:`FeatureVariance`.
+        overwrite: replace an existing output or a partial file of a different run.
+        progress: ``progress(done, total, message)``.
+
+    Returns:
+        label -> :class:`FeatVarResult`.
+
+    Raises:
+        ConfigError, StoreError, NumericalError.
+    """
+    from . import store
+
+    analyses, layout, prints = [], {}, []
+    for job in jobs:
+        xs = [b[0] if isinstance(b, (tuple, list)) else b for b in job.batches]
+        if not xs:
+            raise ConfigError(f"no data batches for {job.label}")
+        analysis = FeatureVariance(job.model, xs[0], over, mc, source, layers, fourier, seed, max_batch)
+        analyses.append((job, analysis, xs))
+        layout[job.label] = _layout(analysis, len(xs), job.attrs)
+        prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.data,
+                       "batch_sizes": [int(x.shape[0]) for x in xs], **analysis.settings()})
+    fingerprint = json.dumps({"kind": "featvar", "models": prints}, sort_keys=True, default=str)
+    total = sum(len(xs) for _, _, xs in analyses)
+    results: dict[str, FeatVarResult] = {}
+    with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
+        done_total = 0
+        for job, analysis, xs in analyses:
+            base = job.label + "/sums/"
+            done = part.read(base + "done").astype(bool)
+            for i, x in enumerate(xs):
+                if not done[i]:
+                    s = analysis.batch_stats(i, x)
+                    part.write(base + "var_sum", i, s.var_sum)
+                    part.write(base + "count", i, s.count)
+                    part.write(base + "fourier_sum", i, s.fourier_sum)
+                    part.write(base + "fourier_count", i, s.fourier_count)
+                    part.flush()
+                    part.write(base + "done", i, True)
+                    part.flush()
+                done_total += 1
+                report(progress, done_total, total, job.label)
+            stats = [BatchStats(*(part.read(base + k)[i] for k in ("var_sum", "count", "fourier_sum", "fourier_count")))
+                     for i in range(len(xs))]
+            result = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+            part.write(job.label + "/variance", ..., result.variance)
+            part.set_attrs(job.label, {"num_samples": result.num_samples})
+            if result.fourier is not None:
+                part.write(job.label + "/fourier/amplitude", ..., result.fourier)
+                part.write(job.label + "/fourier/frequency", ..., result.frequency)
+            results[job.label] = result
+        part.flush()
+        part.finalize()
+    return results

@@ -1,0 +1,174 @@
+"""`lt surface` and `lt merge` through the CLI on a tiny zoo checkpoint (width 4) and tensors data."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from landscape_tools import store
+from landscape_tools.checkpoints import save_checkpoint
+from landscape_tools.cli.main import cli
+from landscape_tools.data import save_tensors
+from landscape_tools.models import build_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("surf")
+    paths = {}
+    for k in range(3):
+        torch.manual_seed(k)
+        m = build_model("resnet_dnn_18", width=4, num_classes=3, in_channels=1)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.BatchNorm2d):
+                    mod.running_mean.normal_(0, 0.1)
+        paths[f"m{k}"] = str(root / f"m{k}.pt")
+        save_checkpoint(paths[f"m{k}"], m, "resnet_dnn_18", m.arch_kwargs, {})
+    rng = np.random.default_rng(0)
+    paths["data"] = "tensors:" + str(root / "d.npz")
+    save_tensors(root / "d.npz", x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
+    paths["root"] = root
+    return paths
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def surf(files, *args):
+    return run("surface", files["m0"], "--data", files["data"], "--batch-size", 5, *args)
+
+
+def test_surface_3x5_file_and_figure(files):
+    out, fig = files["root"] / "s.h5", files["root"] / "s.png"
+    r = surf(files, "--x", "-1:1:3", "--y", "-0.5:0.5:5", "-o", out, "--plot", fig)
+    assert r.exit_code == 0, r.output
+    assert "m0: 15/15 points, centre loss" in r.output and fig.exists()
+    res = store.read_result(out)
+    node = res.models["m0"]
+    assert node.data["loss"].shape == (3, 5) and node.data["done"].all()
+    assert node.attrs["checkpoint_sha256"] and node.attrs["arch"] == "resnet_dnn_18"
+    assert node.attrs["norm"] == "filter" and node.attrs["ignore"] == "biasbn" and node.attrs["bn"] == "frozen"
+    assert res.config["x"] == [-1.0, 0.0, 1.0]
+    assert "layer0.0.weight" in node.groups["directions"].groups["x"].data
+    r = surf(files, "--x", "-1:1:3", "--y", "-0.5:0.5:5", "-o", out)
+    assert r.exit_code == 1 and f"Error: {out} already exists; pass --overwrite" in r.output
+
+
+@pytest.mark.parametrize("spec", ["-1:1", "x:1:3", "1:-1:3"])
+def test_malformed_range_is_a_clear_error(files, spec):
+    r = surf(files, "--x", spec, "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 1
+    assert f"Error: --x '{spec}' is not a" in r.output
+    assert "expected MIN:MAX:NUM, e.g. --x -1:1:21 (MIN < MAX, NUM >= 2 points)" in r.output
+    assert not (files["root"] / "bad.h5").exists()
+
+
+@pytest.mark.parametrize("spec", ["2/2", "a/3", "1-3"])
+def test_malformed_shard_is_a_clear_error(files, spec):
+    r = surf(files, "--shard", spec, "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: --shard '{spec}' is not a shard: expected I/N with 0 <= I < N, e.g. "
+                                f"--shard 0/4 (shards are counted from 0, like Slurm array tasks and torch ranks)")
+
+
+def test_to_hits_both_checkpoints(files):
+    line, c0, c1 = (files["root"] / n for n in ("line.h5", "c0.h5", "c1.h5"))
+    assert surf(files, "--to", files["m1"], "--x", "0:1:3", "-o", line).exit_code == 0
+    assert surf(files, "--dims", "1", "--x", "-1:1:3", "-o", c0).exit_code == 0
+    r = run("surface", files["m1"], "--data", files["data"], "--batch-size", 5, "--dims", 1, "--x", "-1:1:3", "-o", c1)
+    assert r.exit_code == 0, r.output
+    loss = store.read_result(line).models["m0"].data["loss"]
+    assert loss[0] == store.read_result(c0).models["m0"].data["loss"][1]
+    assert loss[2] == store.read_result(c1).models["m1"].data["loss"][1]
+    r = surf(files, "--to", files["m1"], "--dims", "2", "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 1 and "Error: --to draws a line: it has one dimension" in r.output
+    r = surf(files, "--to", files["m1"], "--plane", files["m1"], files["m2"], "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 1 and "Error: --to and --plane cannot be combined" in r.output
+
+
+def test_one_d_direction_file_refused_for_two_d_run(files):
+    line = files["root"] / "d1.h5"
+    assert surf(files, "--dims", "1", "--x", "-1:1:3", "-o", line).exit_code == 0
+    r = surf(files, "--directions", line, "--x", "-1:1:3", "--y", "-1:1:3", "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 1
+    assert f"Error: --directions {line} holds 1-D directions but this run is 2-D (--dims 2)" in r.output
+    r = run("surface", files["m1"], "--data", files["data"], "--dims", 1, "--directions", line, "-o",
+            files["root"] / "bad.h5")
+    assert r.exit_code == 1 and "was made for other weights" in r.output
+
+
+def test_shards_and_merge(files):
+    root = files["root"]
+    grid = ("--x", "-1:1:3", "--y", "-1:1:3")
+    assert surf(files, *grid, "-o", root / "one.h5").exit_code == 0
+    for i in range(2):
+        r = surf(files, *grid, "--shard", f"{i}/2", "-o", root / f"part{i}.h5")
+        assert r.exit_code == 0, r.output
+        assert f"(shard {i}/2 of 9)" in r.output
+    r = run("merge", root / "part0.h5", "-o", root / "merged.h5")
+    assert r.exit_code == 1
+    assert "Error: the shards leave 4 point(s) of m0 not computed (shard(s) 1/2 not given)" in r.output
+    r = run("merge", root / "part0.h5", root / "part1.h5", "-o", root / "merged.h5", "--plot", root / "merged.png")
+    assert r.exit_code == 0, r.output
+    a, b = store.read_result(root / "one.h5").models["m0"], store.read_result(root / "merged.h5").models["m0"]
+    np.testing.assert_array_equal(a.data["loss"], b.data["loss"])
+    np.testing.assert_array_equal(a.data["accuracy"], b.data["accuracy"])
+
+
+def test_plane_and_pca_runs_store_their_points(files):
+    root = files["root"]
+    r = surf(files, "--plane", files["m1"], files["m2"], "--x", "-2:2:3", "--y", "-2:2:3", "-o", root / "plane.h5",
+             "--plot", root / "plane.png")
+    assert r.exit_code == 0, r.output
+    d = store.read_result(root / "plane.h5").models["m0"].groups["directions"]
+    assert [str(v) for v in d.data["point_labels"]] == ["centre", "m1", "m2"]
+    r = surf(files, "--pca", str(root / "m*.pt"), "-o", root / "pca.h5", "--plot", root / "pca.png")
+    assert r.exit_code == 0, r.output
+    node = store.read_result(root / "pca.h5").models["m0"]
+    d = node.groups["directions"]
+    assert d.data["trajectory_coords"].shape == (3, 2) and d.data["explained_variance_ratio"].shape == (2,)
+    assert node.data["loss"].shape == (21, 21)
+
+
+def test_resumes_with_the_same_command_and_refuses_another(files):
+    root = files["root"]
+    out = root / "r.h5"
+    # a partial file as a killed run leaves it: the first rows computed, the rest not
+    from landscape_tools import surface as S
+    from landscape_tools.errors import StoreError
+
+    def stop_after(k):
+        seen = []
+
+        def hook(j, p):
+            seen.append(p)
+            if len(seen) == k:
+                raise StoreError("simulated interruption")
+        return hook
+
+    original = S.run_surface
+
+    def interrupted(*a, **kw):
+        return original(*a, **dict(kw, on_point=stop_after(3), flush_points=1))
+
+    S.run_surface = interrupted
+    try:
+        r = surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", out)
+    finally:
+        S.run_surface = original
+    assert r.exit_code == 1 and "simulated interruption" in r.output
+    r = surf(files, "--x", "-1:1:5", "--y", "-1:1:3", "-o", out)
+    assert r.exit_code == 1
+    assert f"Error: {out}.partial holds progress of a different run (another grid (--x)); rerun the same " \
+           f"command to resume it, or pass --overwrite to start again" in r.output
+    r = surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "3/9" in r.output                      # progress restarted from the saved points
+    full = root / "r_full.h5"
+    assert surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", full).exit_code == 0
+    np.testing.assert_array_equal(store.read_result(out).models["m0"].data["loss"],
+                                  store.read_result(full).models["m0"].data["loss"])

@@ -105,15 +105,14 @@ def _reliability(entries, results, title: str | None = None, **_):
         conf = np.asarray(rel.data["confidence"], dtype=float)[j]
         centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
         filled = counts > 0
-        ax.bar(centres[filled], acc[filled], width=widths[filled], color="C0", edgecolor="black", linewidth=0.6,
-               label="accuracy")
-        gap_low = np.minimum(acc, conf)[filled]
-        ax.bar(centres[filled], np.abs(acc - conf)[filled], bottom=gap_low, width=widths[filled], color="C3",
-               alpha=0.35, edgecolor="C3", hatch="//", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
         share = counts / max(int(counts.sum()), 1)
-        ax.step(edges, np.append(share, share[-1]), where="post", color="black", alpha=0.5, linewidth=0.8,
-                label="share of samples")
+        ax.bar(centres[filled], acc[filled], width=widths[filled], color="C0", alpha=0.75, edgecolor="black",
+               linewidth=0.6, label="accuracy", zorder=2)
+        gap_low = np.minimum(acc, conf)[filled]
+        ax.bar(centres[filled], np.abs(acc - conf)[filled], bottom=gap_low, width=widths[filled], facecolor="none",
+               edgecolor="C3", hatch="///", linewidth=0.8, label="gap to mean confidence", zorder=3)
+        ax.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=0.8, label="perfect calibration", zorder=4)
+        ax.stairs(share, edges, color="black", linewidth=1.2, label="share of samples in the bin", zorder=5)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence (max probability)")
@@ -123,6 +122,7 @@ def _reliability(entries, results, title: str | None = None, **_):
         ax.set_title(f"{label}\nN = {int(n_values[j])}{mode}, ECE {ece:.1f}%", fontsize=9)
         ax.set_aspect("equal")
     if entries:
-        axes[0, 0].legend(fontsize=7, loc="upper left")
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.suptitle(title or f"Reliability diagrams (largest ensemble size)\n{_subtitle(results)}", fontsize=10)
     return fig

@@ -126,12 +126,19 @@ def test_plane_and_pca_runs_store_their_points(files):
     assert r.exit_code == 0, r.output
     d = store.read_result(root / "plane.h5").models["m0"].groups["directions"]
     assert [str(v) for v in d.data["point_labels"]] == ["centre", "m1", "m2"]
-    r = surf(files, "--pca", str(root / "m*.pt"), "-o", root / "pca.h5", "--plot", root / "pca.png")
+    r = surf(files, "--pca", str(root / "m*.pt"), "--x", "-1:1:3", "--y", "-1:1:3", "-o", root / "pca.h5",
+             "--plot", root / "pca.png")
     assert r.exit_code == 0, r.output
     node = store.read_result(root / "pca.h5").models["m0"]
     d = node.groups["directions"]
     assert d.data["trajectory_coords"].shape == (3, 2) and d.data["explained_variance_ratio"].shape == (2,)
-    assert node.data["loss"].shape == (21, 21)
+    assert node.data["loss"].shape == (3, 3)
+
+
+def test_plane_default_grid_covers_the_models():
+    from landscape_tools.cli.surface import _auto_range
+    xs = _auto_range([0.0, 4.0, 1.0], "--x")
+    assert len(xs) == 21 and xs[0] == -1.0 and xs[-1] == 5.0
 
 
 def test_resumes_with_the_same_command_and_refuses_another(files):

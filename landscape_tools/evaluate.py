@@ -21,7 +21,7 @@ reproducible for a given seed and batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -221,7 +221,6 @@ class EnsembleCurve:
     forward_passes: int
     seed: int
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_node(self, attrs: dict | None = None) -> dict:
         """The HDF5 group of one model (schema: kind ``evaluate``); ``attrs`` are added to its attributes."""

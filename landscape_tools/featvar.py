@@ -733,6 +733,8 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
     """
     from . import store
 
+    # torch.__version__ is a str subclass h5py cannot store: plain str for every text attribute
+    root_attrs = {k: str(v) if isinstance(v, str) else v for k, v in root_attrs.items()}
     analyses, layout, prints = [], {}, []
     for job in jobs:
         xs = [b[0] if isinstance(b, (tuple, list)) else b for b in job.batches]

@@ -1,0 +1,184 @@
+"""`lt surface` against the forward-pass floor and a loss-landscape-style loop, in one run.
+
+(a) floor: one forward pass over the evaluation data (median of 3) x number of points;
+(b) loss-landscape style: per point, a deepcopy of the model, the directions read back from an HDF5
+    file, weights set, and a torch DataLoader over a Dataset decoding uint8 images with per-sample
+    transforms (to float, /255, normalise);
+(c) ours: :func:`landscape_tools.surface.surface` (data on the device once, weights in place).
+Targets: (c) <= 1.25 x (a) and (b) / (c) >= 3.  Then peak memory of (c) for a small and a larger
+grid (tracemalloc peak of Python allocations, growth of the process RSS high-water mark and, on
+CUDA, torch.cuda.max_memory_allocated): it must not grow with the number of points.
+
+    python benchmarks/bench_surface.py [--side 3] [--samples 1024] [--width 16] [--device auto] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from landscape_tools.data import DataSet
+from landscape_tools.device import resolve_device
+from landscape_tools.models import build_model, mc_dropout
+from landscape_tools.surface import random_directions, surface
+
+MEAN, STD = np.array([0.4914, 0.4822, 0.4465], np.float32), np.array([0.2470, 0.2435, 0.2616], np.float32)
+
+
+class DecodingDataset(torch.utils.data.Dataset):
+    """uint8 HWC images, decoded and normalised one sample at a time (torchvision ToTensor + Normalize)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div(255.0)
+        img = (img - torch.from_numpy(MEAN)[:, None, None]) / torch.from_numpy(STD)[:, None, None]
+        return img, int(self.labels[i])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_floor(model, data, device, repeats=3):
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            sync(device)
+            t = time.perf_counter()
+            for bx, by in data.batches():
+                F.cross_entropy(model(bx), by, reduction="sum")
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def landscape_style(model, images, labels, direction_file, coords, device, batch_size):
+    """What loss-landscape does per point: copy, read directions, set weights, re-read the data."""
+    losses = []
+    loader = torch.utils.data.DataLoader(DecodingDataset(images, labels), batch_size=batch_size, shuffle=False,
+                                         num_workers=0)
+    for a, b in coords:
+        net = copy.deepcopy(model).cpu()
+        with h5py.File(direction_file, "r") as f:
+            dx = [torch.from_numpy(f["x"][name][()]) for name, _ in net.named_parameters()]
+            dy = [torch.from_numpy(f["y"][name][()]) for name, _ in net.named_parameters()]
+        with torch.no_grad():
+            for p, u, v in zip(net.parameters(), dx, dy):
+                p.add_(a * u + b * v)
+        net = net.to(device).eval()
+        total, n = 0.0, 0
+        with torch.no_grad(), mc_dropout(net, False):
+            for bx, by in loader:
+                bx, by = bx.to(device), by.to(device)
+                total += F.cross_entropy(net(bx), by, reduction="sum").item()
+                n += len(by)
+        losses.append(total / n)
+    return losses
+
+
+def grid(side):
+    xs = np.linspace(-1, 1, side)
+    return xs, xs.copy(), [(float(a), float(b)) for a in xs for b in xs]
+
+
+def rss_peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", type=int, default=3, help="grid side for the timing (side x side points)")
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--arch", default="resnet_dnn_18")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--memory-sides", default="3,7", help="grid sides compared for peak memory")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.arch, width=args.width).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(args.samples, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=args.samples)
+    x = torch.stack([DecodingDataset(images, labels)[i][0] for i in range(args.samples)])
+    data = DataSet(x.to(device), torch.as_tensor(labels).to(device), "bench", "train", 10, args.batch_size)
+    d = random_directions(model, 2, seed=0)
+    xs, ys, coords = grid(args.side)
+    print(f"{args.arch} width {args.width} ({n_params:,} parameters), {args.samples} CIFAR-shaped samples, "
+          f"batch {args.batch_size}, {len(coords)} points, device {device}, torch threads {torch.get_num_threads()}")
+
+    floor_one = forward_floor(model, data, device)
+    t_a = floor_one * len(coords)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dfile = os.path.join(tmp, "directions.h5")
+        with h5py.File(dfile, "w") as f:
+            for axis, vec in (("x", d.x), ("y", d.y)):
+                g = f.create_group(axis)
+                for name, t in vec.items():
+                    g.create_dataset(name, data=t.numpy())
+        sync(device)
+        t = time.perf_counter()
+        ref = landscape_style(model, images, labels, dfile, coords, device, args.batch_size)
+        sync(device)
+        t_b = time.perf_counter() - t
+
+    sync(device)
+    t = time.perf_counter()
+    res = surface(model, data, d, xs, ys)
+    sync(device)
+    t_c = time.perf_counter() - t
+    diff = float(np.max(np.abs(res["loss"].reshape(-1) - np.array(ref))))
+
+    print()
+    print(f"| method | total s | per point ms | vs floor |")
+    print(f"|---|---|---|---|")
+    for name, tt in (("(a) forward-pass floor", t_a), ("(b) loss-landscape style", t_b), ("(c) lt surface", t_c)):
+        print(f"| {name} | {tt:.2f} | {1000 * tt / len(coords):.1f} | {tt / t_a:.2f}x |")
+    print()
+    ok_floor, ok_speedup = t_c <= 1.25 * t_a, t_b / t_c >= 3
+    print(f"(c)/(a) = {t_c / t_a:.3f} (target <= 1.25: {'met' if ok_floor else 'NOT met'}); "
+          f"(b)/(c) = {t_b / t_c:.2f} (target >= 3: {'met' if ok_speedup else 'NOT met'})")
+    print(f"max |loss (b) - loss (c)| over the grid = {diff:.2e} (same points, same weights)")
+
+    print()
+    print("| grid | points | tracemalloc peak MB | RSS high-water growth MB | CUDA peak MB |")
+    print("|---|---|---|---|---|")
+    for side in (int(s) for s in args.memory_sides.split(",")):
+        xs, ys, coords = grid(side)
+        before = rss_peak_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tracemalloc.start()
+        surface(model, data, d, xs, ys)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        cuda = f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f}" if device.type == "cuda" else "-"
+        print(f"| {side}x{side} | {len(coords)} | {peak / 2**20:.2f} | {rss_peak_mb() - before:.1f} | {cuda} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

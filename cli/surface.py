@@ -91,8 +91,6 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt surface smooth.pt --shard 0/4 -o part0.h5   # ... 1/4 2/4 3/4, then:
       lt merge part*.h5 -o surf.h5
     """
-    import numpy as np
-
     from landscape_tools import surface as S
     from landscape_tools.checkpoints import load_checkpoint
     from landscape_tools.device import resolve_device

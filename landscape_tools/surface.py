@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import store
 from ._directions import (IGNORES, NORMS, Directions, from_node, line_to, model_fingerprint, normalize_direction,
-                          parameters_cpu, pca_directions, plane_through, random_directions, to_node)
+                          pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
 from .device import Progress, report
 from .errors import ConfigError, StoreError

@@ -248,6 +248,9 @@ def test_directions_are_seeded_and_refuse_unknown_options():
     a, b = S.random_directions(model, 2, seed=4), S.random_directions(model, 2, seed=4)
     assert a.digest() == b.digest()
     assert a.digest() != S.random_directions(model, 2, seed=5).digest()
+    raw = torch.cat([t.flatten() for t in S.random_directions(model, 1, norm="none", seed=0).x.values()])
+    assert abs(raw.mean().item()) < 0.3 and 0.75 < raw.std().item() < 1.25   # Gaussian, not uniform [0, 1)
+    assert (raw < 0).float().mean().item() > 0.3
     with pytest.raises(ConfigError, match="--norm 'filterr' is not one of"):
         S.random_directions(model, 2, norm="filterr")
     with pytest.raises(ConfigError, match="--dims 3 must be 1 or 2"):

@@ -534,7 +534,9 @@ class FeatureVariance:
                     raise ConfigError(f"layer {self.layers.names[i]} does not return a tensor")
                 out = out.detach()
                 if self.over == "mc":
-                    welford[i].add(out.reshape((current["n"], b) + tuple(out.shape[1:])))
+                    # one copy at a time: the float64 temporaries stay the size of one batch's maps
+                    for copy in out.reshape((current["n"], b) + tuple(out.shape[1:])).split(1):
+                        welford[i].add(copy)
                 else:
                     if out.dim() == 4:
                         v = spatial_variance(out)
@@ -543,8 +545,9 @@ class FeatureVariance:
                     else:
                         stats.var_sum[i], stats.count[i] = np.nan, 1
                 if self.fourier and self.layers.fourier_length(i):
-                    diag = fourier_diagonal(out).sum(dim=(0, 1))
-                    fsum[i] = diag if fsum[i] is None else fsum[i] + diag
+                    for part in out.split(b):
+                        diag = fourier_diagonal(part).sum(dim=(0, 1))
+                        fsum[i] = diag if fsum[i] is None else fsum[i] + diag
                     stats.fourier_count[i] += out.shape[0] * out.shape[1]
             return hook
 

@@ -1,0 +1,232 @@
+"""Benchmark: `lt hessian`'s solvers against PyHessian on one CIFAR-shaped ResNet-20 batch.
+
+Same model (a CIFAR ResNet-20, 3 stages x 3 basic blocks, 16/32/64 channels, 1x1-conv shortcuts,
+~0.27M parameters), same batch (128 random 3x32x32 inputs, random labels, fixed seed), one process,
+eval mode.  A tight reference (our Lanczos to relative residual 1e-8) decides who is right.
+
+Measured per solver: wall time, Hessian-vector products, relative error of every eigenvalue
+against the reference, and peak memory as the growth of the process's peak resident set size
+(VmHWM in /proc/self/status, reset before each solver by writing 5 to /proc/self/clear_refs; glibc
+is told to return freed tensors to the OS so one solver's freed memory does not hide the next's).
+
+PyHessian is needed only here: `.venv/bin/pip install --no-deps pyhessian`.  Without it the
+script says so and exits 0.
+
+Usage: python benchmarks/bench_hessian.py [--batch 128] [--seed 0] [--skip-pyhessian]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from landscape_tools.hessian import top_eigenvalues  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- the model
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2016) with projection shortcuts."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for b in range(3):
+                layers.append(Block(cin, cout, stride if b == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layers(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def make_problem(batch: int = 128, seed: int = 0):
+    """The model (BN running statistics set from the data, then eval mode) and one batch."""
+    torch.manual_seed(seed)
+    model = ResNet20()
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    model.eval()
+    return model, x, y
+
+
+# ----------------------------------------------------------------------------- memory
+_libc = None
+
+
+def _setup_malloc() -> None:
+    global _libc
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD fixed at 128 KiB: big blocks go back to the OS on free
+    except OSError:
+        _libc = None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def _reset_peak() -> bool:
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn):
+    """Run ``fn()`` -> (value, seconds, peak RSS growth in bytes or None)."""
+    ok = _reset_peak()
+    base = _status("VmRSS")
+    t = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - t
+    peak = _status("VmHWM") - base if ok else None
+    return value, seconds, peak
+
+
+# ----------------------------------------------------------------------------- runs
+def ours(model, x, y, k, tol):
+    res = top_eigenvalues(model, [(x, y)], k=k, which="LM", method="lanczos", tol=tol)
+    return res.eigenvalues[0], int(res.hvp_count[0]) + 2, bool(res.converged.all())
+
+
+def pyhessian_run(model, x, y, k):
+    from pyhessian import hessian
+
+    counter = {"n": 0}
+    import pyhessian.hessian as ph
+    original = ph.hessian_vector_product
+
+    def counted(*a, **kw):
+        counter["n"] += 1
+        return original(*a, **kw)
+
+    ph.hessian_vector_product = counted
+    try:
+        comp = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        values, _ = comp.eigenvalues(top_n=k)
+    finally:
+        ph.hessian_vector_product = original
+        model.zero_grad(set_to_none=True)
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.argsort(-np.abs(values), kind="stable")]  # compared in |value| order, as generously as possible
+    return values, counter["n"], None
+
+
+def rel_err(values, ref_values):
+    """Relative error of each value against the reference set it should equal (same order)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.abs(values - ref_values[:len(values)]) / np.abs(ref_values[:len(values)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-pyhessian", action="store_true")
+    args = ap.parse_args(argv)
+    _setup_malloc()
+
+    have_pyhessian = False
+    if not args.skip_pyhessian:
+        try:
+            import pyhessian  # noqa: F401
+            have_pyhessian = True
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            print(f"PyHessian is not importable ({type(exc).__name__}: {exc}); comparing against the reference only. "
+                  f"Install it with `.venv/bin/pip install --no-deps pyhessian`.")
+
+    model, x, y = make_problem(args.batch, args.seed)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model: CIFAR ResNet-20, {n} parameters; batch {args.batch} x 3x32x32 (seed {args.seed}); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+
+    rows = []
+    (ref, ref_hvps, ref_ok), t_ref, m_ref = measure(lambda: ours(model, x, y, 5, 1e-8))
+    rows.append(("reference: ours lanczos tol 1e-8", 5, t_ref, ref_hvps, ref, rel_err(ref, ref), m_ref))
+    if have_pyhessian:
+        (v, h, _), t, m = measure(lambda: pyhessian_run(model, x, y, 5))
+        rows.append(("PyHessian top-5 (power, defaults)", 5, t, h, v, rel_err(v, ref), m))
+    (v, h, _), t, m = measure(lambda: ours(model, x, y, 5, 1e-4))
+    rows.append(("ours top-5 (lanczos, tol 1e-4)", 5, t, h, v, rel_err(v, ref), m))
+    if have_pyhessian:
+        (v, h, _), t, m = measure(lambda: pyhessian_run(model, x, y, 1))
+        rows.append(("PyHessian top-1 (power, defaults)", 1, t, h, v, rel_err(v, ref), m))
+    (v, h, _), t, m = measure(lambda: ours(model, x, y, 1, 1e-4))
+    rows.append(("ours top-1 (lanczos, tol 1e-4)", 1, t, h, v, rel_err(v, ref), m))
+
+    print()
+    print("| solver | k | time (s) | HVPs | max rel. error vs reference | peak RSS growth (MiB) | eigenvalues |")
+    print("|---|---|---|---|---|---|---|")
+    for name, k, t, h, v, err, mem in rows:
+        mem_s = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        print(f"| {name} | {k} | {t:.1f} | {h} | {np.max(err):.1e} | {mem_s} | "
+              f"{', '.join(f'{val:.4f}' for val in v)} |")
+    print()
+    print("HVPs of ours include the 2 products of the determinism check. Reference eigenvalues: "
+          + ", ".join(f"{val:.6f}" for val in ref))
+    if have_pyhessian:
+        by = {r[0]: r for r in rows}
+        p5, o5 = by["PyHessian top-5 (power, defaults)"], by["ours top-5 (lanczos, tol 1e-4)"]
+        p1, o1 = by["PyHessian top-1 (power, defaults)"], by["ours top-1 (lanczos, tol 1e-4)"]
+        print(f"top-5: ours {p5[2] / o5[2]:.1f}x faster than PyHessian; ours max error {np.max(o5[5]):.1e} "
+              f"(target <= 1e-3), PyHessian {np.max(p5[5]):.1e}")
+        print(f"top-1: ours {p1[2] / o1[2]:.1f}x faster than PyHessian; error ours {np.max(o1[5]):.1e}, "
+              f"PyHessian {np.max(p1[5]):.1e}")
+        if o5[6] is not None and p5[6] is not None:
+            print(f"peak RSS growth: ours top-5 {o5[6] / 2**20:.0f} MiB vs PyHessian top-5 {p5[6] / 2**20:.0f} MiB; "
+                  f"ours top-1 {o1[6] / 2**20:.0f} MiB vs PyHessian top-1 {p1[6] / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Hessian-vector products of a model's mean cross-entropy loss (private machinery of ``hessian``).
+
+:class:`HessianOperator` is the symmetric matrix ``H = d^2 L / dw^2`` of
+
+    L(w) = sum_b (n_b / N) * CE_b(w)  [+ wd/2 * ||w||^2]
+
+over one or more batches ``b`` (``n_b`` samples each, ``N`` in total), restricted to a chosen set of
+parameters, with the model in eval mode (BatchNorm on running statistics).  Models that draw dropout
+masks in eval mode (MC dropout) get one fixed, seeded mask per batch, so the operator is a
+deterministic matrix.  Vectors come in and go out as flat float64 tensors on the model's device; the
+products themselves run in the parameters' dtype.
+
+Three ways to form a product (same matrix, different cost):
+  ``graph``   keep the first-order graph of each batch and differentiate it again for every product
+              (one extra backward per product; fastest on CPU, memory of one retained graph per batch);
+  ``double``  fresh forward + double backward per product (nothing retained between products);
+  ``func``    ``torch.func`` forward-over-reverse (``jvp`` of ``grad``; least memory on GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, NumericalError
+
+FORMS = ("graph", "double", "func")
+
+
+def default_form(device: torch.device, n_batches: int) -> str:
+    """The measured-fastest form: retained graph on CPU for one batch, forward-over-reverse on GPU.
+
+    A retained graph per batch costs the memory of every batch's activations at once, so operators
+    over several batches (``scope=dataset``) recompute instead.
+    """
+    if device.type == "cuda":
+        return "func"
+    return "graph" if n_batches == 1 else "double"
+
+
+def select_parameters(model: nn.Module, params: str | Sequence[str] | None) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters whose names match a glob (or any of several, comma separated).
+
+    Raises:
+        ConfigError: no parameter matches.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("the model has no trainable parameters: nothing to take a Hessian of")
+    if params is None:
+        return named
+    globs = [g.strip() for g in (params.split(",") if isinstance(params, str) else params) if g.strip()]
+    chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not chosen:
+        sample = ", ".join(n for n, _ in named[:6]) + (", ..." if len(named) > 6 else "")
+        raise ConfigError(f"--params {params!r} matches no trainable parameter; names look like: {sample} "
+                          f"(use globs such as 'layer1.*' or '*.conv1.weight')")
+    return chosen
+
+
+def batch_mask_seed(mc_seed: int, batch_index: int) -> int:
+    """The dropout-mask seed of batch ``batch_index`` (independent of which other batches run)."""
+    return int(mc_seed) * 1_000_033 + int(batch_index) * 7_919 + 1
+
+
+class HessianOperator:
+    """The Hessian of the size-weighted mean loss over ``batches``, as a matrix-free operator.
+
+    Args:
+        model: any ``nn.Module`` returning logits; put in eval mode while the operator lives
+            (restored by :meth:`close`).
+        batches: list of ``(x, y)`` on the model's device.
+        batch_indices: position of each batch in the whole data (seeds its dropout mask).
+        params: glob(s) of the parameters spanning the Hessian (None: all trainable ones).
+        weight_decay: adds ``wd/2 * ||w||^2`` to the loss, i.e. ``wd * v`` to every product.
+        mc_seed: seed of the fixed dropout masks (used when the model samples dropout in eval mode).
+        form: ``graph``, ``double``, ``func`` or ``auto`` (see the module docstring).
+
+    Raises:
+        ConfigError: unknown form, no matching parameters, empty batches.
+        NumericalError: the loss is not finite.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 batch_indices: Sequence[int] | None = None, params: str | Sequence[str] | None = None,
+                 weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto"):
+        if not batches:
+            raise ConfigError("no batches to build a Hessian from")
+        self.model = model
+        self.batches = list(batches)
+        self.batch_indices = list(range(len(self.batches))) if batch_indices is None else list(batch_indices)
+        self.named = select_parameters(model, params)
+        self.params = [p for _, p in self.named]
+        self.names = [n for n, _ in self.named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = int(sum(self.numels))
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.weight_decay = float(weight_decay)
+        self.mc_seed = int(mc_seed)
+        sizes = [int(x.shape[0]) for x, _ in self.batches]
+        total = float(sum(sizes))
+        self.batch_sizes = sizes
+        self.weights = [s / total for s in sizes]
+        if form == "auto":
+            form = default_form(self.device, len(self.batches))
+        if form not in FORMS:
+            raise ConfigError(f"unknown HVP form {form!r}: expected one of {', '.join(FORMS)} or auto")
+        self.form = form
+        self._was_training = model.training
+        model.eval()
+        self.stochastic = _draws_dropout(model)
+        self.count = 0
+        self._grads: list[tuple[torch.Tensor, ...]] | None = None
+        if form == "graph":
+            self._grads = []
+            for b in range(len(self.batches)):
+                loss = self._loss(b)
+                self._grads.append(torch.autograd.grad(loss, self.params, create_graph=True))
+
+    # ------------------------------------------------------------------ pieces
+    def _mask_context(self, b: int):
+        if not self.stochastic:
+            return contextlib.nullcontext()
+        from .models import mc_dropout
+        return mc_dropout(self.model, True, seed=batch_mask_seed(self.mc_seed, self.batch_indices[b]))
+
+    def _loss(self, b: int, model_call=None) -> torch.Tensor:
+        x, y = self.batches[b]
+        with self._mask_context(b):
+            logits = self.model(x) if model_call is None else model_call(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise NumericalError(f"the loss of batch {self.batch_indices[b]} is {float(loss)}: the weights or inputs "
+                                 f"hold NaN/inf values (check the checkpoint, e.g. with `lt evaluate`)")
+        return loss
+
+    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Flat float64 vector -> list of tensors shaped (and typed) like the parameters."""
+        v = v.to(device=self.device, dtype=self.dtype)
+        return [c.view(s) for c, s in zip(torch.split(v, self.numels), self.shapes)]
+
+    def flat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in parts]).to(torch.float64)
+
+    def parameter_vector(self) -> torch.Tensor:
+        return self.flat([p.detach() for p in self.params])
+
+    def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> tuple[torch.Tensor, ...]:
+        if form == "graph":
+            return torch.autograd.grad(self._grads[b], self.params, grad_outputs=vs, retain_graph=True)
+        if form == "double":
+            loss = self._loss(b)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            return torch.autograd.grad(grads, self.params, grad_outputs=vs)
+        return self._hvp_func(b, vs)
+
+    def _hvp_func(self, b: int, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from torch.func import functional_call, grad, jvp
+
+        names = self.names
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in set(names)}
+        fixed.update(dict(self.model.named_buffers()))
+        x, y = self.batches[b]
+
+        def loss_of(primals):
+            state = dict(fixed)
+            state.update(zip(names, primals))
+            with self._mask_context(b):
+                logits = functional_call(self.model, state, (x,))
+            return F.cross_entropy(logits, y)
+
+        primals = tuple(p.detach() for p in self.params)
+        _, out = jvp(grad(loss_of), (primals,), (tuple(vs),))
+        return out
+
+    # ------------------------------------------------------------------ public
+    def matvec(self, v: torch.Tensor, form: str | None = None) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` (any float dtype); returns float64 on the model's device."""
+        form = form or self.form
+        vs = self.split(v)
+        total = None
+        for b, w in enumerate(self.weights):
+            hv = self._hvp_batch(b, vs, form)
+            part = self.flat(hv)
+            total = part * w if total is None else total.add_(part, alpha=w)
+        if self.weight_decay:
+            total.add_(v.to(total), alpha=self.weight_decay)
+        self.count += 1
+        return total
+
+    __call__ = matvec
+
+    def check_determinism(self, seed: int = 0, label: str = "") -> float:
+        """Apply the operator twice to one vector, the second time through a fresh forward pass.
+
+        Returns:
+            the relative difference of the two products.
+
+        Raises:
+            NumericalError: they differ beyond floating-point noise.
+        """
+        gen = torch.Generator().manual_seed(int(seed) + 12_345)
+        v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.device)
+        count = self.count
+        a = self.matvec(v)
+        b = self.matvec(v, form="double" if self.form == "graph" else None)
+        self.count = count
+        diff = float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(a)), 1e-300))
+        limit = 1e-10 if self.dtype == torch.float64 else 1e-4
+        if not diff <= limit:
+            where = f" of {label}" if label else ""
+            batches = ", ".join(str(i) for i in self.batch_indices[:5]) + (", ..." if len(self.batch_indices) > 5 else "")
+            raise NumericalError(
+                f"the Hessian{where} (batch {batches}) is not a fixed matrix: two products with the same vector "
+                f"differ by {diff:.2e} (relative; at most {limit:.0e} is rounding). Something in the forward pass "
+                f"draws fresh random numbers or changes state in eval mode (a custom noise or dropout layer that "
+                f"mc_dropout does not control, augmentation inside the model, BatchNorm kept in train mode by an "
+                f"overridden eval()). Make the forward pass deterministic in eval mode (use nn.Dropout or the zoo's "
+                f"MCDropout, whose masks --mc-seed fixes), or on CUDA call "
+                f"torch.use_deterministic_algorithms(True)")
+        return diff
+
+    def close(self) -> None:
+        """Free retained graphs and restore the model's train/eval mode."""
+        self._grads = None
+        self.model.train(self._was_training)
+
+    def __enter__(self) -> "HessianOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _draws_dropout(model: nn.Module) -> bool:
+    from .models import has_stochastic_dropout
+    return has_stochastic_dropout(model)

@@ -1,0 +1,466 @@
+"""Hessian eigen-spectra of a model's loss: per mini-batch or for the whole data.
+
+The Hessian is that of the mean cross-entropy (plus ``wd/2 * ||w||^2`` with ``weight_decay``) in
+eval mode (BatchNorm on running statistics).  Models that sample dropout in eval mode (MC dropout)
+get one fixed, seeded dropout mask per batch, so every operator is a fixed symmetric matrix; this is
+checked before solving.  ``scope="batch"`` gives one Hessian per batch (the paper's figure);
+``scope="dataset"`` the Hessian of the mean loss over all batches, weighted by batch size.
+
+Example (notebook)::
+
+    from landscape_tools.hessian import top_eigenvalues
+    res = top_eigenvalues(model, data.batches()[:4], k=5)
+    res.eigenvalues          # (4, 5) float64, |value| descending per row
+    res.residuals.max()      # <= 1e-4: every value is an eigenvalue to that relative residual
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import _lanczos
+from ._hvp import FORMS, HessianOperator, select_parameters
+from .device import Progress, report
+from .errors import ConfigError
+
+__all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
+           "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values"]
+
+METHODS = ("lanczos", "power")
+WHICH = _lanczos.WHICH
+SCOPES = ("batch", "dataset")
+#: density grid points and Gaussian broadening (fraction of each spectrum's width)
+DENSITY_GRID = 512
+DENSITY_SIGMA = 0.01
+
+
+def default_max_iter(method: str, k: int) -> int:
+    """Lanczos: budget of HVPs; power: iterations per eigenvalue."""
+    return max(300, 40 * int(k)) if method == "lanczos" else 1000
+
+
+@dataclass
+class HessianSpectrum:
+    """Eigenvalues (and optional trace and density) of one model's Hessian(s).
+
+    Rows are batches (``scope="batch"``) or the single whole-data Hessian (``scope="dataset"``).
+    Rows skipped (already done in an earlier run) hold NaN.
+
+    Attributes:
+        eigenvalues: (rows, k) float64, signed, in ``which`` order.
+        residuals: (rows, k) ``||Hv - lambda v|| / |lambda|``.
+        converged: (rows, k) bool, residual <= tol.
+        hvp_count: (rows,) Hessian-vector products the solver used (the determinism check's two and
+            trace / density products not included).
+        batch_sizes: (n_batches,) samples per batch used (for ``dataset``: every batch averaged).
+        trace: dict of arrays (``samples``, ``estimate``, ``stderr``, ``hutchpp``, ``hutchpp_stderr``)
+            or None.
+        density: dict (``nodes``, ``weights`` (rows, runs, steps); ``grid``, ``density`` (rows, G);
+            ``sigma`` (rows,)) or None.
+        eigenvectors: list per row of (k, n) float64 tensors when asked for, else None.
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    converged: np.ndarray
+    hvp_count: np.ndarray
+    batch_sizes: np.ndarray
+    method: str
+    which: str
+    k: int
+    tol: float
+    max_iter: int
+    scope: str
+    num_params: int
+    config: dict = field(default_factory=dict)
+    trace: dict | None = None
+    density: dict | None = None
+    eigenvectors: list | None = None
+
+    def to_node(self, attrs: dict | None = None) -> dict:
+        """The HDF5 node of ``store.write_result`` (ARCHITECTURE.md schema v1)."""
+        node = result_layout(self.eigenvalues.shape[0], self.k, self.batch_sizes, self.attrs(), self.trace is not None,
+                             self.config.get("trace_probes", 0), self.density is not None,
+                             self.config.get("density_runs", 0), self.config.get("density_steps", 0))
+        node["attrs"].update(attrs or {})
+        for i in range(self.eigenvalues.shape[0]):
+            if np.all(np.isnan(self.eigenvalues[i])):
+                continue
+            for path, value in row_values(self, i).items():
+                group = node
+                parts = path.split("/")
+                for p in parts[:-1]:
+                    group = group["groups"][p]
+                group["data"][parts[-1]][i] = value
+        return node
+
+    def attrs(self) -> dict:
+        return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
+                "scope": self.scope, "hessian_params": self.num_params, **{
+                    key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv")
+                    if key in self.config}}
+
+
+def count_hessian_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> int:
+    """Dimension of the Hessian: entries of the trainable parameters matching ``params``."""
+    return int(sum(p.numel() for _, p in select_parameters(model, params)))
+
+
+def hessian_operator(model: nn.Module, batches, params=None, weight_decay: float = 0.0, mc_seed: int | None = None,
+                     batch_indices: Sequence[int] | None = None, form: str = "auto") -> HessianOperator:
+    """A matrix-free Hessian (``op(v) -> Hv`` on flat float64 vectors) of the size-weighted mean loss
+    over ``batches``; see :class:`landscape_tools._hvp.HessianOperator`.  Close it when done."""
+    return HessianOperator(model, _as_batches(batches), batch_indices=batch_indices, params=params,
+                           weight_decay=weight_decay, mc_seed=0 if mc_seed is None else mc_seed, form=form)
+
+
+def _as_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(batches, "batches") and callable(batches.batches):
+        return batches.batches()
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], torch.Tensor):
+        return [batches]
+    return list(batches)
+
+
+def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
+    if which not in WHICH:
+        raise ConfigError(f"--which {which!r} is not one of {', '.join(WHICH)} (LM: largest magnitude, "
+                          f"LA: largest algebraic, SA: smallest algebraic)")
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ConfigError(f"--scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if int(k) < 1:
+        raise ConfigError(f"--top-k {k} must be at least 1")
+    if int(k) > dim:
+        raise ConfigError(f"--top-k {k} is larger than the number of parameters in the Hessian ({dim}); "
+                          f"ask for at most {dim} eigenvalues, or widen --params")
+    if not tol > 0:
+        raise ConfigError(f"--tol {tol} must be positive (a relative residual such as 1e-4)")
+    if max_iter is not None and int(max_iter) < 1:
+        raise ConfigError(f"--max-iter {max_iter} must be at least 1")
+    if not weight_decay >= 0:
+        raise ConfigError(f"--weight-decay {weight_decay} must be >= 0")
+
+
+def _row_seed(seed: int, row: int, salt: int) -> int:
+    return (int(seed) * 1_000_003 + int(row) * 10_007 + salt) % (2**62)
+
+
+def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", method: str = "lanczos",
+                    tol: float = 1e-4, max_iter: int | None = None, params: str | Sequence[str] | None = None,
+                    weight_decay: float = 0.0, mc_seed: int | None = None, scope: str = "batch", *,
+                    seed: int = 0, trace: bool = False, trace_probes: int = 30, density: bool = False,
+                    density_runs: int = 4, density_steps: int = 64, ncv: int | None = None, form: str = "auto",
+                    return_vectors: bool = False, skip: Sequence[int] | None = None,
+                    on_row: Callable[[int, "HessianSpectrum"], None] | None = None, progress: Progress = None,
+                    label: str = "") -> HessianSpectrum:
+    """Top-k Hessian eigenvalues of ``model``'s loss, per batch or for the whole data.
+
+    Args:
+        model: any ``nn.Module`` returning logits (left in its original mode afterwards).
+        batches: list of ``(x, y)`` on the model's device, one ``(x, y)`` pair, or a ``DataSet``.
+        k: number of eigenvalues.
+        which: ``LM`` (largest magnitude, signed; the paper's), ``LA`` or ``SA``.
+        method: ``lanczos`` (thick-restart Lanczos) or ``power`` (deflated power iteration).
+        tol: each eigenpair is solved to ``||Hv - lambda v|| <= tol * |lambda|``.
+        max_iter: lanczos: HVP budget; power: iterations per eigenvalue (default
+            :func:`default_max_iter`). Pairs that miss ``tol`` are flagged in ``converged``.
+        params: glob(s) of the parameters spanning the Hessian (comma separated; None: all).
+        weight_decay: adds ``wd/2 * ||w||^2`` to the loss (every eigenvalue + wd).
+        mc_seed: seed of the fixed dropout masks of models that sample dropout in eval mode
+            (default 0); batch ``i`` uses a mask derived from it and ``i``.
+        scope: ``batch`` (one Hessian per batch) or ``dataset`` (one for the mean loss).
+        seed: seed of start vectors and probes (row ``i`` uses one derived from it and ``i``).
+        trace: also estimate the trace (Hutchinson with ``trace_probes`` probes and Hutch++ with as many).
+        density: also compute the stochastic Lanczos quadrature density (``density_runs`` x ``density_steps``).
+        ncv: Lanczos basis size before a restart (default ``max(2k + 10, 30)``).
+        form: HVP form ``graph``, ``double``, ``func`` or ``auto`` (by device).
+        return_vectors: keep the eigenvectors (rows x (k, n) float64) in the result.
+        skip: rows not to compute (left NaN), e.g. done by an interrupted earlier run.
+        on_row: called with ``(row, result)`` after each finished row (for resumable writes).
+        progress: ``progress(done, total, message)`` callback.
+        label: model name used in messages.
+
+    Returns:
+        :class:`HessianSpectrum`.
+
+    Raises:
+        ConfigError: bad option values, ``k`` larger than the Hessian, no matching parameters.
+        NumericalError: non-finite loss, or an operator that is not deterministic.
+    """
+    batch_list = _as_batches(batches)
+    if not batch_list:
+        raise ConfigError("no batches given: nothing to take a Hessian of")
+    dim = count_hessian_parameters(model, params)
+    _validate(k, which, method, tol, max_iter, scope, weight_decay, dim)
+    if form not in FORMS + ("auto",):
+        raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+    k = int(k)
+    max_iter = int(max_iter) if max_iter is not None else default_max_iter(method, k)
+    mc_seed = 0 if mc_seed is None else int(mc_seed)
+    sizes = np.asarray([int(x.shape[0]) for x, _ in batch_list], dtype=np.int64)
+    groups = [[i] for i in range(len(batch_list))] if scope == "batch" else [list(range(len(batch_list)))]
+    rows = len(groups)
+    config = {"params": params, "weight_decay": float(weight_decay), "mc_seed": mc_seed, "seed": int(seed),
+              "form": form, "ncv": ncv, "trace_probes": int(trace_probes) if trace else 0,
+              "density_runs": int(density_runs) if density else 0,
+              "density_steps": int(density_steps) if density else 0}
+    out = HessianSpectrum(
+        eigenvalues=np.full((rows, k), np.nan), residuals=np.full((rows, k), np.nan),
+        converged=np.zeros((rows, k), dtype=bool), hvp_count=np.full(rows, -1, dtype=np.int64),
+        batch_sizes=sizes, method=method, which=which, k=k, tol=float(tol), max_iter=max_iter, scope=scope,
+        num_params=dim, config=config,
+        trace=_empty_trace(rows, trace_probes) if trace else None,
+        density=_empty_density(rows, density_runs, density_steps) if density else None,
+        eigenvectors=[None] * rows if return_vectors else None)
+    if trace and int(trace_probes) < 3:
+        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
+    if density and (int(density_runs) < 1 or int(density_steps) < 2):
+        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+    skip_set = set(int(s) for s in (skip or ()))
+    todo = [r for r in range(rows) if r not in skip_set]
+    name = f"{label}: " if label else ""
+    for done, r in enumerate(todo):
+        idx = groups[r]
+        report(progress, done, len(todo), f"{name}row {r}")
+        op = HessianOperator(model, [batch_list[i] for i in idx], batch_indices=idx, params=params,
+                             weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+        try:
+            op.check_determinism(seed=_row_seed(seed, r, 1), label=label)
+            solve = _lanczos.thick_restart_lanczos if method == "lanczos" else _lanczos.deflated_power
+            kwargs = {"max_hvps": max_iter, "ncv": ncv} if method == "lanczos" else {"max_iter": max_iter}
+            pairs = solve(op, dim, k, which=which, tol=tol, seed=_row_seed(seed, r, 2), device=op.device,
+                          return_vectors=return_vectors, **kwargs)
+            out.eigenvalues[r] = pairs.values
+            out.residuals[r] = pairs.residuals
+            out.converged[r] = pairs.converged
+            out.hvp_count[r] = pairs.hvps
+            if return_vectors:
+                out.eigenvectors[r] = pairs.vectors
+            if trace:
+                hut = _lanczos.hutchinson(op, dim, int(trace_probes), seed=_row_seed(seed, r, 3), device=op.device)
+                hpp = _lanczos.hutchpp(op, dim, int(trace_probes), seed=_row_seed(seed, r, 4), device=op.device)
+                out.trace["samples"][r] = hut["samples"]
+                out.trace["estimate"][r] = hut["estimate"]
+                out.trace["stderr"][r] = hut["stderr"]
+                out.trace["hutchpp"][r] = hpp["estimate"]
+                out.trace["hutchpp_stderr"][r] = hpp["stderr"]
+            if density:
+                nodes, weights = _lanczos.slq(op, dim, int(density_runs), int(density_steps),
+                                              seed=_row_seed(seed, r, 5), device=op.device)
+                grid, dens, sigma = _density_on_grid(nodes, weights)
+                out.density["nodes"][r] = nodes
+                out.density["weights"][r] = weights
+                out.density["grid"][r] = grid
+                out.density["density"][r] = dens
+                out.density["sigma"][r] = sigma
+        finally:
+            op.close()
+        if on_row is not None:
+            on_row(r, out)
+    report(progress, len(todo), len(todo), f"{name}done")
+    return out
+
+
+def _density_on_grid(nodes: np.ndarray, weights: np.ndarray, points: int = DENSITY_GRID,
+                     sigma_frac: float = DENSITY_SIGMA) -> tuple[np.ndarray, np.ndarray, float]:
+    ok = np.isfinite(nodes)
+    lo, hi = float(nodes[ok].min()), float(nodes[ok].max())
+    width = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    sigma = sigma_frac * width
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
+    return grid, _lanczos.smooth_density(nodes, weights, grid, sigma), sigma
+
+
+def _empty_trace(rows: int, probes: int) -> dict:
+    return {"samples": np.full((rows, probes), np.nan), "estimate": np.full(rows, np.nan),
+            "stderr": np.full(rows, np.nan), "hutchpp": np.full(rows, np.nan), "hutchpp_stderr": np.full(rows, np.nan)}
+
+
+def _empty_density(rows: int, runs: int, steps: int) -> dict:
+    return {"nodes": np.full((rows, runs, steps), np.nan), "weights": np.zeros((rows, runs, steps)),
+            "grid": np.full((rows, DENSITY_GRID), np.nan), "density": np.full((rows, DENSITY_GRID), np.nan),
+            "sigma": np.full(rows, np.nan)}
+
+
+# ----------------------------------------------------------------------------- result files
+def result_layout(rows: int, k: int, batch_sizes: Sequence[int], attrs: dict, trace: bool = False,
+                  trace_probes: int = 0, density: bool = False, density_runs: int = 0,
+                  density_steps: int = 0) -> dict:
+    """The full-size HDF5 node of one model (NaN / False / -1 where not computed) for
+    ``store.write_result`` or ``store.open_partial``; ``done`` (rows,) marks finished rows."""
+    node = {"attrs": dict(attrs), "data": {
+        "eigenvalues": np.full((rows, k), np.nan), "residuals": np.full((rows, k), np.nan),
+        "converged": np.zeros((rows, k), dtype=bool), "hvp_count": np.full(rows, -1, dtype=np.int64),
+        "batch_sizes": np.asarray(batch_sizes, dtype=np.int64), "done": np.zeros(rows, dtype=bool)},
+        "groups": {}}
+    if trace:
+        node["groups"]["trace"] = {"attrs": {"probes": int(trace_probes), "distribution": "rademacher",
+                                             "hutchpp_hvps": int(trace_probes)},
+                                   "data": _empty_trace(rows, int(trace_probes))}
+    if density:
+        node["groups"]["density"] = {"attrs": {"runs": int(density_runs), "steps": int(density_steps),
+                                               "method": "stochastic Lanczos quadrature, full reorthogonalisation",
+                                               "broadening": "gaussian", "sigma_fraction": DENSITY_SIGMA},
+                                     "data": _empty_density(rows, int(density_runs), int(density_steps))}
+    return node
+
+
+def row_values(result: HessianSpectrum, row: int) -> dict[str, Any]:
+    """Slash path (inside a model's group) -> value of row ``row``, for writing it into a file."""
+    vals = {"eigenvalues": result.eigenvalues[row], "residuals": result.residuals[row],
+            "converged": result.converged[row], "hvp_count": result.hvp_count[row], "done": True}
+    if result.trace is not None:
+        for key, arr in result.trace.items():
+            vals[f"trace/{key}"] = arr[row]
+    if result.density is not None:
+        for key, arr in result.density.items():
+            vals[f"density/{key}"] = arr[row]
+    return vals
+
+
+def summary(label: str, eigenvalues: np.ndarray, which: str = "LM", converged: np.ndarray | None = None) -> str:
+    """One line: median and extremes of each row's first eigenvalue, negative count, convergence."""
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    done = ~np.all(np.isnan(ev), axis=1)
+    ev = ev[done]
+    if ev.size == 0:
+        return f"{label}: no eigenvalues computed"
+    top = ev[:, 0]
+    neg = int(np.sum(ev < 0))
+    rows = ev.shape[0]
+    text = (f"{label}: top eigenvalue ({which}) median {np.median(top):.4g}, min {top.min():.4g}, "
+            f"max {top.max():.4g} over {rows} {'Hessian' if rows == 1 else 'Hessians'}; "
+            f"{neg} of {ev.size} eigenvalues negative")
+    if converged is not None:
+        bad = int(np.sum(~np.asarray(converged)[done]))
+        if bad:
+            text += f"; {bad} not converged (raise --max-iter)"
+    return text
+
+
+# ----------------------------------------------------------------------------- resumable runs into a file
+@dataclass
+class HessianJob:
+    """One model to analyse: its label, the module, its checkpoint info (or None) and its batches."""
+
+    label: str
+    model: nn.Module
+    info: Any
+    batches: list
+
+
+def _short(description):
+    """A data description without per-sample indices (HDF5 attributes must stay small)."""
+    if isinstance(description, dict):
+        return {k: (f"{len(v)} indices (in the run fingerprint)" if k == "indices" and isinstance(v, list) else _short(v))
+                for k, v in description.items()}
+    return description
+
+
+def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: str = "LM", method: str = "lanczos",
+                tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
+                mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
+                trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
+                form: str = "auto", overwrite: bool = False, command: Sequence[str] | None = None,
+                config: dict | None = None, device: str = "cpu", data_description: dict | None = None,
+                progress: Progress = None, on_row: Callable[[int, int], None] | None = None) -> dict:
+    """Compute every job's spectra into ``output``, resumably, one finished row at a time.
+
+    Rows go into ``output + ".partial"`` (values first, then the row's ``done`` flag, then a flush),
+    so a run killed at any moment keeps every finished batch, and the same call later computes only
+    the rest; the finished file is renamed to ``output``.  The result equals an uninterrupted run's
+    because every row depends only on its batch and the seeds.
+
+    Args:
+        jobs: models with their batches.
+        output: final ``.h5`` path.
+        k ... form: as :func:`top_eigenvalues`.
+        overwrite: replace an existing output or a partial file of another run.
+        command, config, device: provenance (root attributes).
+        data_description: stored in the fingerprint and in each group's ``data`` attribute.
+        progress: ``progress(done, total, message)`` over all rows of all models.
+        on_row: test hook called as ``on_row(job_index, row)`` after a row is safely written.
+
+    Returns:
+        label -> :class:`HessianSpectrum` with the values computed in this call (rows done earlier NaN).
+
+    Raises:
+        ConfigError, NumericalError: as :func:`top_eigenvalues`; StoreError: output exists, is being
+        written by another process, or a partial file of a different run is present.
+    """
+    import hashlib
+    import json
+
+    from . import store
+
+    if not jobs:
+        raise ConfigError("no models to analyse")
+    k = int(k)
+    which = str(which).upper()
+    max_iter_resolved = int(max_iter) if max_iter is not None else default_max_iter(method, k)
+    # validate everything before the output is touched
+    for job in jobs:
+        _validate(k, which, method, tol, max_iter, scope, weight_decay, count_hessian_parameters(job.model, params))
+    if trace and int(trace_probes) < 3:
+        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
+    if density and (int(density_runs) < 1 or int(density_steps) < 2):
+        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+    options = {"k": k, "which": which, "method": method, "tol": float(tol), "max_iter": max_iter_resolved,
+               "params": params, "weight_decay": float(weight_decay), "mc_seed": 0 if mc_seed is None else int(mc_seed),
+               "scope": scope, "seed": int(seed), "trace": bool(trace), "trace_probes": int(trace_probes),
+               "density": bool(density), "density_runs": int(density_runs), "density_steps": int(density_steps),
+               "form": form}
+    key = {"options": options, "data": data_description,
+           "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
+                       "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    root = store.provenance("hessian", command, config, seed, device)
+    layout = {}
+    rows_of = []
+    for job in jobs:
+        rows = len(job.batches) if scope == "batch" else 1
+        rows_of.append(rows)
+        attrs = dict(job.info.describe()) if job.info is not None else {}
+        attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
+                      "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
+                      "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
+                      "seed": int(seed), "data": _short(data_description)})
+        layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
+                                          trace_probes, density, density_runs, density_steps)
+    part = store.open_partial(output, root, fingerprint, layout, overwrite=overwrite)
+    results = {}
+    try:
+        done_before = {job.label: np.asarray(part.read(f"{job.label}/done"), dtype=bool) for job in jobs}
+        total = sum(int((~d).sum()) for d in done_before.values())
+        counter = {"n": 0}
+        for ji, job in enumerate(jobs):
+            skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
+
+            def write_row(row: int, res: HessianSpectrum, _label=job.label, _ji=ji) -> None:
+                values = row_values(res, row)
+                done_flag = values.pop("done")
+                for path, value in values.items():
+                    part.write(f"{_label}/{path}", row, value)
+                part.flush()
+                part.write(f"{_label}/done", row, done_flag)
+                part.flush()
+                counter["n"] += 1
+                report(progress, counter["n"], total, f"{_label} row {row}: top {res.eigenvalues[row][0]:.5g}")
+                if on_row is not None:
+                    on_row(_ji, row)
+
+            results[job.label] = top_eigenvalues(
+                job.model, job.batches, k=k, which=which, method=method, tol=tol, max_iter=max_iter_resolved,
+                params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
+                trace_probes=trace_probes, density=density, density_runs=density_runs,
+                density_steps=density_steps, form=form, skip=skip, on_row=write_row, label=job.label)
+        part.finalize()
+    finally:
+        part.close()
+    return results

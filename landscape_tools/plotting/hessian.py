@@ -1,0 +1,132 @@
+"""Figures of ``hessian`` results: the paper's split eigenvalue density, and the SLQ spectral density."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+
+KINDS = ("spectrum", "density")
+
+
+def _models(results):
+    for res in results:
+        for label, node in res.models.items():
+            yield label, node
+
+
+def draw(results, kind: str = "spectrum", **options):
+    """Draw hessian results, one curve per model, overlaid.
+
+    Args:
+        results: list of :class:`landscape_tools.store.Result` of kind ``hessian``.
+        kind: ``spectrum`` (the paper's figure): Gaussian-KDE density of every computed eigenvalue
+            pooled over batches, in a negative panel and a positive panel with their own y-scales;
+            ``density``: the stochastic-Lanczos-quadrature spectral density (files made with
+            ``--density``), averaged over rows and re-smoothed from the stored nodes and weights.
+        options: ``title`` (str), ``bandwidth`` (KDE bandwidth factor, spectrum only).
+
+    Returns:
+        a matplotlib Figure.
+
+    Raises:
+        ConfigError: unknown kind, no eigenvalues, or ``density`` for files without ``--density``.
+    """
+    if kind == "spectrum":
+        return _spectrum(results, **options)
+    if kind == "density":
+        return _density(results, **options)
+    raise ConfigError(f"hessian figures are {', '.join(KINDS)}; got {kind!r}")
+
+
+def _kde(values: np.ndarray, grid: np.ndarray, bandwidth=None) -> np.ndarray:
+    """Gaussian KDE of ``values`` on ``grid`` (a narrow Gaussian when the values are all equal)."""
+    from scipy.stats import gaussian_kde
+
+    if values.size >= 2 and np.ptp(values) > 0:
+        try:
+            return gaussian_kde(values, bw_method=bandwidth)(grid)
+        except np.linalg.LinAlgError:
+            pass
+    width = max(np.ptp(grid) / 50, 1e-12)
+    return np.exp(-0.5 * ((grid[:, None] - values[None, :]) / width) ** 2).sum(1) / (
+        values.size * width * np.sqrt(2 * np.pi))
+
+
+def _spectrum(results, title: str | None = None, bandwidth=None, **_):
+    from . import pyplot
+    plt = pyplot()
+    pooled = {}
+    for label, node in _models(results):
+        ev = np.asarray(node["eigenvalues"], float).ravel()
+        ev = ev[np.isfinite(ev)]
+        if ev.size:
+            pooled[label] = (ev, node.attrs)
+    if not pooled:
+        raise ConfigError("the hessian file(s) hold no computed eigenvalues yet; finish the run first")
+    everything = np.concatenate([v for v, _ in pooled.values()])
+    neg_lo = float(min(everything.min(), 0.0))
+    pos_hi = float(max(everything.max(), 0.0))
+    fig, (ax_n, ax_p) = plt.subplots(1, 2, figsize=(9.0, 3.6),
+                                     gridspec_kw={"width_ratios": [1, 2] if neg_lo < 0 else [1, 3]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    span = max(pos_hi - neg_lo, 1e-12)
+    for n, (label, (ev, attrs)) in enumerate(pooled.items()):
+        color = colors[n % len(colors)]
+        lo, hi = min(neg_lo, -0.02 * span), max(pos_hi, 0.02 * span)
+        grid = np.linspace(lo - 0.05 * span, hi + 0.05 * span, 800)
+        dens = _kde(ev, grid, bandwidth)
+        neg = grid <= 0
+        n_neg = int(np.sum(ev < 0))
+        ax_n.plot(grid[neg], dens[neg], color=color, label=f"{label} ({n_neg} neg.)")
+        ax_n.fill_between(grid[neg], dens[neg], color=color, alpha=0.15)
+        ax_p.plot(grid[~neg], dens[~neg], color=color, label=f"{label} (n={ev.size})")
+        ax_p.fill_between(grid[~neg], dens[~neg], color=color, alpha=0.15)
+    attrs = next(iter(pooled.values()))[1]
+    ax_n.set_title("negative eigenvalues")
+    ax_p.set_title("positive eigenvalues")
+    for ax in (ax_n, ax_p):
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylim(bottom=0)
+    ax_n.set_ylabel("density")
+    if neg_lo >= 0:
+        ax_n.text(0.5, 0.5, "none", ha="center", va="center", transform=ax_n.transAxes, color="0.4")
+    ax_p.legend(fontsize=8, loc="upper right")
+    ax_n.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title or f"Hessian top-{attrs.get('k')} ({attrs.get('which')}) eigenvalues, "
+                          f"{attrs.get('scope')} scope, pooled", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _density(results, title: str | None = None, **_):
+    from .. import _lanczos
+    from . import pyplot
+    plt = pyplot()
+    have = [(label, node) for label, node in _models(results) if "density" in node.groups]
+    if not have:
+        raise ConfigError("no spectral density in these files: rerun `lt hessian` with --density")
+    curves = []
+    for label, node in have:
+        d = node.groups["density"].data
+        nodes, weights = np.asarray(d["nodes"], float), np.asarray(d["weights"], float)
+        rows = np.flatnonzero(np.any(np.isfinite(nodes.reshape(nodes.shape[0], -1)), axis=1))
+        if rows.size:
+            curves.append((label, nodes[rows], weights[rows], np.asarray(d["sigma"], float)[rows]))
+    if not curves:
+        raise ConfigError("the spectral density has not been computed for any batch yet; finish the run first")
+    finite = np.concatenate([c[1][np.isfinite(c[1])] for c in curves])
+    lo, hi = float(finite.min()), float(finite.max())
+    sigma = float(np.nanmedian(np.concatenate([c[3] for c in curves])))
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 1000)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, nodes, weights, _ in curves:
+        dens = np.mean([_lanczos.smooth_density(nodes[r], weights[r], grid, sigma) for r in range(nodes.shape[0])],
+                       axis=0)
+        ax.semilogy(grid, np.maximum(dens, 1e-12), label=f"{label} ({nodes.shape[0]} x {nodes.shape[1]} runs)")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log)")
+    ax.set_ylim(bottom=max(1e-8, ax.get_ylim()[0]))
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"Spectral density (SLQ, Gaussian broadening sigma={sigma:.3g})", fontsize=10)
+    fig.tight_layout()
+    return fig

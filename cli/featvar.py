@@ -25,8 +25,9 @@ from . import common
 @click.option("--fourier", is_flag=True, help="Also store each layer's relative log amplitude along the "
                                               "half-diagonal of its 2-D spectrum (0 to pi).")
 @common.data_options(split="test", batch_size=64)
-@click.option("--max-batch", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N",
-              help="At most N samples (MC copies x batch) per forward pass; results do not depend on it.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="At most N samples (MC copies x batch) per forward pass; results do not depend on it  "
+                   "[default: 512 on CPU, 4096 on CUDA]")
 @common.device_option
 @common.seed_option
 @common.output_option

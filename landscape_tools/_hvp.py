@@ -136,7 +136,7 @@ class HessianOperator:
             logits = self.model(x) if model_call is None else model_call(x)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
-            raise NumericalError(f"the loss of batch {self.batch_indices[b]} is {float(loss)}: the weights or inputs "
+            raise NumericalError(f"the loss of batch {self.batch_indices[b]} is {float(loss.detach())}: the weights or inputs "
                                  f"hold NaN/inf values (check the checkpoint, e.g. with `lt evaluate`)")
         return loss
 

@@ -1,0 +1,312 @@
+"""landscape_tools.hessian against dense float64 Hessians (torch.func) of tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, jacfwd, jacrev
+
+from landscape_tools import _lanczos
+from landscape_tools._hvp import HessianOperator, batch_mask_seed
+from landscape_tools.errors import ConfigError, NumericalError
+from landscape_tools.hessian import top_eigenvalues
+from landscape_tools.models import MCDropout, make_blur, mc_dropout
+
+
+class Tiny(nn.Module):
+    """conv -> BN (eval, non-trivial running stats) -> tanh -> 2x2 blur -> [MC dropout] -> linear: 123 params."""
+
+    def __init__(self, mc: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.blur = make_blur(2)
+        self.drop = MCDropout(0.3) if mc else nn.Identity()
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+            self.fc.weight.mul_(3.0)
+
+    def forward(self, x):
+        x = self.blur(torch.tanh(self.bn(self.conv(x))))
+        return self.fc(self.drop(x).flatten(1))
+
+
+def make(mc=False, seed=0):
+    torch.manual_seed(100 + seed)
+    model = Tiny(mc, seed).double()
+    x = torch.randn(15, 1, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (15,))
+    batches = [(x[:6], y[:6]), (x[6:11], y[6:11]), (x[11:], y[11:])]   # uneven sizes 6, 5, 4
+    return model, batches
+
+
+def dense_hessian(model, batches, indices, mc_seed=0, names=None):
+    """d^2/dw^2 of sum_b n_b/N CE_b over a flat parameter vector, by torch.func (jacfwd of jacrev)."""
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters() if names is None or n in names]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    fixed.update(dict(model.named_buffers()))
+    total = sum(int(batches[i][0].shape[0]) for i in indices)
+    stochastic = any(isinstance(m, MCDropout) for m in model.modules())
+
+    def loss(flat):
+        state = dict(fixed)
+        for (n, _), part, s in zip(named, torch.split(flat, sizes), shapes):
+            state[n] = part.view(s)
+        out = 0.0
+        for i in indices:
+            x, y = batches[i]
+            if stochastic:
+                with mc_dropout(model, True, seed=batch_mask_seed(mc_seed, i)):
+                    logits = functional_call(model, state, (x,))
+            else:
+                logits = functional_call(model, state, (x,))
+            out = out + F.cross_entropy(logits, y) * (x.shape[0] / total)
+        return out
+
+    w = torch.cat([p.detach().reshape(-1) for _, p in named])
+    # torch.func.hessian is jacfwd(jacrev); randomness="same" lets the seeded (identical) dropout mask through vmap
+    return jacfwd(jacrev(loss), randomness="same")(w).numpy()
+
+
+def reference(H, k, which):
+    ev = np.linalg.eigvalsh(H)
+    return ev[_lanczos.order(ev, which)][:k]
+
+
+def rel(a, b):
+    return np.max(np.abs(np.asarray(a) - b) / np.abs(b))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: threads only fight over the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cases(one_thread):
+    out = {}
+    for mc in (False, True):
+        model, batches = make(mc)
+        out[mc] = (model, batches, [dense_hessian(model, batches, [i]) for i in range(3)])
+    return out
+
+
+# ----------------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("mc", [False, True], ids=["det", "mcdropout"])
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_lanczos_matches_dense_per_batch(cases, mc, which):
+    model, batches, dense = cases[mc]
+    res = top_eigenvalues(model, batches, k=4, which=which, tol=1e-9, seed=3)
+    assert res.eigenvalues.shape == (3, 4) and res.converged.all()
+    for i in range(3):
+        assert rel(res.eigenvalues[i], reference(dense[i], 4, which)) < 1e-6
+    assert (res.hvp_count > 0).all() and (res.residuals <= 1e-9).all()
+    assert list(res.batch_sizes) == [6, 5, 4]
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_power_matches_dense(cases, which):
+    model, batches, dense = cases[True]
+    res = top_eigenvalues(model, batches[:1], k=3, which=which, method="power", tol=1e-5, max_iter=5000, seed=1)
+    assert res.converged.all(), res.residuals  # eigenvalue error ~ (tol |lambda|)^2 / gap: far below 1e-6
+    assert rel(res.eigenvalues[0], reference(dense[0], 3, which)) < 1e-6
+
+
+def test_thick_restart_with_small_basis(cases):
+    model, batches, dense = cases[False]
+    res = top_eigenvalues(model, batches[1:2], k=5, which="LM", tol=1e-9, ncv=8, seed=2)
+    assert res.converged.all()
+    assert rel(res.eigenvalues[0], reference(dense[1], 5, "LM")) < 1e-6
+    assert res.hvp_count[0] > 8  # restarted at least once
+
+
+def test_reported_residuals_are_true_residuals(cases):
+    model, batches, dense = cases[True]
+    for method in ("lanczos", "power"):
+        res = top_eigenvalues(model, batches[:1], k=3, tol=1e-5, method=method, return_vectors=True, max_iter=5000)
+        V = res.eigenvectors[0].numpy()
+        for lam, v, r in zip(res.eigenvalues[0], V, res.residuals[0]):
+            true = np.linalg.norm(dense[0] @ v - lam * v) / abs(lam)
+            assert true <= 1e-5 * 1.01 and abs(true - r) <= 1e-3 * r + 1e-12
+
+
+def spectrum_operator(values, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(values), len(values))))
+    A = torch.from_numpy((Q * np.asarray(values)) @ Q.T)
+    return lambda v: A @ v
+
+
+@pytest.mark.parametrize("solver", [_lanczos.thick_restart_lanczos, _lanczos.deflated_power])
+def test_negative_eigenvalue_of_largest_magnitude_comes_first(solver):
+    values = np.concatenate([[-5.0, 3.0, -2.0, 1.5], np.linspace(-0.5, 0.8, 36)])
+    kw = {"max_iter": 5000} if solver is _lanczos.deflated_power else {}
+    pairs = solver(spectrum_operator(values), 40, 3, which="LM", tol=1e-7, **kw)
+    np.testing.assert_allclose(pairs.values, [-5.0, 3.0, -2.0], rtol=1e-8)
+    assert pairs.converged.all()
+
+
+def test_model_with_negative_top_eigenvalue():
+    """A real model whose largest-magnitude Hessian eigenvalue is negative: every label is the least
+    likely class, so the indefinite second-order term of the network dominates."""
+    model, batches = make(False, 4)
+    x = batches[0][0]
+    with torch.no_grad():
+        y = model.eval()(x).argmin(1)
+    H = dense_hessian(model, [(x, y)], [0])
+    ref = reference(H, 3, "LM")
+    assert ref[0] < 0 and abs(ref[0]) > 1.05 * abs(ref[1])
+    for method in ("lanczos", "power"):
+        res = top_eigenvalues(model, [(x, y)], k=3, method=method, tol=1e-10 if method == "lanczos" else 1e-5,
+                              max_iter=5000)
+        assert res.eigenvalues[0, 0] < 0 and res.converged.all()
+        assert rel(res.eigenvalues[0], ref) < 1e-6
+
+
+# ----------------------------------------------------------------------------- operator variants
+def test_dataset_scope_equals_dense_mean_loss(cases):
+    model, batches, _ = cases[True]
+    H = dense_hessian(model, batches, [0, 1, 2])
+    for method in ("lanczos", "power"):
+        res = top_eigenvalues(model, batches, k=3, scope="dataset", tol=1e-9 if method == "lanczos" else 1e-5,
+                              method=method, max_iter=5000)
+        assert res.eigenvalues.shape == (1, 3)
+        assert rel(res.eigenvalues[0], reference(H, 3, "LM")) < 1e-6
+
+
+def test_params_glob_gives_the_dense_sub_block(cases):
+    model, batches, dense = cases[False]
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = np.cumsum([0] + sizes)
+    idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names)
+                          if n.startswith(("conv.", "bn."))])
+    block = dense[2][np.ix_(idx, idx)]
+    res = top_eigenvalues(model, batches[2:], k=3, which="LA", params="conv.*,bn.*", tol=1e-10)
+    assert res.num_params == len(idx) == 24
+    assert rel(res.eigenvalues[0], reference(block, 3, "LA")) < 1e-6
+
+
+def test_weight_decay_shifts_every_eigenvalue(cases):
+    model, batches, dense = cases[False]
+    wd = 0.37
+    res = top_eigenvalues(model, batches[:1], k=4, which="SA", weight_decay=wd, tol=1e-10)
+    shifted = dense[0] + wd * np.eye(dense[0].shape[0])
+    assert rel(res.eigenvalues[0], reference(shifted, 4, "SA")) < 1e-6
+    np.testing.assert_allclose(res.eigenvalues[0] - wd, reference(dense[0], 4, "SA"), rtol=1e-6, atol=1e-9)
+
+
+def test_hvp_forms_agree_with_dense(cases):
+    model, batches, _ = cases[True]
+    H = dense_hessian(model, batches, [0, 1])
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for form in ("graph", "double", "func"):
+        with HessianOperator(model, batches[:2], batch_indices=[0, 1], form=form) as op:
+            np.testing.assert_allclose(op(v).numpy(), H @ v.numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_model_mode_restored_and_eval_used(cases):
+    model, batches, dense = cases[False]
+    model.train()
+    stats = model.bn.running_mean.clone()
+    res = top_eigenvalues(model, batches[:1], k=2, tol=1e-9)
+    assert model.training and torch.equal(stats, model.bn.running_mean)
+    assert rel(res.eigenvalues[0], reference(dense[0], 2, "LM")) < 1e-6  # BN running stats, not batch stats
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- trace and density
+def test_trace_estimators_within_statistical_tolerance(cases):
+    model, batches, dense = cases[False]
+    H = dense[0]
+    exact = np.trace(H)
+    probes = 60
+    res = top_eigenvalues(model, batches[:1], k=1, trace=True, trace_probes=probes, seed=11)
+    t = {k: v[0] for k, v in res.trace.items()}
+    # Rademacher Hutchinson variance per probe: 2 (||H||_F^2 - sum diag^2)
+    sd = np.sqrt(2 * (np.sum(H ** 2) - np.sum(np.diag(H) ** 2)) / probes)
+    assert abs(t["estimate"] - exact) < 4 * sd
+    assert 0.5 * sd < t["stderr"] < 2 * sd
+    assert abs(t["hutchpp"] - exact) < 4 * t["hutchpp_stderr"] + 1e-9
+    np.testing.assert_allclose(t["samples"].mean(), t["estimate"])
+    # a sketch that spans the whole space makes Hutch++ exact
+    op = lambda v: torch.from_numpy(H) @ v  # noqa: E731
+    full = _lanczos.hutchpp(op, H.shape[0], 3 * H.shape[0] + 6, seed=1)
+    assert abs(full["estimate"] - exact) < 1e-8 * np.abs(H).sum()
+
+
+def test_slq_nodes_are_eigenvalues_and_moments_match(cases):
+    model, batches, dense = cases[False]
+    H = dense[1]
+    ev = np.linalg.eigvalsh(H)
+    n = H.shape[0]
+    res = top_eigenvalues(model, batches[1:2], k=1, density=True, density_runs=3, density_steps=n, seed=4)
+    nodes, weights = res.density["nodes"][0], res.density["weights"][0]
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-10)
+    ok = weights > 1e-8
+    gap = np.min(np.abs(nodes[ok][:, None] - ev[None, :]), axis=1)
+    assert np.all(gap < 1e-6 * np.abs(ev).max())
+    # first moment of each run = v^T H v / ||v||^2, whose mean is tr(H)/n
+    op = lambda v: torch.from_numpy(H) @ v  # noqa: E731
+    many_n, many_w = _lanczos.slq(op, n, runs=40, steps=12, seed=9)
+    first = np.nansum(many_n * many_w, axis=1)
+    assert abs(first.mean() - np.trace(H) / n) < 4 * first.std(ddof=1) / np.sqrt(40)
+    grid, dens = res.density["grid"][0], res.density["density"][0]
+    assert abs(np.trapezoid(dens, grid) - 1.0) < 1e-3
+
+
+# ----------------------------------------------------------------------------- failures
+class Noisy(Tiny):
+    def forward(self, x):
+        return super().forward(x) + 0.1 * torch.randn(x.shape[0], 3, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("form", ["graph", "double"])
+def test_determinism_check_fires(form):
+    model = Noisy().double()
+    x, y = torch.randn(5, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(NumericalError, match=r"is not a fixed matrix: two products with the same vector differ by"):
+        top_eigenvalues(model, [(x, y)], k=2, form=form)
+    with HessianOperator(Tiny(mc=True).double(), [(x, y)]) as op:  # the seeded mask passes
+        assert op.check_determinism() < 1e-12
+
+
+def test_bad_input_errors(cases):
+    model, batches, _ = cases[False]
+    with pytest.raises(ConfigError, match=r"^--top-k 124 is larger than the number of parameters in the Hessian "
+                                          r"\(123\); ask for at most 123 eigenvalues, or widen --params$"):
+        top_eigenvalues(model, batches, k=124)
+    with pytest.raises(ConfigError, match=r"^--which 'XX' is not one of LM, LA, SA"):
+        top_eigenvalues(model, batches, which="XX")
+    with pytest.raises(ConfigError, match=r"^--params 'nothing\.\*' matches no trainable parameter"):
+        top_eigenvalues(model, batches, params="nothing.*")
+    with pytest.raises(ConfigError, match=r"--method 'arnoldi'"):
+        top_eigenvalues(model, batches, method="arnoldi")
+    bad = Tiny().double()
+    with torch.no_grad():
+        bad.fc.weight[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"the loss of batch 0 is nan"):
+        top_eigenvalues(bad, batches[:1], k=1)
+
+
+def test_skip_and_on_row(cases):
+    model, batches, _ = cases[False]
+    seen = []
+    full = top_eigenvalues(model, batches, k=2, seed=7)
+    part = top_eigenvalues(model, batches, k=2, seed=7, skip=[1], on_row=lambda r, res: seen.append(r))
+    assert seen == [0, 2] and np.isnan(part.eigenvalues[1]).all()
+    np.testing.assert_array_equal(part.eigenvalues[[0, 2]], full.eigenvalues[[0, 2]])

@@ -420,7 +420,9 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
            "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
                        "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    root = store.provenance("hessian", command, config, seed, device)
+    # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
+    root = {key: str(value) if isinstance(value, str) else value
+            for key, value in store.provenance("hessian", command, config, seed, device).items()}
     layout = {}
     rows_of = []
     for job in jobs:

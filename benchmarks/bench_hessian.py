@@ -136,7 +136,7 @@ def measure(fn):
 # ----------------------------------------------------------------------------- runs
 def ours(model, x, y, k, tol):
     res = top_eigenvalues(model, [(x, y)], k=k, which="LM", method="lanczos", tol=tol)
-    return res.eigenvalues[0], int(res.hvp_count[0]) + 2, bool(res.converged.all())
+    return res.eigenvalues[0], int(res.hvp_count[0]) + 1, bool(res.converged.all())
 
 
 def pyhessian_run(model, x, y, k):
@@ -203,6 +203,9 @@ def main(argv=None) -> int:
         rows.append(("PyHessian top-1 (power, defaults)", 1, t, h, v, rel_err(v, ref), m))
     (v, h, _), t, m = measure(lambda: ours(model, x, y, 1, 1e-4))
     rows.append(("ours top-1 (lanczos, tol 1e-4)", 1, t, h, v, rel_err(v, ref), m))
+    # eigenvalue error ~ residual^2 * |lambda| / gap: a residual of 1e-2 already beats PyHessian's accuracy
+    (v, h, _), t, m = measure(lambda: ours(model, x, y, 1, 1e-2))
+    rows.append(("ours top-1 (lanczos, tol 1e-2)", 1, t, h, v, rel_err(v, ref), m))
 
     print()
     print("| solver | k | time (s) | HVPs | max rel. error vs reference | peak RSS growth (MiB) | eigenvalues |")
@@ -212,7 +215,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {k} | {t:.1f} | {h} | {np.max(err):.1e} | {mem_s} | "
               f"{', '.join(f'{val:.4f}' for val in v)} |")
     print()
-    print("HVPs of ours include the 2 products of the determinism check. Reference eigenvalues: "
+    print("HVPs of ours include both products of the determinism check (Lanczos starts from the second). "
+          "Reference eigenvalues: "
           + ", ".join(f"{val:.6f}" for val in ref))
     if have_pyhessian:
         by = {r[0]: r for r in rows}
@@ -222,6 +226,9 @@ def main(argv=None) -> int:
               f"(target <= 1e-3), PyHessian {np.max(p5[5]):.1e}")
         print(f"top-1: ours {p1[2] / o1[2]:.1f}x faster than PyHessian; error ours {np.max(o1[5]):.1e}, "
               f"PyHessian {np.max(p1[5]):.1e}")
+        q1 = by["ours top-1 (lanczos, tol 1e-2)"]
+        print(f"top-1 at tol 1e-2: ours {p1[2] / q1[2]:.1f}x faster than PyHessian; error ours {np.max(q1[5]):.1e} "
+              f"({'equal or better' if np.max(q1[5]) <= np.max(p1[5]) else 'WORSE'} than PyHessian's)")
         if o5[6] is not None and p5[6] is not None:
             print(f"peak RSS growth: ours top-5 {o5[6] / 2**20:.0f} MiB vs PyHessian top-5 {p5[6] / 2**20:.0f} MiB; "
                   f"ours top-1 {o1[6] / 2**20:.0f} MiB vs PyHessian top-1 {p1[6] / 2**20:.0f} MiB")

@@ -194,17 +194,18 @@ class HessianOperator:
 
     __call__ = matvec
 
-    def check_determinism(self, seed: int = 0, label: str = "") -> float:
-        """Apply the operator twice to one vector, the second time through a fresh forward pass.
+    def check_determinism(self, seed: int = 0, label: str = "") -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Apply the operator twice to one random unit vector, once through a fresh forward pass.
 
         Returns:
-            the relative difference of the two products.
+            ``(relative difference, v, H v)``: a solver may start from ``v`` and reuse ``H v``.
 
         Raises:
             NumericalError: they differ beyond floating-point noise.
         """
         gen = torch.Generator().manual_seed(int(seed) + 12_345)
-        v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.device)
+        v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
+        v = (v / torch.linalg.vector_norm(v)).to(self.device)
         count = self.count
         # the fresh-graph product first: a retained graph is built only afterwards, so the two
         # graphs never coexist and the check adds nothing to the peak memory
@@ -224,7 +225,7 @@ class HessianOperator:
                 f"overridden eval()). Make the forward pass deterministic in eval mode (use nn.Dropout or the zoo's "
                 f"MCDropout, whose masks --mc-seed fixes), or on CUDA call "
                 f"torch.use_deterministic_algorithms(True)")
-        return diff
+        return diff, v, b
 
     def close(self) -> None:
         """Free retained graphs and restore the model's train/eval mode."""

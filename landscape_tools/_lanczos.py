@@ -78,7 +78,8 @@ def _rel(res: np.ndarray, theta: np.ndarray, floor: float) -> np.ndarray:
 
 def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4,
                           max_hvps: int = 500, ncv: int | None = None, seed: int = 0, device=None,
-                          return_vectors: bool = False) -> EigenPairs:
+                          return_vectors: bool = False, start: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> EigenPairs:
     """The ``k`` eigenpairs of a symmetric operator at one end of its spectrum.
 
     Args:
@@ -91,6 +92,8 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         seed: seed of the start vector.
         device: where the basis lives (default: the operator's output device).
         return_vectors: also return the Ritz vectors ((k, n) float64).
+        start: ``(v, H v)`` with ``v`` a unit vector whose product is already known (it then counts
+            as the first of the products); default a seeded random start.
 
     Returns:
         :class:`EigenPairs` in ``which`` order; residuals are the Lanczos estimates
@@ -99,8 +102,11 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     """
     m = min(n, int(ncv) if ncv else max(2 * k + 10, 30))
     m = max(m, min(n, k + 1))
-    v = _random_unit(n, seed, "cpu")
-    w0 = op(v.to(device) if device is not None else v)
+    if start is not None:
+        v, w0 = start[0].to(torch.float64), start[1]
+    else:
+        v = _random_unit(n, seed, "cpu")
+        w0 = op(v.to(device) if device is not None else v)
     device = w0.device if device is None else device
     V = torch.empty((m, n), dtype=torch.float64, device=device)
     V[0] = v.to(device)

@@ -54,8 +54,9 @@ class HessianSpectrum:
         eigenvalues: (rows, k) float64, signed, in ``which`` order.
         residuals: (rows, k) ``||Hv - lambda v|| / |lambda|``.
         converged: (rows, k) bool, residual <= tol.
-        hvp_count: (rows,) Hessian-vector products the solver used (the determinism check's two and
-            trace / density products not included).
+        hvp_count: (rows,) Hessian-vector products the solver used (for Lanczos including the
+            determinism check's product it starts from; the check's fresh-graph product and trace /
+            density products not included).
         batch_sizes: (n_batches,) samples per batch used (for ``dataset``: every batch averaged).
         trace: dict of arrays (``samples``, ``estimate``, ``stderr``, ``hutchpp``, ``hutchpp_stderr``)
             or None.
@@ -231,9 +232,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         op = HessianOperator(model, [batch_list[i] for i in idx], batch_indices=idx, params=params,
                              weight_decay=weight_decay, mc_seed=mc_seed, form=form)
         try:
-            op.check_determinism(seed=_row_seed(seed, r, 1), label=label)
+            _, v0, hv0 = op.check_determinism(seed=_row_seed(seed, r, 1), label=label)
             solve = _lanczos.thick_restart_lanczos if method == "lanczos" else _lanczos.deflated_power
-            kwargs = {"max_hvps": max_iter, "ncv": ncv} if method == "lanczos" else {"max_iter": max_iter}
+            # Lanczos starts from the check's vector: its (graph-form) product is the first step
+            kwargs = ({"max_hvps": max_iter, "ncv": ncv, "start": (v0, hv0)} if method == "lanczos"
+                      else {"max_iter": max_iter})
             pairs = solve(op, dim, k, which=which, tol=tol, seed=_row_seed(seed, r, 2), device=op.device,
                           return_vectors=return_vectors, **kwargs)
             out.eigenvalues[r] = pairs.values

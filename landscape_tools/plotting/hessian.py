@@ -20,7 +20,8 @@ def draw(results, kind: str = "spectrum", **options):
     Args:
         results: list of :class:`landscape_tools.store.Result` of kind ``hessian``.
         kind: ``spectrum`` (the paper's figure): Gaussian-KDE density of every computed eigenvalue
-            pooled over batches, in a negative panel and a positive panel with their own y-scales;
+            pooled over batches, in a negative panel and a positive panel with their own y-scales
+            (one KDE per sign, scaled by that sign's share of the values);
             ``density``: the stochastic-Lanczos-quadrature spectral density (files made with
             ``--density``), averaged over rows and re-smoothed from the stored nodes and weights.
         options: ``title`` (str), ``bandwidth`` (KDE bandwidth factor, spectrum only).
@@ -72,15 +73,18 @@ def _spectrum(results, title: str | None = None, bandwidth=None, **_):
     span = max(pos_hi - neg_lo, 1e-12)
     for n, (label, (ev, attrs)) in enumerate(pooled.items()):
         color = colors[n % len(colors)]
-        lo, hi = min(neg_lo, -0.02 * span), max(pos_hi, 0.02 * span)
-        grid = np.linspace(lo - 0.05 * span, hi + 0.05 * span, 800)
-        dens = _kde(ev, grid, bandwidth)
-        neg = grid <= 0
+        # each sign gets its own KDE (its own bandwidth), scaled by its share of the values, so the
+        # many positive values do not leak into the negative panel
         n_neg = int(np.sum(ev < 0))
-        ax_n.plot(grid[neg], dens[neg], color=color, label=f"{label} ({n_neg} neg.)")
-        ax_n.fill_between(grid[neg], dens[neg], color=color, alpha=0.15)
-        ax_p.plot(grid[~neg], dens[~neg], color=color, label=f"{label} (n={ev.size})")
-        ax_p.fill_between(grid[~neg], dens[~neg], color=color, alpha=0.15)
+        for ax, part, grid, text in (
+                (ax_n, ev[ev < 0], np.linspace(min(neg_lo, -0.02 * span) * 1.05, 0.0, 400), f"{label} ({n_neg} neg.)"),
+                (ax_p, ev[ev >= 0], np.linspace(0.0, max(pos_hi, 0.02 * span) * 1.05, 600), f"{label} (n={ev.size})")):
+            if part.size == 0:
+                ax.plot([], [], color=color, label=text)
+                continue
+            dens = _kde(part, grid, bandwidth) * (part.size / ev.size)
+            ax.plot(grid, dens, color=color, label=text)
+            ax.fill_between(grid, dens, color=color, alpha=0.15)
     attrs = next(iter(pooled.values()))[1]
     ax_n.set_title("negative eigenvalues")
     ax_p.set_title("positive eigenvalues")

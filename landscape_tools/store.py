@@ -51,7 +51,7 @@ def provenance(kind: str, command: Iterable[str] | None = None, config: dict | N
         "command": " ".join(command if command is not None else sys.argv),
         "config": json.dumps(config or {}, sort_keys=True, default=str),
         "seed": -1 if seed is None else int(seed),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "device": str(device),
     }
 
@@ -68,6 +68,8 @@ def _attr(value: Any) -> Any:
         return np.asarray(value)
     if isinstance(value, (np.generic,)):
         return value.item()
+    if isinstance(value, str):
+        return str(value)  # plain str: h5py refuses str subclasses such as TorchVersion
     return value
 
 
@@ -251,7 +253,7 @@ def write_result(path: str | os.PathLike, root_attrs: dict, models: dict[str, di
     check_writable(p, overwrite)
     tmp = _tmp_path(p)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", track_order=True) as f:
             for key, value in root_attrs.items():
                 f.attrs[key] = _attr(value)
             for label, node in models.items():
@@ -414,7 +416,7 @@ def open_partial(path: str | os.PathLike, root_attrs: dict, fingerprint: str, la
             part.unlink()
         tmp = _tmp_path(part)
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", track_order=True) as f:
                 for key, value in dict(root_attrs, fingerprint=fingerprint).items():
                     f.attrs[key] = _attr(value)
                 for label, node in layout.items():

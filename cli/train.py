@@ -1,0 +1,94 @@
+"""`lt train`: train a zoo model and write a native checkpoint."""
+from __future__ import annotations
+
+import click
+
+from . import common
+
+
+def _parse_filter(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,1") from None
+    return values
+
+
+@click.command("train")
+@click.argument("arch")
+@click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
+              help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR | tensors:FILE.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N", help="Train on a seeded subset.")
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (SGD, Nesterov momentum).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
+@click.option("--step-size", type=click.IntRange(min=1), default=30, show_default=True, help="Epochs per step (step schedule).")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Random translations (and flips with --flip) of image data.")
+@click.option("--flip", is_flag=True, help="Also random horizontal flips (not for digits).")
+@click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="Base channel count (paper: 64).")
+@click.option("--stem", type=click.Choice(["cifar", "imagenet"]), default="cifar", show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="MC-dropout probability of _mcdo models (default 0.3; AlexNet 0.1).")
+@click.option("--smoothing", type=click.Choice(["tanh", "relu6", "sigmoid", "softmax", "scaling", "none"]),
+              default="tanh", show_default=True, help="Prob kind of _smoothing models.")
+@click.option("--tau", type=float, default=None, help="Smoothing temperature (default per kind).")
+@click.option("--blur-filter", default="1,1", show_default=True, help="1-D blur filter, e.g. 1,2,1.")
+@click.option("--pad-mode", type=click.Choice(["constant", "replicate", "reflect"]), default="constant", show_default=True)
+@common.device_option
+@common.seed_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="MODEL.pt")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint.")
+def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, momentum, schedule, step_size, augment,
+            flip, width, stem, dropout, smoothing, tau, blur_filter, pad_mode, device, seed, output, overwrite):
+    """Train a zoo model (ARCH, see `lt info --zoo`) and save a checkpoint.
+
+    MC dropout stays active during training; the test split's NLL and accuracy (one deterministic
+    pass) and the options are stored in the checkpoint's meta, with the data spec, so later
+    analyses use the same data by default.
+
+    \b
+    Example:
+      lt train resnet_mcdo_smoothing_18 --width 16 --data digits --epochs 15 -o smooth.pt
+      lt train vgg_dnn_11 --data cifar10:~/data --width 32 --epochs 100 --flip -o vgg.pt
+    """
+    import time
+    from pathlib import Path
+
+    from landscape_tools.checkpoints import save_checkpoint
+    from landscape_tools.data import load_data
+    from landscape_tools.device import resolve_device
+    from landscape_tools.errors import CheckpointError
+    from landscape_tools.models import build_model
+    from landscape_tools.training import TrainConfig, train
+
+    if Path(output).exists() and not overwrite:
+        raise CheckpointError(f"{output} already exists; pass --overwrite to replace it or choose another -o")
+    dev = resolve_device(device)
+    train_ds = load_data(data_spec, "train", samples=samples, seed=seed, batch_size=batch_size, device=dev)
+    in_channels = int(train_ds.x.shape[1]) if train_ds.x.dim() == 4 else 3
+    model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
+                        dropout=dropout, smoothing=smoothing, tau=tau, sfilter=_parse_filter(blur_filter),
+                        pad_mode=pad_mode).to(dev)
+    try:
+        test_ds = load_data(data_spec, "test", batch_size=256, in_channels=in_channels, device=dev)
+    except Exception as exc:  # a tensors file without a test split: train anyway, say so
+        common.info_line(f"no test split ({exc}); test metrics are skipped")
+        test_ds = None
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                      schedule=schedule, step_size=step_size, augment=augment, flip=flip, seed=seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    common.info_line(f"training {arch} ({n_params:,} parameters) on {data_spec} ({len(train_ds)} samples) on {dev}")
+    start = time.monotonic()
+    result = train(model, train_ds, test_ds, cfg, progress=common.ProgressBar("train"))
+    meta = {"dataset": data_spec, "input_shape": list(train_ds.x.shape[1:]), "num_classes": train_ds.num_classes,
+            "normalisation": train_ds.normalisation, "epochs": epochs, "train": cfg.__dict__,
+            "history": result.history, "metrics": {"test": result.test}, "seconds": round(time.monotonic() - start, 1),
+            "train_samples": len(train_ds), "sample_indices": train_ds.describe()["indices"]}
+    save_checkpoint(output, model.cpu(), arch, model.arch_kwargs, meta, overwrite=overwrite)
+    test = result.test
+    summary = f"test accuracy {test['accuracy']:.4f}, NLL {test['nll']:.4f}; " if test else ""
+    click.echo(f"{output}: {arch}, {summary}{result.seconds:.0f} s")

@@ -57,7 +57,8 @@ class LazyGroup(click.Group):
         except LTError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("\nError: interrupted. Completed work is kept; run the same command again to resume.", err=True)
+            click.echo("\nError: interrupted. No half-written result file is left; surface, hessian and featvar "
+                       "keep their progress in OUT.h5.partial and resume when run again.", err=True)
             sys.exit(130)
 
 

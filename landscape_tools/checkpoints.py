@@ -147,6 +147,13 @@ def _build_user_model(spec: str, state_dict: dict | None, arch_kwargs: dict | No
 
 
 def _torch_load(path: Path, trust_pickle: bool, map_location: Any) -> Any:
+    # torch.save writes a zip archive (or, legacy format, a pickle: protocol byte 0x80); anything else
+    # (a text file...) would otherwise be misreported as "pickled Python objects" by the weights-only loader
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: neither a torch.save zip archive nor a pickle "
+                              f"(a text file, or another kind of file?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -159,7 +166,7 @@ def _torch_load(path: Path, trust_pickle: bool, map_location: Any) -> Any:
                     f"torch.save({{'name': ARCH, 'state_dict': model.state_dict()}}, 'model.pt')") from None
         else:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file?): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:

@@ -196,3 +196,20 @@ def render_plot(result_paths: Sequence[str], plot_path: str, kind: str | None = 
     from landscape_tools.plotting import render
     render(list(result_paths), plot_path, kind=kind, **options)
     info_line(f"figure written to {plot_path}")
+
+
+def data_for_models(loaded, data_spec: str | None, split: str, samples: int | None, batch_size: int, seed: int,
+                    device):
+    """The data of each loaded model, loaded once per (spec, input channels) and checked against every model.
+
+    Returns a list of ``(model, info, DataSet)`` in the order of ``loaded``.
+    """
+    cache, out = {}, []
+    for model, info in loaded:
+        key = (data_spec or info.dataset, model_in_channels(model))
+        if key not in cache:
+            cache[key] = load_data_for(info, model, data_spec, split, samples, batch_size, seed, device)
+        else:
+            check_data_fits(model, info, cache[key])
+        out.append((model, info, cache[key]))
+    return out

@@ -46,8 +46,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     dev = resolve_device(device)
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
     nodes = {}
-    for model, info in loaded:
-        ds = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
+    for model, info, ds in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
         common.info_line(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
                          f"N = {','.join(map(str, sizes))}, on {dev}")
         curve = ensemble_curve(model, ds.batches(), sizes, seed=seed,

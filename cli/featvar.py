@@ -57,8 +57,8 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     src = featvar.parse_source(source) if over == "mc" else None
     dev = resolve_device(device)
     jobs = []
-    for model, info in common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev):
-        ds = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
+    loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
+    for model, info, ds in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
         described = ds.describe()
         jobs.append(featvar.Job(info.label, model, dict(info.describe(), data=described), ds.batches(),
                                 data={k: v for k, v in described.items() if k != "normalisation"}))

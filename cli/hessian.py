@@ -75,14 +75,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     mc_seed = seed if mc_seed is None else mc_seed
 
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
-    jobs, data_cache, described = [], {}, {}
-    for model, info in loaded:
-        key = (data_spec or info.dataset, common.model_in_channels(model))
-        if key not in data_cache:
-            data_cache[key] = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
-        else:
-            common.check_data_fits(model, info, data_cache[key])
-        data = data_cache[key]
+    jobs, described = [], {}
+    for model, info, data in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
         batches = data.batches()[:n_batches] if n_batches else data.batches()
         described[info.label] = data.describe()
         jobs.append(H.HessianJob(info.label, model, info, batches))

@@ -128,14 +128,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         return other, info
 
     jobs = []
-    data_cache = {}
-    for model, info in loaded:
-        key = (data_spec or info.dataset, common.model_in_channels(model))
-        if key not in data_cache:
-            data_cache[key] = common.load_data_for(info, model, data_spec, split, samples, batch_size, seed, dev)
-        else:
-            common.check_data_fits(model, info, data_cache[key])
-        data = data_cache[key]
+    for model, info, data in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
         if mode == "--to":
             other, oinfo = load_other(to_path)
             directions = S.line_to(model, other, oinfo.label)

@@ -85,7 +85,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(files, tmp_path, mon
 
     monkeypatch.setattr(_lanczos, "thick_restart_lanczos", dies_on_second)
     killed = runner.invoke(cli, args(files, out))
-    assert killed.exit_code == 130 and "run the same command again to resume" in killed.output
+    assert killed.exit_code == 130 and "resume when run again" in killed.output
     assert not out.exists() and store.partial_path(out).exists()
     monkeypatch.setattr(_lanczos, "thick_restart_lanczos", original)
     solved = {"n": 0}

@@ -10,7 +10,6 @@ from landscape_tools.cli.main import cli
 from landscape_tools.data import save_tensors
 from landscape_tools.models import build_model
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,6 @@ from landscape_tools.models import mc_dropout
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 # 4 samples, 3 classes; every expected number below is worked out by hand in the comments.
 PROBS = np.array([[0.65, 0.25, 0.10],   # y=0: right, conf .65 -> bin 6 (.6,.7]
                   [0.20, 0.45, 0.35],   # y=2: wrong (says 1), conf .45 -> bin 4 (.4,.5]

@@ -17,15 +17,6 @@ from landscape_tools.models import MCDropout, build_model
 SEED = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class TinyNet(nn.Module):
     """conv -> relu -> MCDropout(0.3) -> conv -> Dropout2d(0.4) -> flatten -> linear (float64, ~200 params)."""
 

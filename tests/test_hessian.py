@@ -87,17 +87,8 @@ def rel(a, b):
     return np.max(np.abs(np.asarray(a) - b) / np.abs(b))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only fight over the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def cases(one_thread):
+def cases():
     out = {}
     for mc in (False, True):
         model, batches = make(mc)

@@ -19,7 +19,6 @@ from landscape_tools.errors import ConfigError, StoreError
 from landscape_tools.models import mc_dropout
 
 # the machine's few cores are shared: OpenMP threads fighting each other make tiny models 100x slower
-torch.set_num_threads(1)
 
 
 class Tiny(nn.Module):

@@ -122,10 +122,11 @@ def check_data_fits(model, info, ds) -> None:
     """A forward pass of one sample: wrong shapes, non-image data and out-of-range labels are errors."""
     import torch
 
+    param = next(model.parameters(), None)
+    x = ds.x[:1] if param is None or not ds.x.is_floating_point() else ds.x[:1].to(param.dtype)
     try:
         with torch.no_grad():
-            out = model(ds.x[:1].to(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters())
-                        else ds.x[:1])
+            out = model(x)
     except RuntimeError as exc:
         raise DataError(f"data {ds.spec!r} (inputs of shape {tuple(ds.x.shape[1:])}) does not fit {info.label} "
                         f"({info.arch}): {str(exc).splitlines()[0]}. Use data shaped as the model was trained on") from None

@@ -76,7 +76,11 @@ def has_stochastic_dropout(model: nn.Module) -> bool:
         if isinstance(m, MCDropout):
             if m.mc_enabled and m.mc_seed is None:
                 return True
-        elif m.training and "forward" not in m.__dict__:
+        elif "forward" in m.__dict__:  # switched by mc_dropout: stochastic when on without a seed
+            patched = m.__dict__["forward"]
+            if getattr(patched, "lt_active", False) and getattr(patched, "lt_seed", 0) is None:
+                return True
+        elif m.training:
             return True
     return False
 
@@ -84,6 +88,7 @@ def has_stochastic_dropout(model: nn.Module) -> bool:
 def _make_forward(module: nn.Module, active: bool, seed: int | None, channelwise: bool):
     def forward(x: torch.Tensor) -> torch.Tensor:
         return apply_dropout(x, module.p, active, seed, channelwise)
+    forward.lt_active, forward.lt_seed = active, seed
     return forward
 
 

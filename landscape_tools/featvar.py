@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, NumericalError
-from .models import Smoothing, dropout_modules
+from .models import Smoothing, dropout_modules, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 
 OVER = ("mc", "spatial")
@@ -318,12 +318,15 @@ class _CopySchedule:
 @contextlib.contextmanager
 def _copywise_dropout(model: nn.Module, holder: list | None) -> Iterator[None]:
     """Replace every dropout's forward: identity when ``holder`` is None or holds None, else each MC
-    copy of the repeated batch gets its own mask seeded by ``derive_seed``.  Restored on exit."""
+    copy of the repeated batch gets its own mask seeded by ``derive_seed`` (only the modules MC
+    sampling switches on, see ``sampling_dropout_modules``; the others are the identity).  Restored on exit."""
     saved = []
     try:
+        sampled = {id(m) for _, m in sampling_dropout_modules(model)}
         for index, (_, m) in enumerate(dropout_modules(model)):
             saved.append((m, m.__dict__.get("forward")))
-            m.forward = _copy_forward(m, index, holder, isinstance(m, _CHANNEL_DROPOUTS))
+            m.forward = _copy_forward(m, index, holder if id(m) in sampled else None,
+                                      isinstance(m, _CHANNEL_DROPOUTS))
         yield
     finally:
         for m, state in reversed(saved):
@@ -488,7 +491,7 @@ class FeatureVariance:
                 raise ConfigError(f"--mc {mc}: the sample variance needs at least 2 MC samples")
             self.source = parse_source(source)
             if self.source.kind == "dropout":
-                active = [n for n, m in dropout_modules(model) if float(getattr(m, "p", 0.0)) > 0.0]
+                active = [n for n, m in sampling_dropout_modules(model) if float(getattr(m, "p", 0.0)) > 0.0]
                 if not active:
                     raise ConfigError(f"{getattr(model, 'arch_name', type(model).__name__)} has no dropout, so "
                                       f"--source dropout gives zero variance; use --source noise:SIGMA (Gaussian "

@@ -18,14 +18,16 @@ SEED = 7
 
 
 class TinyNet(nn.Module):
-    """conv -> relu -> MCDropout(0.3) -> conv -> Dropout2d(0.4) -> flatten -> linear (float64, ~200 params)."""
+    """conv -> relu -> Dropout(0.3) -> conv -> Dropout2d(0.4) -> flatten -> linear (float64, ~200 params).
+
+    A user model: both of its ordinary dropouts are sampled (a zoo model samples only its MCDropout)."""
 
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.conv1 = nn.Conv2d(1, 3, 3, padding=1).double()
         self.relu = nn.ReLU()
-        self.drop1 = MCDropout(0.3)
+        self.drop1 = nn.Dropout(0.3)
         self.conv2 = nn.Conv2d(3, 2, 3, padding=1).double()
         self.drop2 = nn.Dropout2d(0.4)
         self.fc = nn.Linear(2 * 5 * 5, 3).double()
@@ -317,3 +319,14 @@ def test_resume_after_interruption_equals_a_full_run(tmp_path):
     # and the file equals the in-memory computation
     direct = featvar.feature_variance(jobs[1].model, jobs[1].batches, **kw)
     np.testing.assert_array_equal(direct.variance, b.models["b"]["variance"])
+
+
+def test_zoo_model_samples_only_its_mc_dropout():
+    """A VGG-mcdo classifier's nn.Dropout stays off in eval mode, as in the reference code."""
+    net = build_model("vgg_mcdo_11", width=4, num_classes=3).double().eval()
+    head = net.classifier[2]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = []
+    head.dropout1.register_forward_hook(lambda m, i, o: seen.append(torch.equal(i[0], o)))
+    featvar.feature_variance(net, [x], mc=3, layers="classifier")
+    assert seen and all(seen)

@@ -55,3 +55,22 @@ def test_logits_match_reference_in_float64(name):
     expected = torch.tensor(GOLDEN["models"][name]["logits"], dtype=torch.float64)
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, atol=1e-8, rtol=0)
+
+
+def test_mc_dropout_on_a_zoo_model_switches_only_its_mc_layers():
+    model = build_model("vgg_mcdo_11", width=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with mc_dropout(model, True, seed=3):
+        assert model.classifier[2].dropout1.__dict__.get("forward") is None     # reference: off in eval mode
+        a, b = model(x), model(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with mc_dropout(model, False):
+        c = model(x)
+    assert not torch.equal(a, c)
+
+
+def test_unknown_names_are_refused_with_the_naming_scheme():
+    with pytest.raises(UnknownArchitecture, match=r"unknown architecture 'resnet_mcdo_19'.*lt info --zoo"):
+        build_model("resnet_mcdo_19")
+    assert parse_name("alexnet_mcdo_smoothing") == ("alexnet", True, True, None)
+    assert len(list_models()) == 60

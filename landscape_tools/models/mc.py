@@ -67,6 +67,15 @@ def dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def sampling_dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The dropout modules MC sampling switches on: a zoo model's :class:`MCDropout` layers when it has
+    any (its ordinary ``nn.Dropout`` in the classifier stays as the reference code has it: off in eval
+    mode), otherwise every dropout module of the model."""
+    modules = dropout_modules(model)
+    ours = [(name, m) for name, m in modules if isinstance(m, MCDropout)]
+    return ours or modules
+
+
 def has_stochastic_dropout(model: nn.Module) -> bool:
     """True when a forward pass of ``model`` in its current mode would draw dropout masks."""
     for _, m in dropout_modules(model):
@@ -97,8 +106,10 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
     """Turn every dropout of ``model`` on (``enabled=True``) or off, restoring it on exit.
 
     Args:
-        model: any ``nn.Module``; zoo models' :class:`MCDropout` layers and ordinary
-            ``nn.Dropout`` modules are both switched, whatever the model's train/eval mode.
+        model: any ``nn.Module``. On: the model's :class:`MCDropout` layers when it has any (as in the
+            reference code, a zoo model's classifier ``nn.Dropout`` keeps its train/eval behaviour),
+            else its ordinary ``nn.Dropout`` / ``Dropout1d/2d/3d`` modules, whatever the train/eval
+            mode. Off: every dropout module of the model.
         enabled: True: dropout is applied (MC sampling); False: every dropout is the identity.
         seed: with ``enabled``, every forward pass inside the block draws the *same* masks
             (each dropout module gets its own stream derived from ``seed`` and its position);
@@ -115,8 +126,9 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
             y = model(x)                  # deterministic prediction
     """
     saved = []
+    targets = sampling_dropout_modules(model) if enabled else dropout_modules(model)
     try:
-        for index, (_, m) in enumerate(dropout_modules(model)):
+        for index, (_, m) in enumerate(targets):
             sub_seed = None if seed is None else int(seed) * 1_000_003 + index * 7919 + 17
             if isinstance(m, MCDropout):
                 saved.append((m, "mc", (m.mc_enabled, m.mc_seed)))

@@ -61,18 +61,25 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     from landscape_tools.checkpoints import save_checkpoint
     from landscape_tools.data import load_data
     from landscape_tools.device import resolve_device
-    from landscape_tools.errors import CheckpointError
-    from landscape_tools.models import build_model
+    from landscape_tools.errors import CheckpointError, ConfigError
+    from landscape_tools.models import UnknownArchitecture, build_model, parse_name
     from landscape_tools.training import TrainConfig, train
 
+    try:
+        parse_name(arch)
+    except UnknownArchitecture as exc:
+        raise ConfigError(str(exc)) from None
     if Path(output).exists() and not overwrite:
         raise CheckpointError(f"{output} already exists; pass --overwrite to replace it or choose another -o")
     dev = resolve_device(device)
     train_ds = load_data(data_spec, "train", samples=samples, seed=seed, batch_size=batch_size, device=dev)
     in_channels = int(train_ds.x.shape[1]) if train_ds.x.dim() == 4 else 3
-    model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
-                        dropout=dropout, smoothing=smoothing, tau=tau, sfilter=_parse_filter(blur_filter),
-                        pad_mode=pad_mode).to(dev)
+    try:
+        model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
+                            dropout=dropout, smoothing=smoothing, tau=tau, sfilter=_parse_filter(blur_filter),
+                            pad_mode=pad_mode).to(dev)
+    except ValueError as exc:  # bad smoothing options (tau <= 0, a filter summing to zero...)
+        raise ConfigError(str(exc)) from None
     try:
         test_ds = load_data(data_spec, "test", batch_size=256, in_channels=in_channels, device=dev)
     except Exception as exc:  # a tensors file without a test split: train anyway, say so

@@ -151,7 +151,7 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * int(y.shape[0])
+            loss_sum += float(loss.detach()) * int(y.shape[0])
             correct += int((out.detach().argmax(1) == y).sum())
             seen += int(y.shape[0])
             step += 1

@@ -142,15 +142,18 @@ def test_ordinary_dropout_switched():
 
 def test_each_module_gets_its_own_stream():
     torch.manual_seed(0)
-    model = nn.Sequential(MCDropout(P), nn.Dropout(P)).double()
+    model = nn.Sequential(MCDropout(P), MCDropout(P)).double()
     x = torch.ones(3, 40, dtype=torch.float64)
-    assert [type(m).__name__ for _, m in dropout_modules(model)] == ["MCDropout", "Dropout"]
+    assert [type(m).__name__ for _, m in dropout_modules(model)] == ["MCDropout", "MCDropout"]
     with mc_dropout(model, True, seed=2):
         first = model[0](x)
         out = model(x)
     torch.testing.assert_close(first, _mask(x.shape, _sub_seed(2, 0)), rtol=0, atol=0)
     expected = _mask(x.shape, _sub_seed(2, 0)) * _mask(x.shape, _sub_seed(2, 1))
     assert torch.equal(out, expected)
+    torch_model = nn.Sequential(nn.Dropout(P), nn.Dropout(P)).double().eval()
+    with mc_dropout(torch_model, True, seed=2):
+        assert torch.equal(torch_model(x), expected)
 
 
 def test_dropout2d_channelwise():

@@ -120,6 +120,14 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     shard = S.parse_shard(shard_spec) if shard_spec else None
     common.ensure_output_ok(output, overwrite)
     dev = resolve_device(device)
+    # under torchrun: one process per GPU / CPU worker, each computing the points of --shard RANK/WORLD
+    from landscape_tools import distributed
+    if distributed.launched() and shard is not None:
+        raise ConfigError(f"--shard {shard_spec} cannot be combined with torchrun: the ranks already share the "
+                          f"points (drop --shard, or run without torchrun)")
+    ctx = distributed.init(dev)
+    click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
+    dev = ctx.device
 
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
 
@@ -166,11 +174,18 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                                 device=str(dev), seed=seed, mode=mode)
     n_points = len(x) * (1 if y is None else len(y))
     share = n_points if shard is None else len(S.shard_points(n_points, *shard))
-    common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
-                     f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'} "
-                     f"on {len(jobs[0].data)} samples ({split}), {dev}")
-    path = S.run_surface(jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard, overwrite=overwrite,
-                         config=config, device=str(dev), progress=common.ProgressBar("surface"))
+    if ctx.distributed:
+        share = len(S.shard_points(n_points, ctx.rank, ctx.world_size))
+    if ctx.is_main:
+        common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
+                         f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'}"
+                         f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
+                         f"on {len(jobs[0].data)} samples ({split}), {dev}")
+    path = distributed.run_surface(ctx, jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard,
+                                   overwrite=overwrite, config=config, device=str(dev),
+                                   progress=common.ProgressBar("surface", quiet=not ctx.is_main))
+    if not ctx.is_main:
+        return
     _summary(path)
     if plot_path:
         common.render_plot([str(path)], plot_path)

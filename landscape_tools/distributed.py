@@ -1,0 +1,277 @@
+"""torch.distributed plumbing for commands started by ``torchrun`` (one process per GPU or CPU worker).
+
+``torchrun --nproc-per-node N lt surface ...`` starts N copies of the same command line with the
+environment variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+:func:`launched` recognises that; :func:`init` joins the process group (``nccl`` with one GPU per
+``LOCAL_RANK`` when the run is on CUDA, ``gloo`` on CPU) and :func:`destroy` leaves it.  A plain
+``lt`` process is a group of one: every helper here then works without torch.distributed.
+
+The commands split their work like ``--shard RANK/WORLD_SIZE`` and gather on rank 0, so the
+collectives needed are few: :func:`barrier`, :func:`all_reduce`, :func:`all_ok` (did every rank
+succeed?) and :func:`gather_objects`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, LTError
+
+__all__ = ["launched", "env_rank", "init", "destroy", "Context", "barrier", "all_reduce", "all_ok",
+           "gather_objects", "rank_device", "RankFailed"]
+
+#: how long a rank waits for the others at a collective before giving up
+TIMEOUT = _dt.timedelta(minutes=30)
+
+
+class RankFailed(LTError):
+    """Another rank of a torchrun job failed; this rank stops without writing the result."""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; it is set by torchrun, "
+                          f"unset it when not running under a launcher") from None
+
+
+def launched() -> bool:
+    """True when this process is one of several started by torchrun (``WORLD_SIZE`` > 1)."""
+    world = _env_int("WORLD_SIZE")
+    return world is not None and world > 1 and _env_int("RANK") is not None
+
+
+def env_rank() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment; ``(0, 1, 0)`` without one.
+
+    Raises:
+        ConfigError: inconsistent values (rank outside ``0..world_size-1``).
+    """
+    if not launched():
+        return 0, 1, 0
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local = _env_int("LOCAL_RANK")
+    local = rank if local is None else local
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}); start the job with torchrun")
+    return rank, world, local
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of this rank: any CUDA device becomes ``cuda:LOCAL_RANK`` (one GPU per process);
+    CPU stays CPU.
+
+    Raises:
+        ConfigError: fewer visible GPUs than processes on this node.
+    """
+    if device.type != "cuda":
+        return device
+    n = torch.cuda.device_count()
+    if local_rank >= n:
+        raise ConfigError(f"torchrun started process {local_rank} on this node but only {n} GPU(s) are visible; "
+                          f"use --nproc-per-node {n} (one process per GPU)")
+    return torch.device("cuda", local_rank)
+
+
+@dataclass
+class Context:
+    """Where this process stands in the job: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialised: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: torch.device) -> Context:
+    """Join the torchrun process group (no-op for a single process).
+
+    Args:
+        device: the device the command resolved (``--device``); CUDA selects ``nccl`` and pins this
+            process to ``cuda:LOCAL_RANK``, anything else uses ``gloo``.
+
+    Returns:
+        The :class:`Context` of this process (its ``device`` is the per-rank device).
+
+    Raises:
+        ConfigError: broken launcher environment, too few GPUs.
+    """
+    rank, world, local = env_rank()
+    if world == 1:
+        return Context(0, 1, 0, device, False)
+    import torch.distributed as dist
+
+    dev = rank_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"backend": backend, "rank": rank, "world_size": world, "timeout": TIMEOUT}
+        if backend == "nccl":
+            kwargs["device_id"] = dev
+        try:
+            dist.init_process_group(**kwargs)
+        except TypeError:  # older torch without device_id
+            kwargs.pop("device_id", None)
+            dist.init_process_group(**kwargs)
+    return Context(rank, world, local, dev, True)
+
+
+def destroy(ctx: Context) -> None:
+    """Leave the process group (safe to call twice or for a single process)."""
+    if ctx.initialised:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        ctx.initialised = False
+
+
+def _tensor_device(ctx: Context) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+
+
+def barrier(ctx: Context) -> None:
+    """Wait until every rank arrives (no-op for one process)."""
+    if ctx.initialised:
+        import torch.distributed as dist
+        if ctx.device.type == "cuda":
+            dist.barrier(device_ids=[ctx.device.index or 0])
+        else:
+            dist.barrier()
+
+
+def all_reduce(ctx: Context, values, op: str = "sum") -> torch.Tensor:
+    """Sum / min / max of ``values`` over all ranks; returns a new tensor on the values' device.
+
+    Args:
+        ctx: the job context.
+        values: a tensor or anything ``torch.as_tensor`` takes.
+        op: ``sum``, ``min`` or ``max``.
+    """
+    t = torch.as_tensor(values)
+    if not ctx.initialised:
+        return t.clone()
+    import torch.distributed as dist
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ConfigError(f"all_reduce op {op!r}: expected one of {sorted(ops)}")
+    work = t.detach().to(_tensor_device(ctx), copy=True)
+    dist.all_reduce(work, op=ops[op])
+    return work.to(t.device)
+
+
+def all_ok(ctx: Context, ok: bool) -> list[int]:
+    """Share whether each rank succeeded; returns the ranks that failed (empty: all fine)."""
+    flags = torch.zeros(ctx.world_size, dtype=torch.int64)
+    flags[ctx.rank] = 0 if ok else 1
+    flags = all_reduce(ctx, flags, "sum")
+    return [int(r) for r in torch.nonzero(flags).flatten()]
+
+
+def gather_objects(ctx: Context, obj: Any) -> list[Any] | None:
+    """Picklable ``obj`` of every rank, in rank order, on rank 0 (None elsewhere)."""
+    if not ctx.initialised:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+# ----------------------------------------------------------------------------- lt surface under torchrun
+def shard_path(output, rank: int, world_size: int):
+    """The file rank ``rank`` writes its share to: ``OUT.h5`` -> ``OUT.rank0of2.h5`` next to it."""
+    from pathlib import Path
+    p = Path(output)
+    return p.with_name(f"{p.stem}.rank{rank}of{world_size}{p.suffix or '.h5'}")
+
+
+def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str = "frozen", seed: int = 0,
+                shard=None, overwrite: bool = False, command=None, config=None, device: str = "cpu", progress=None, **kwargs):
+    """:func:`landscape_tools.surface.run_surface` shared between the ranks of a torchrun job.
+
+    Rank ``r`` of ``n`` computes the points of ``--shard r/n`` into :func:`shard_path` (resumable like
+    any run: its ``.partial`` file survives a kill), then rank 0 merges the shards into ``output``
+    with :func:`landscape_tools.surface.merge_shards` and removes them.  A shard file already finished
+    by an earlier, interrupted job of the same run is reused.  With one process this is exactly
+    ``surface.run_surface``.
+
+    Returns:
+        The output path (on every rank, once rank 0 has written it).
+
+    Raises:
+        StoreError: a shard file of a different run is in the way (and no ``overwrite``).
+        RankFailed: another rank failed; this one's shard is kept for a rerun.
+        Whatever ``run_surface`` / ``merge_shards`` raise on this rank.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import store
+    from . import surface as S
+    from .errors import StoreError
+
+    if ctx.distributed and shard is not None:
+        raise ConfigError("--shard cannot be combined with torchrun: the ranks already share the points")
+    if not ctx.distributed:
+        return S.run_surface(jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard, overwrite=overwrite,
+                             command=command, config=config, device=device, progress=progress, **kwargs)
+    shards = [shard_path(output, r, ctx.world_size) for r in range(ctx.world_size)]
+    mine = shards[ctx.rank]
+    error = None
+    try:
+        reuse = False
+        if mine.exists() and not overwrite:
+            xs = np.asarray(x, np.float64)
+            ys = None if y is None else np.asarray(y, np.float64)
+            want = S._digest(S.run_fingerprint(jobs, xs, ys, {"mc": int(mc), "bn": bn, "seed": int(seed)}))
+            old = store.read_result(mine).attrs
+            if (old.get("surface_fingerprint") != want or int(old.get("shard", -1)) != ctx.rank
+                    or int(old.get("n_shards", -1)) != ctx.world_size):
+                raise StoreError(f"{mine} holds a shard of a different run; remove it or pass --overwrite")
+            reuse = True
+        if not reuse:
+            S.run_surface(jobs, str(mine), x, y, mc=mc, bn=bn, seed=seed, shard=(ctx.rank, ctx.world_size),
+                          overwrite=overwrite, command=command, config=config, device=device, progress=progress,
+                          **kwargs)
+    except Exception as exc:  # every rank must reach the vote below, or the others wait forever
+        error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
+                         f"finished shards and partial progress are kept next to {output}: rerun the same command "
+                         f"to resume")
+    path = Path(output)
+    if ctx.is_main:
+        try:
+            path = S.merge_shards([str(s) for s in shards], output, overwrite=overwrite, command=command)
+            for s in shards:
+                s.unlink(missing_ok=True)
+        except Exception as exc:
+            error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank 0 could not merge the shards into {output} (see its message)")
+    return path

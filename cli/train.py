@@ -59,7 +59,7 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     from pathlib import Path
 
     from landscape_tools.checkpoints import save_checkpoint
-    from landscape_tools.data import load_data
+    from landscape_tools.data import absolute_spec, load_data
     from landscape_tools.device import resolve_device
     from landscape_tools.errors import CheckpointError, ConfigError
     from landscape_tools.models import UnknownArchitecture, build_model, parse_name
@@ -91,7 +91,7 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     common.info_line(f"training {arch} ({n_params:,} parameters) on {data_spec} ({len(train_ds)} samples) on {dev}")
     start = time.monotonic()
     result = train(model, train_ds, test_ds, cfg, progress=common.ProgressBar("train"))
-    meta = {"dataset": data_spec, "input_shape": list(train_ds.x.shape[1:]), "num_classes": train_ds.num_classes,
+    meta = {"dataset": absolute_spec(data_spec), "input_shape": list(train_ds.x.shape[1:]), "num_classes": train_ds.num_classes,
             "normalisation": train_ds.normalisation, "epochs": epochs, "train": cfg.__dict__,
             "history": result.history, "metrics": {"test": result.test}, "seconds": round(time.monotonic() - start, 1),
             "train_samples": len(train_ds), "sample_indices": train_ds.describe()["indices"]}

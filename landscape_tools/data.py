@@ -236,6 +236,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return kind, os.path.expanduser(arg)
 
 
+def absolute_spec(spec: str) -> str:
+    """The spec with its path made absolute, so a checkpoint that records it works from any folder."""
+    kind, arg = parse_spec(spec)
+    return kind if arg is None else f"{kind}:{os.path.abspath(arg)}"
+
+
 def load_data(spec: str, split: str = "train", samples: int | None = None, seed: int = 0, batch_size: int = 128,
               in_channels: int | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, image_size: int | None = None) -> DataSet:

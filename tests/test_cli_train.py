@@ -105,3 +105,13 @@ def test_train_help_has_example():
     assert lines[at + 1].strip() == ("lt train resnet_mcdo_smoothing_18 --width 16 --data digits --epochs 15 "
                                      "-o smooth.pt")
     assert "--blur-filter" in res.output and "--overwrite" in res.output
+
+
+def test_checkpoint_records_the_data_path_absolutely(trained, monkeypatch):
+    root, data, _, _ = trained
+    monkeypatch.chdir(root)
+    out = root / "rel.pt"
+    res = run("train", ARCH, "--width", "4", "--data", f"tensors:{data.name}", "--epochs", "1", "--batch-size", "8",
+              "--device", "cpu", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out)[1].dataset == f"tensors:{data.resolve()}"

@@ -1,0 +1,188 @@
+"""Faults a real run meets: SIGKILL and Ctrl-C mid-run, two writers of one output, damaged result
+files, a full disk.  A real `lt surface` subprocess is interrupted, then the same command is run
+again and must give the file an uninterrupted run gives."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from landscape_tools import store
+from landscape_tools.checkpoints import save_checkpoint
+from landscape_tools.cli.main import cli
+from landscape_tools.data import save_tensors
+from landscape_tools.models import build_model
+
+GRID = ("--x", "-1:1:15", "--y", "-1:1:15")      # 225 points: seconds of work, flushed every 64 points
+N_POINTS = 15 * 15
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    m = build_model("resnet_dnn_18", width=4, num_classes=3, in_channels=1)
+    save_checkpoint(root / "m.pt", m, "resnet_dnn_18", m.arch_kwargs, {})
+    rng = np.random.default_rng(0)
+    save_tensors(root / "d.npz", x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
+    args = ["surface", str(root / "m.pt"), "--data", "tensors:" + str(root / "d.npz"), "--batch-size", "5", *GRID,
+            "--device", "cpu"]
+    files = {"root": root, "args": args}
+    ref = root / "ref.h5"
+    assert run(files, ref).exit_code == 0
+    files["ref"] = store.read_result(ref).models["m"]
+    return files
+
+
+def run(files, out, *extra):
+    return CliRunner().invoke(cli, [*files["args"], "-o", str(out), *extra], catch_exceptions=False)
+
+
+def start(files, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.Popen([sys.executable, "-m", "landscape_tools.cli.main", *files["args"], "-o", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def done_points(partial) -> int:
+    """Points flagged done in a partial file another process is writing (0 while unreadable)."""
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f["m/done"][()].sum())
+    except Exception:
+        return 0
+
+
+def wait_for_progress(proc, partial, timeout=60.0) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        n = done_points(partial)
+        if n > 0:
+            return n
+        assert proc.poll() is None, "lt surface ended before any progress was seen: " + proc.stderr.read()
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no progress written within the timeout")
+
+
+def assert_equals_reference(files, out):
+    node = store.read_result(out).models["m"]
+    assert node.data["done"].all()
+    np.testing.assert_array_equal(node.data["accuracy"], files["ref"].data["accuracy"])
+    np.testing.assert_allclose(node.data["loss"], files["ref"].data["loss"], rtol=1e-7, atol=0)
+
+
+def leftovers(root, name):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(name) or p.name.startswith("." + name))
+
+
+def test_sigkill_mid_run_then_resume(files):
+    root, out = files["root"], files["root"] / "killed.h5"
+    proc = start(files, out)
+    seen = wait_for_progress(proc, store.partial_path(out))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < seen < N_POINTS and not out.exists()
+    # the dead process left its lock behind: the rerun takes it over and resumes
+    assert leftovers(root, "killed") == ["killed.h5.lock", "killed.h5.partial"]
+    r = run(files, out)
+    assert r.exit_code == 0, r.output
+    assert "resumed" in r.output
+    assert leftovers(root, "killed") == ["killed.h5"]
+    assert_equals_reference(files, out)
+
+
+def test_second_writer_refused_then_ctrl_c_and_resume(files):
+    root, out = files["root"], files["root"] / "busy.h5"
+    proc = start(files, out)
+    wait_for_progress(proc, store.partial_path(out))
+    proc.send_signal(signal.SIGSTOP)       # holds the lock, mid-run, for as long as the check takes
+    r = run(files, out)                    # the same output while the first process writes it
+    assert r.exit_code == 1
+    assert f"Error: {out} is being written by another lt process ({proc.pid}@" in r.output
+    assert f"wait for it to finish, or remove {out}.lock if that process is gone" in r.output
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Error: interrupted. No half-written result file is left" in err and "Traceback" not in err
+    assert leftovers(root, "busy") == ["busy.h5.partial"]     # Ctrl-C releases the lock
+    assert 0 < done_points(store.partial_path(out)) < N_POINTS
+    r = run(files, out)
+    assert r.exit_code == 0 and "resumed" in r.output, r.output
+    assert leftovers(root, "busy") == ["busy.h5"]
+    assert_equals_reference(files, out)
+
+
+def _damaged(root):
+    good = root / "ref.h5"
+    data = good.read_bytes()
+    (root / "truncated.h5").write_bytes(data[: len(data) // 2])
+    (root / "garbage.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2000))
+    return [root / "truncated.h5", root / "garbage.h5"]
+
+
+@pytest.mark.parametrize("command", ["info", "plot", "merge"])
+def test_damaged_result_file_is_a_clear_error(files, command):
+    for bad in _damaged(files["root"]):
+        args = {"info": ["info", bad], "plot": ["plot", bad, "-o", files["root"] / "fig.png"],
+                "merge": ["merge", bad, "-o", files["root"] / "merged.h5"]}[command]
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 1, r.output
+        assert r.output.startswith(f"Error: {bad} is not a readable HDF5 file (truncated or corrupt?)"), r.output
+        assert "Recompute it; it cannot be repaired" in r.output and "Traceback" not in r.output
+        assert not (files["root"] / "fig.png").exists() and not (files["root"] / "merged.h5").exists()
+
+
+def test_disk_full_mid_run_keeps_earlier_points(files, monkeypatch):
+    root, out = files["root"], files["root"] / "full.h5"
+    calls = {"n": 0}
+    real_flush = h5py.File.flush
+
+    def flush(self):
+        calls["n"] += 1
+        if calls["n"] > 2:     # the first batch (values, then done flags) fits, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_flush(self)
+
+    monkeypatch.setattr(h5py.File, "flush", flush)
+    r = run(files, out)
+    assert r.exit_code == 1
+    assert (f"Error: no space left on the device holding {out}.partial: free some space or write elsewhere with -o; "
+            f"earlier results are untouched") in r.output
+    assert "Traceback" not in r.output
+    monkeypatch.setattr(h5py.File, "flush", real_flush)
+    assert leftovers(root, "full") == ["full.h5.partial"]      # no final file, lock or temporary file
+    node = store.read_result(store.partial_path(out)).models["m"]
+    done = node.data["done"].astype(bool)
+    assert done.sum() == 64                                      # exactly the flushed batch
+    np.testing.assert_allclose(node.data["loss"][done], files["ref"].data["loss"][done], rtol=1e-7)
+    r = run(files, out)
+    assert r.exit_code == 0 and "resumed" in r.output, r.output
+    assert_equals_reference(files, out)
+
+
+def test_disk_full_while_merging_leaves_no_half_written_file(files, monkeypatch, tmp_path):
+    for i in range(2):
+        r = run(files, tmp_path / f"p{i}.h5", "--shard", f"{i}/2", "--x", "-1:1:3", "--y", "-1:1:3")
+        assert r.exit_code == 0, r.output
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_node", full)
+    r = CliRunner().invoke(cli, ["merge", str(tmp_path / "p0.h5"), str(tmp_path / "p1.h5"), "-o",
+                                 str(tmp_path / "all.h5")])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: no space left on the device holding {tmp_path / 'all.h5'}: free some space "
+                                f"or write elsewhere with -o; earlier results are untouched")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before     # shards intact, nothing new

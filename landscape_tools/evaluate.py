@@ -61,7 +61,7 @@ def parse_ensemble_sizes(text: str | Sequence[int], option: str = "--mc") -> tup
     for part in parts:
         if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
             value = int(part)
-        elif isinstance(part, str) and part.isdigit():
+        elif isinstance(part, str) and part.isascii() and part.isdigit():  # int("²") fails
             value = int(part)
         else:
             shown = "an empty entry" if part == "" else repr(part)

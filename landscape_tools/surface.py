@@ -48,6 +48,8 @@ __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", 
 
 BN_MODES = ("frozen", "recompute")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+#: the most grid points ``parse_range`` accepts along one axis
+MAX_AXIS_POINTS = 100_000
 _RANGE = re.compile(r"^\s*([-+]?[0-9.eE+-]+)\s*:\s*([-+]?[0-9.eE+-]+)\s*:\s*([0-9]+)\s*$")
 
 
@@ -71,6 +73,12 @@ def parse_range(spec: str, option: str = "--x") -> np.ndarray:
         raise ConfigError(f"{option} {spec!r} is not a range: {expected}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or num < 1 or (num == 1 and lo != hi) or (num > 1 and not lo < hi):
         raise ConfigError(f"{option} {spec!r} is not a valid range: {expected}")
+    if not math.isfinite(hi - lo):
+        raise ConfigError(f"{option} {spec!r}: the range is wider than float64 holds; use coordinates of "
+                          f"reasonable size, e.g. {option} -1:1:21")
+    if num > MAX_AXIS_POINTS:
+        raise ConfigError(f"{option} {spec!r} asks for {num} points; at most {MAX_AXIS_POINTS} per axis "
+                          f"(each point is a pass over the data): use fewer points, e.g. {option} -1:1:51")
     values = np.linspace(lo, hi, num, dtype=np.float64)
     nearest = np.round(values)
     snap = np.abs(values - nearest) <= 1e-12 * max(hi - lo, 1.0)

@@ -86,7 +86,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
         """A tiny configuration (seconds): every stage and file, no meaningful numbers."""
-        return cls(width=4, epochs=1, batch_size=32, train_samples=128, mc_sizes=(1, 2, 4), eval_samples=64,
+        return cls(width=4, epochs=1, batch_size=32, train_samples=64, mc_sizes=(1, 2, 4), eval_samples=32,
                    hessian_batches=1, hessian_batch_size=16, hessian_k=2, hessian_tol=1e-2, hessian_max_iter=12,
                    surface_points=3, surface_samples=32, featvar_mc=3, featvar_samples=16, featvar_batch_size=16,
                    seed=seed, name="quick")

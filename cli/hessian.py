@@ -72,6 +72,14 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
         raise ConfigError(f"--scope {scope!r} is not one of {', '.join(H.SCOPES)}")
     common.ensure_output_ok(output, overwrite)
     dev = resolve_device(device)
+    # under torchrun: one process per GPU / CPU worker, each computing every WORLD-th batch
+    from landscape_tools import distributed
+    if distributed.launched() and scope != "batch":
+        raise ConfigError(f"--scope {scope} is one Hessian of all the data: it is not split between torchrun "
+                          f"processes; run it as one process, or use --scope batch")
+    ctx = distributed.init(dev)
+    click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
+    dev = ctx.device
     mc_seed = seed if mc_seed is None else mc_seed
 
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
@@ -88,15 +96,19 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                                 density_steps=density_steps, mc_seed=mc_seed, device=str(dev), seed=seed)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
-    common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of {'one batch' if scope == 'batch' else 'all batches'}"
-                     f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} by "
-                     f"{method}, {dev}")
+    if ctx.is_main:
+        common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of {'one batch' if scope == 'batch' else 'all batches'}"
+                         f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} by "
+                         f"{method}, {dev}")
     data_description = described if len(set(map(str, described.values()))) > 1 else described[first.label]
-    H.run_hessian(jobs, output, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
-                  weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
-                  trace_probes=trace_probes, density=density, density_runs=density_runs, density_steps=density_steps,
-                  overwrite=overwrite, config=config, device=str(dev), data_description=data_description,
-                  progress=common.ProgressBar("hessian"))
+    distributed.run_hessian(ctx, jobs, output, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
+                            params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
+                            trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
+                            density_steps=density_steps, overwrite=overwrite, config=config, device=str(dev),
+                            data_description=data_description,
+                            progress=common.ProgressBar("hessian", quiet=not ctx.is_main))
+    if not ctx.is_main:
+        return
     _summary(output)
     if plot_path:
         common.render_plot([output], plot_path)

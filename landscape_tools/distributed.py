@@ -275,3 +275,124 @@ def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str =
     if failed:
         raise RankFailed(f"rank 0 could not merge the shards into {output} (see its message)")
     return path
+
+
+# ----------------------------------------------------------------------------- lt hessian under torchrun
+def run_hessian(ctx: Context, jobs, output, *, scope: str = "batch", overwrite: bool = False, command=None,
+                **kwargs):
+    """:func:`landscape_tools.hessian.run_hessian` with the batches (rows) shared between the ranks.
+
+    Rank ``r`` of ``n`` computes rows ``r, r + n, ...`` of every model (``scope="batch"``: one Hessian
+    per batch, each depending only on its batch and the seeds) into :func:`shard_path`, resumably;
+    rank 0 then gathers the rows into ``output`` (:func:`merge_rows`) and removes the rank files.
+    A rank file finished by an earlier, interrupted job is resumed from (its fingerprint is
+    checked).  With one process this is exactly ``hessian.run_hessian``.
+
+    Returns:
+        The output path (on every rank).
+
+    Raises:
+        ConfigError: ``scope="dataset"`` (a single Hessian cannot be split this way).
+        RankFailed: another rank failed.
+        Whatever ``run_hessian`` / :func:`merge_rows` raise on this rank.
+    """
+    from pathlib import Path
+
+    from . import hessian as H
+    from . import store
+
+    if not ctx.distributed:
+        H.run_hessian(jobs, output, scope=scope, overwrite=overwrite, command=command, **kwargs)
+        return Path(output)
+    if scope != "batch":
+        raise ConfigError(f"--scope {scope} is one Hessian of all the data: it is not split between torchrun "
+                          f"processes; run it as one process, or use --scope batch")
+    shards = [shard_path(output, r, ctx.world_size) for r in range(ctx.world_size)]
+    mine = shards[ctx.rank]
+    n_rows = max(len(j.batches) for j in jobs)
+    error = None
+    try:
+        partial = store.partial_path(mine)
+        if mine.exists() and not overwrite and not partial.exists():
+            os.replace(mine, partial)   # finished earlier: resume from it (refused if another run's)
+        H.run_hessian(jobs, str(mine), scope=scope, overwrite=overwrite, command=command,
+                      only_rows=range(ctx.rank, n_rows, ctx.world_size), **kwargs)
+    except Exception as exc:  # every rank must reach the vote below
+        error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
+                         f"finished rows are kept next to {output}: rerun the same command to resume")
+    if ctx.is_main:
+        try:
+            merge_rows([str(s) for s in shards], output, overwrite=overwrite)
+            for s in shards:
+                s.unlink(missing_ok=True)
+        except Exception as exc:
+            error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank 0 could not gather the rows into {output} (see its message)")
+    return Path(output)
+
+
+def merge_rows(paths, output, overwrite: bool = False):
+    """Join result files of one run whose models each computed some rows (``done`` flags).
+
+    Every dataset whose first dimension is the number of rows is taken, row by row, from the file
+    that computed the row; everything else from the first file.
+
+    Raises:
+        StoreError: files of different runs (fingerprints), rows computed twice or by no file.
+    """
+    import numpy as np
+
+    from . import store
+    from .errors import StoreError
+
+    results = [store.read_result(p) for p in paths]
+    fps = {r.attrs.get("fingerprint") for r in results}
+    if len(fps) != 1 or None in fps:
+        raise StoreError(f"{', '.join(map(str, paths))} are not the rank files of one run (fingerprints differ); "
+                         f"remove them and run again")
+    models = {}
+    for label, base in results[0].models.items():
+        node = _as_dict(base)
+        done = np.zeros(base.data["done"].shape, dtype=bool)
+        for r in results:
+            if label not in r.models:
+                raise StoreError(f"{r.path} has no model {label!r}: not a rank file of the same run")
+            d = r.models[label].data["done"].astype(bool)
+            if (d & done).any():
+                raise StoreError(f"{r.path} repeats row(s) {np.flatnonzero(d & done).tolist()} of {label}")
+            _copy_rows(node, r.models[label], d)
+            done |= d
+        if not done.all():
+            raise StoreError(f"rows {np.flatnonzero(~done).tolist()} of {label} were computed by no rank; "
+                             f"rerun the same command to finish them")
+        node["data"]["done"] = done
+        models[label] = node
+    return store.write_result(output, results[0].attrs, models, overwrite=overwrite)
+
+
+def _as_dict(node) -> dict:
+    return {"attrs": dict(node.attrs),
+            "data": {k: ((v.copy(), node.data_attrs[k]) if node.data_attrs.get(k) else v.copy())
+                     for k, v in node.data.items()},
+            "groups": {k: _as_dict(g) for k, g in node.groups.items()}}
+
+
+def _copy_rows(dst: dict, src, rows) -> None:
+    n = rows.shape[0]
+    for name, value in src.data.items():
+        if name == "done" or value.ndim == 0 or value.shape[0] != n:
+            continue
+        target = dst["data"][name]
+        target = target[0] if isinstance(target, tuple) else target
+        target[rows] = value[rows]
+    for name, group in src.groups.items():
+        _copy_rows(dst["groups"][name], group, rows)

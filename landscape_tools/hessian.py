@@ -372,7 +372,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
                 form: str = "auto", overwrite: bool = False, command: Sequence[str] | None = None,
                 config: dict | None = None, device: str = "cpu", data_description: dict | None = None,
-                progress: Progress = None, on_row: Callable[[int, int], None] | None = None) -> dict:
+                progress: Progress = None, on_row: Callable[[int, int], None] | None = None,
+                only_rows: Sequence[int] | None = None) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
     Rows go into ``output + ".partial"`` (values first, then the row's ``done`` flag, then a flush),
@@ -389,6 +390,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
         progress: ``progress(done, total, message)`` over all rows of all models.
         on_row: test hook called as ``on_row(job_index, row)`` after a row is safely written.
+        only_rows: compute only these rows (the others stay NaN / not done in the finished file), e.g. a
+            torchrun rank's share (:mod:`landscape_tools.distributed`); None: all.
 
     Returns:
         label -> :class:`HessianSpectrum` with the values computed in this call (rows done earlier NaN).
@@ -442,6 +445,9 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     results = {}
     try:
         done_before = {job.label: np.asarray(part.read(f"{job.label}/done"), dtype=bool) for job in jobs}
+        if only_rows is not None:  # rows outside the share count as done here: never computed, never counted
+            share = sorted(set(int(r) for r in only_rows))
+            done_before = {label: d | ~np.isin(np.arange(d.size), share) for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
         counter = {"n": 0}
         for ji, job in enumerate(jobs):

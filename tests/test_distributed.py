@@ -139,3 +139,65 @@ def test_single_process_helpers(monkeypatch):
     D.destroy(ctx)
     assert D.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
     assert D.shard_path("/a/b/surf.h5", 1, 4).as_posix() == "/a/b/surf.rank1of4.h5"
+
+
+HESSIAN = ("--batch-size", "4", "--top-k", "2", "--trace", "--trace-probes", "3")
+
+
+def _equal_nodes(a, b):
+    for name, value in b.data.items():
+        np.testing.assert_array_equal(a.data[name], value, err_msg=name)
+    for name, group in b.groups.items():
+        _equal_nodes(a.groups[name], group)
+
+
+def test_torchrun_hessian_batches_shared_equal_single_process(files):
+    root = files["root"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "landscape_tools.cli.main", "hessian", files["model"],
+           "--data", files["data"], *HESSIAN, "--device", "cpu", "-o", "hdist.h5"]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("m: top eigenvalue (LM)") == 1
+    assert sorted(f.name for f in root.iterdir() if f.name.startswith("hdist")) == ["hdist.h5"]
+    r = CliRunner().invoke(cli, ["hessian", files["model"], "--data", files["data"], *HESSIAN, "-o",
+                                 str(root / "hsingle.h5")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got, ref = store.read_result(root / "hdist.h5"), store.read_result(root / "hsingle.h5")
+    assert got.models["m"].data["done"].all() and got.models["m"].data["eigenvalues"].shape == (3, 2)
+    assert got.attrs["fingerprint"] == ref.attrs["fingerprint"] and got.models["m"].attrs == ref.models["m"].attrs
+    _equal_nodes(got.models["m"], ref.models["m"])
+
+
+def _hjobs(files):
+    from landscape_tools import hessian as H
+    model, info = load_checkpoint(files["model"])
+    data = load_data(files["data"], split="train", batch_size=4, in_channels=1)
+    return [H.HessianJob(info.label, model, info, data.batches())]
+
+
+def test_hessian_rank_logic_in_one_process_resumes_a_finished_rank_file(files, tmp_path):
+    from landscape_tools import hessian as H
+    jobs, kw = _hjobs(files), {"k": 2, "trace": True, "trace_probes": 3}
+    H.run_hessian(jobs, str(tmp_path / "ref.h5"), **kw)
+    out = tmp_path / "out.h5"
+    H.run_hessian(jobs, str(D.shard_path(out, 0, 2)), only_rows=[0, 2], **kw)    # an earlier job's rank 0
+    rows = []
+    D.run_hessian(D.Context(rank=1, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    assert rows == [1] and not out.exists()
+    D.run_hessian(D.Context(rank=0, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    assert rows == [1]                                   # rank 0 found its rows done: nothing recomputed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
+    _equal_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
+    with pytest.raises(ConfigError, match="--scope dataset is one Hessian of all the data"):
+        D.run_hessian(D.Context(rank=0, world_size=2), jobs, tmp_path / "d.h5", scope="dataset", **kw)
+
+
+def test_a_failed_rank_stops_the_others_and_keeps_their_work(files, tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if not ok else [1])   # rank 1 failed elsewhere
+    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards"):
+        D.run_surface(D.Context(rank=0, world_size=2), _jobs(files), out, X, Y)
+    assert not out.exists() and D.shard_path(out, 0, 2).exists()

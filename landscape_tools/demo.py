@@ -425,17 +425,21 @@ def judge_claims(numbers: dict, plain: str = "mcdo", smooth: str = "smooth") -> 
         checks.append(s["negatives"] < p["negatives"])
     claims.append({"claim": "smoothing gives smaller-magnitude Hessian eigenvalues and fewer negative ones",
                    "verdict": _verdict(checks),
-                   "evidence": f"median top |eigenvalue| {s['top_median']:.4g} vs {p['top_median']:.4g}; negative "
+                   "evidence": f"median top abs(eigenvalue) {s['top_median']:.4g} vs {p['top_median']:.4g}; negative "
                                f"eigenvalues {s['negatives']} vs {p['negatives']} of {p['eigenvalues']}"
                                + (" (none in either)" if s["negatives"] == p["negatives"] == 0 else "")})
     claims.append({"claim": "smoothing flattens the loss surface", "verdict": _verdict([s["surface_rise"] < p["surface_rise"]]),
                    "evidence": f"mean loss rise from the centre to the grid's border {s['surface_rise']:.4f} vs "
                                f"{p['surface_rise']:.4f}"})
-    layers_lower = [sv < pv for sv, pv in zip(s["featvar"].values(), p["featvar"].values())]
+    # stages where both are equal (e.g. 0 before the first dropout) say nothing either way
+    pairs = [(sv, pv) for sv, pv in zip(s["featvar"].values(), p["featvar"].values()) if sv != pv]
+    layers_lower = [sv < pv for sv, pv in pairs]
+    ties = len(s["featvar"]) - len(pairs)
     claims.append({"claim": "smoothing lowers feature-map variance across MC samples",
                    "verdict": _verdict([s["featvar_mean"] < p["featvar_mean"], *layers_lower]),
                    "evidence": f"mean over stages {s['featvar_mean']:.4g} vs {p['featvar_mean']:.4g}; lower at "
-                               f"{sum(layers_lower)} of {len(layers_lower)} stages"})
+                               f"{sum(layers_lower)} of {len(pairs)} stages"
+                               + (f" ({ties} equal, e.g. zero before any dropout)" if ties else "")})
     return claims
 
 

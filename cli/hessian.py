@@ -97,9 +97,11 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
     if ctx.is_main:
-        common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of {'one batch' if scope == 'batch' else 'all batches'}"
-                         f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} by "
-                         f"{method}, {dev}")
+        common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of "
+                         f"{'one batch' if scope == 'batch' else 'all batches'}"
+                         f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} "
+                         f"by {method}, {dev}"
+                         f"{f', batches shared by {ctx.world_size} ranks' if ctx.distributed else ''}")
     data_description = described if len(set(map(str, described.values()))) > 1 else described[first.label]
     distributed.run_hessian(ctx, jobs, output, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
                             params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,

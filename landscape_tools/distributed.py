@@ -7,8 +7,9 @@ environment variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` 
 ``lt`` process is a group of one: every helper here then works without torch.distributed.
 
 The commands split their work like ``--shard RANK/WORLD_SIZE`` and gather on rank 0, so the
-collectives needed are few: :func:`barrier`, :func:`all_reduce`, :func:`all_ok` (did every rank
-succeed?) and :func:`gather_objects`.
+collectives needed are few: :func:`barrier`, :func:`all_reduce` and :func:`all_ok` (did every rank
+succeed?); the results travel through files (``OUT.rank<r>of<n>.h5``), which also makes every rank's
+share resumable.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 
 from .errors import ConfigError, LTError
 
-__all__ = ["launched", "env_rank", "init", "destroy", "Context", "barrier", "all_reduce", "all_ok",
-           "gather_objects", "rank_device", "RankFailed"]
+__all__ = ["launched", "env_rank", "init", "destroy", "Context", "barrier", "all_reduce", "all_ok", "rank_device",
+           "RankFailed", "shard_path", "run_surface", "run_hessian", "merge_rows"]
 
 #: how long a rank waits for the others at a collective before giving up
 TIMEOUT = _dt.timedelta(minutes=30)
@@ -185,16 +186,6 @@ def all_ok(ctx: Context, ok: bool) -> list[int]:
     return [int(r) for r in torch.nonzero(flags).flatten()]
 
 
-def gather_objects(ctx: Context, obj: Any) -> list[Any] | None:
-    """Picklable ``obj`` of every rank, in rank order, on rank 0 (None elsewhere)."""
-    if not ctx.initialised:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
 # ----------------------------------------------------------------------------- lt surface under torchrun
 def shard_path(output, rank: int, world_size: int):
     """The file rank ``rank`` writes its share to: ``OUT.h5`` -> ``OUT.rank0of2.h5`` next to it."""
@@ -204,7 +195,8 @@ def shard_path(output, rank: int, world_size: int):
 
 
 def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str = "frozen", seed: int = 0,
-                shard=None, overwrite: bool = False, command=None, config=None, device: str = "cpu", progress=None, **kwargs):
+                shard=None, overwrite: bool = False, command=None, config=None, device: str = "cpu", progress=None,
+                **kwargs):
     """:func:`landscape_tools.surface.run_surface` shared between the ranks of a torchrun job.
 
     Rank ``r`` of ``n`` computes the points of ``--shard r/n`` into :func:`shard_path` (resumable like

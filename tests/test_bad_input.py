@@ -80,6 +80,7 @@ def error_of(r) -> str:
 
 
 DATA = ("--data", "tensors:d.npz")
+NAN_ERROR = "Error: nan.pt has NaN or inf weights in layer0.0.weight: the model is broken (diverged training?)"
 
 CASES = {
     "range": (["surface", "m.pt", *DATA, "--x", "-1:1", "-o", "o.h5"],
@@ -109,9 +110,9 @@ CASES = {
     "negative-labels": (["evaluate", "m.pt", "--data", "tensors:negative.npz", "--split", "train", "-o", "o.h5"],
                         "Error: data 'tensors:negative.npz' has negative labels (min -1); labels must be 0..C-1"),
     "nan-surface": (["surface", "nan.pt", *DATA, "-o", "o.h5"],
-                    "Error: nan.pt has NaN or inf weights in layer0.0.weight: the model is broken (diverged training?)"),
+                    NAN_ERROR),
     "nan-hessian": (["hessian", "nan.pt", *DATA, "-o", "o.h5"],
-                    "Error: nan.pt has NaN or inf weights in layer0.0.weight: the model is broken (diverged training?)"),
+                    NAN_ERROR),
     "empty": (["featvar", "m.pt", "--data", "tensors:empty.npz", "--split", "train", "--mc", "2", "-o", "o.h5"],
               "Error: data 'tensors:empty.npz' (train) is empty: nothing to analyse"),
     "top-k": (["hessian", "m.pt", *DATA, "--top-k", "100000", "-o", "o.h5"],

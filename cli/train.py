@@ -76,9 +76,9 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     dev = resolve_device(device)
     train_ds = load_data(data_spec, "train", samples=samples, seed=seed, batch_size=batch_size, device=dev)
     in_channels = int(train_ds.x.shape[1]) if train_ds.x.dim() == 4 else 3
+    torch.manual_seed(seed)  # the initial weights depend on --seed only
     try:
-        torch.manual_seed(seed)  # the initial weights depend on --seed only
-    model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
+        model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
                             dropout=dropout, smoothing=smoothing, tau=tau, sfilter=_parse_filter(blur_filter),
                             pad_mode=pad_mode).to(dev)
     except ValueError as exc:  # bad smoothing options (tau <= 0, a filter summing to zero...)

@@ -246,17 +246,24 @@ def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str =
                           **kwargs)
     except Exception as exc:  # every rank must reach the vote below, or the others wait forever
         error = exc
+    _gather_on_main(ctx, error, shards, output,
+                    lambda: S.merge_shards([str(s) for s in shards], output, overwrite=overwrite, command=command),
+                    kept="finished shards and partial progress", gathered="merge the shards")
+    return Path(output)
+
+
+def _gather_on_main(ctx: "Context", error: Exception | None, shards, output, gather, kept: str, gathered: str) -> None:
+    """After every rank computed its shard (``error``: this rank's failure, if any): vote, let rank 0
+    run ``gather()`` and remove the shard files, vote again.  Every rank calls this, so none waits forever."""
     failed = all_ok(ctx, error is None)
     if error is not None:
         raise error
     if failed:
         raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
-                         f"finished shards and partial progress are kept next to {output}: rerun the same command "
-                         f"to resume")
-    path = Path(output)
+                         f"{kept} are kept next to {output}: rerun the same command to resume")
     if ctx.is_main:
         try:
-            path = S.merge_shards([str(s) for s in shards], output, overwrite=overwrite, command=command)
+            gather()
             for s in shards:
                 s.unlink(missing_ok=True)
         except Exception as exc:
@@ -265,8 +272,7 @@ def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str =
     if error is not None:
         raise error
     if failed:
-        raise RankFailed(f"rank 0 could not merge the shards into {output} (see its message)")
-    return path
+        raise RankFailed(f"rank 0 could not {gathered} into {output} (see its message)")
 
 
 # ----------------------------------------------------------------------------- lt hessian under torchrun
@@ -311,24 +317,9 @@ def run_hessian(ctx: Context, jobs, output, *, scope: str = "batch", overwrite: 
                       only_rows=range(ctx.rank, n_rows, ctx.world_size), **kwargs)
     except Exception as exc:  # every rank must reach the vote below
         error = exc
-    failed = all_ok(ctx, error is None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
-                         f"finished rows are kept next to {output}: rerun the same command to resume")
-    if ctx.is_main:
-        try:
-            merge_rows([str(s) for s in shards], output, overwrite=overwrite)
-            for s in shards:
-                s.unlink(missing_ok=True)
-        except Exception as exc:
-            error = exc
-    failed = all_ok(ctx, error is None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RankFailed(f"rank 0 could not gather the rows into {output} (see its message)")
+    _gather_on_main(ctx, error, shards, output,
+                    lambda: merge_rows([str(s) for s in shards], output, overwrite=overwrite),
+                    kept="finished rows", gathered="gather the rows")
     return Path(output)
 
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from landscape_tools import distributed as D
 from landscape_tools import store
 from landscape_tools import surface as S
-from landscape_tools.checkpoints import load_checkpoint, save_checkpoint
+from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.data import load_data, save_tensors
+from landscape_tools.data import load_data
 from landscape_tools.errors import ConfigError, StoreError
-from landscape_tools.models import build_model
+from tiny_files import tiny_checkpoint_and_data
 
 GRID = ("--x", "-1:1:3", "--y", "-0.5:0.5:3")
 
@@ -24,12 +24,8 @@ GRID = ("--x", "-1:1:3", "--y", "-0.5:0.5:3")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
-    m = build_model("resnet_dnn_18", width=4, num_classes=3, in_channels=1)
-    save_checkpoint(root / "m.pt", m, "resnet_dnn_18", m.arch_kwargs, {})
-    rng = np.random.default_rng(0)
-    save_tensors(root / "d.npz", x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
-    return {"root": root, "model": str(root / "m.pt"), "data": "tensors:" + str(root / "d.npz")}
+    _, model, data = tiny_checkpoint_and_data(root)
+    return {"root": root, "model": str(model), "data": data}
 
 
 def free_port() -> int:

@@ -11,14 +11,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from landscape_tools import store
-from landscape_tools.checkpoints import save_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.data import save_tensors
-from landscape_tools.models import build_model
+from tiny_files import tiny_checkpoint_and_data
 
 GRID = ("--x", "-1:1:15", "--y", "-1:1:15")      # 225 points: seconds of work, flushed every 64 points
 N_POINTS = 15 * 15
@@ -27,12 +24,8 @@ N_POINTS = 15 * 15
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    m = build_model("resnet_dnn_18", width=4, num_classes=3, in_channels=1)
-    save_checkpoint(root / "m.pt", m, "resnet_dnn_18", m.arch_kwargs, {})
-    rng = np.random.default_rng(0)
-    save_tensors(root / "d.npz", x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
-    args = ["surface", str(root / "m.pt"), "--data", "tensors:" + str(root / "d.npz"), "--batch-size", "5", *GRID,
+    _, model, data = tiny_checkpoint_and_data(root)
+    args = ["surface", str(model), "--data", data, "--batch-size", "5", *GRID,
             "--device", "cpu"]
     files = {"root": root, "args": args}
     ref = root / "ref.h5"

@@ -1,0 +1,20 @@
+"""A tiny zoo checkpoint and matching tensors data, shared by the CLI-level test modules."""
+import numpy as np
+import torch
+
+from landscape_tools.checkpoints import save_checkpoint
+from landscape_tools.data import save_tensors
+from landscape_tools.models import build_model
+
+
+def tiny_checkpoint_and_data(root, arch="resnet_dnn_18", n=12):
+    """``root/m.pt`` (width 4, 3 classes, 1 channel, seed 0) and ``root/d.npz`` (n grey 8x8 samples).
+
+    Returns ``(model, checkpoint_path, data_spec)``.
+    """
+    torch.manual_seed(0)
+    model = build_model(arch, width=4, num_classes=3, in_channels=1)
+    save_checkpoint(root / "m.pt", model, arch, model.arch_kwargs, {})
+    rng = np.random.default_rng(0)
+    save_tensors(root / "d.npz", x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, n))
+    return model, root / "m.pt", "tensors:" + str(root / "d.npz")

@@ -57,6 +57,23 @@ output_option = _compose(
                  help="Result file (HDF5)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing result file."),
 )
+def precision_options(compile_option: bool = True, hessian: bool = False):
+    """``--precision fp32|bf16|fp16`` (autocast of the forward pass) and, unless ``compile_option`` is
+    False, ``--compile`` (torch.compile).  Passes ``precision`` (str) and ``compile_model`` (bool)."""
+    note = (" Hessians are computed in full precision unless you ask for less." if hessian else
+            " Losses and statistics are always accumulated in full precision.")
+    decorators = [click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                               show_default=True,
+                               help="Dtype of the model's forward pass (torch.autocast; bf16/fp16 are for GPUs)."
+                                    + note)]
+    if compile_option:
+        decorators.append(click.option("--compile", "compile_model", is_flag=True,
+                                       help="torch.compile the model (pays a one-off compilation; helps on "
+                                            "long GPU runs)."))
+    return _compose(*decorators)
+
+
+
 plot_option = click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), metavar="FIG.png",
                            help="Also draw the result (png, pdf or svg); `lt plot` redraws it later.")
 

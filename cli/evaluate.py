@@ -12,12 +12,13 @@ from . import common
               help="Ensemble sizes: numbers of MC-dropout samples averaged per prediction. "
                    "The sweep costs max(N) forward passes per batch.")
 @common.data_options(split="test", batch_size=256)
+@common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
-def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, device,
-            seed, output, overwrite, plot_path):
+def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, precision,
+            compile_model, device, seed, output, overwrite, plot_path):
     """Predictive metrics of MC-dropout ensembles of N samples, for every N in --mc.
 
     For each N the prediction is the mean softmax of N stochastic forward passes (eval mode,
@@ -27,14 +28,19 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     for every N (said in the output). The result file holds one group per model; a table per
     model is printed.
 
+    Under torchrun (same command line) each process takes every WORLD-th batch on its own device
+    (cuda:LOCAL_RANK, or CPU with gloo); the per-batch sums are all-reduced and rank 0 writes the
+    same file as one process would.
+
     \b
     Example:
       lt evaluate plain.pt smooth.pt --mc 1,2,5,10,20,50 -o evaluate.h5 --plot evaluate.png
-      lt evaluate smooth.pt --data cifar100:~/data --samples 2000 --device cuda -o eval.h5
+      lt evaluate smooth.pt --data cifar100:~/data --samples 2000 --device cuda --precision bf16 -o eval.h5
+      torchrun --nproc-per-node 4 -m landscape_tools.cli.main evaluate smooth.pt --device cuda -o eval.h5
     """
     from pathlib import Path
 
-    from landscape_tools import store
+    from landscape_tools import distributed, store
     from landscape_tools.device import resolve_device
     from landscape_tools.evaluate import ensemble_curve, parse_ensemble_sizes
     from landscape_tools.plotting import check_figure_path
@@ -44,30 +50,54 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     if plot_path:
         check_figure_path(plot_path)
     dev = resolve_device(device)
+    ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
+    click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
+    dev = ctx.device
+    say = common.info_line if ctx.is_main else (lambda message: None)
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
-    nodes = {}
+    nodes, tables, notes = {}, [], []
+    shared = f", batches shared by {ctx.world_size} ranks" if ctx.distributed else ""
     for model, info, ds in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
-        common.info_line(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
-                         f"N = {','.join(map(str, sizes))}, on {dev}")
-        curve = ensemble_curve(model, ds.batches(), sizes, seed=seed,
-                               progress=common.ProgressBar(f"evaluate {info.label}"))
+        say(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
+            f"N = {','.join(map(str, sizes))}, on {dev}, {precision}{' compiled' if compile_model else ''}{shared}")
+        curve = ensemble_curve(model, ds.batches(), sizes, seed=seed, precision=precision,
+                               compile_model=compile_model, ctx=ctx,
+                               progress=common.ProgressBar(f"evaluate {info.label}", quiet=not ctx.is_main))
         data = ds.describe()
-        attrs = dict(info.describe(), split=split, data_spec=ds.spec,
+        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
+                     compiled=bool(compile_model),
                      data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
         node = curve.to_node(attrs)
         if data["indices"] is not None:
             node["data"]["sample_indices"] = (data["indices"], {"description": f"indices into the {split} split "
                                                                               f"(seed {ds.sample_seed})"})
         nodes[info.label] = node
-        click.echo(_table(info.label, curve))
+        tables.append(_table(info.label, curve))
         if curve.note:
-            common.info_line(f"note: {info.label}: {curve.note}")
+            notes.append(f"note: {info.label}: {curve.note}")
     config = common.dump_config(models=list(models), labels=labels, mc=list(sizes), data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, device=str(dev), seed=seed,
-                                arch=arch, model=model_factory)
-    root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
-    root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}  # torch.__version__ is a str subclass
-    store.write_result(output, root, nodes, overwrite=overwrite)
+                                arch=arch, model=model_factory, precision=precision, compile=bool(compile_model))
+    error = None
+    if ctx.is_main:
+        try:
+            root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
+            root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}  # torch.__version__: str subclass
+            store.write_result(output, root, nodes, overwrite=overwrite)
+        except Exception as exc:
+            error = exc
+    if ctx.distributed:              # rank 0 may fail to write: then every rank fails
+        failed = distributed.all_ok(ctx, error is None)
+        if error is None and failed:
+            raise distributed.RankFailed(f"rank 0 could not write {output} (see its message)")
+    if error is not None:
+        raise error
+    if not ctx.is_main:
+        return
+    for table in tables:
+        click.echo(table)
+    for note in notes:
+        common.info_line(note)
     common.info_line(f"result written to {Path(output)}")
     if plot_path:
         common.render_plot([output], plot_path)

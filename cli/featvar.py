@@ -28,12 +28,13 @@ from . import common
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="At most N samples (MC copies x batch) per forward pass; results do not depend on it  "
                    "[default: 512 on CPU, 4096 on CUDA]")
+@common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, over, mc, source, layers, fourier, data_spec, split,
-            samples, batch_size, max_batch, device, seed, output, overwrite, plot_path):
+            samples, batch_size, max_batch, precision, compile_model, device, seed, output, overwrite, plot_path):
     """Feature-map variance of MODELS, layer by layer (Park & Kim 2022, section 6).
 
     With --over mc (default) each batch is repeated once per MC sample and run as one batched
@@ -42,20 +43,32 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     run continues where it stopped when the same command is run again. Several models go into one
     file, one group each, and are overlaid by `--plot` against normalised depth.
 
+    Under torchrun (same command line) each process takes every WORLD-th batch on its own device
+    (cuda:LOCAL_RANK, or CPU with gloo) into a resumable OUT.rank<r>of<n>.h5.partial; the per-batch
+    sums are all-reduced and rank 0 writes the file one process would. --compile is refused: the
+    feature hooks change every batch, which compiled graphs do not follow.
+
     \b
     Example:
       lt featvar mcdo.pt smooth.pt --data digits --split test --mc 32 -o featvar.h5 --plot featvar.png
       lt featvar dnn.pt --source noise:0.1 --layers blocks --fourier -o dnn_featvar.h5
       lt plot dnn_featvar.h5 --kind fourier -o fourier.png
+      torchrun --nproc-per-node 4 -m landscape_tools.cli.main featvar smooth.pt --device cuda --precision bf16 -o fv.h5
     """
-    from landscape_tools import featvar, store
+    from landscape_tools import distributed, featvar, store
     from landscape_tools.device import resolve_device
+    from landscape_tools.errors import ConfigError
 
+    if compile_model:
+        raise ConfigError(featvar.COMPILE_REFUSED)
     common.ensure_output_ok(output, overwrite)
     if over == "spatial" and (mc is not None or source is not None):
         raise click.UsageError("--mc and --source apply to --over mc only; --over spatial is deterministic")
     src = featvar.parse_source(source) if over == "mc" else None
     dev = resolve_device(device)
+    ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
+    click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
+    dev = ctx.device
     jobs = []
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
     for model, info, ds in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
@@ -65,11 +78,13 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     config = common.dump_config(models=list(models), over=over, mc=mc if over == "mc" else None,
                                 source=str(src) if src else None, layers=layers, fourier=fourier,
                                 data=data_spec, split=split, samples=samples, batch_size=batch_size,
-                                max_batch=max_batch, seed=seed)
+                                max_batch=max_batch, seed=seed, precision=precision, compile=bool(compile_model))
     attrs = store.provenance("featvar", None, config, seed, str(dev))
     results = featvar.run_to_file(jobs, output, attrs, over=over, mc=mc, source=src, layers=layers, fourier=fourier,
-                                  seed=seed, max_batch=max_batch, overwrite=overwrite,
-                                  progress=common.ProgressBar("featvar"))
+                                  seed=seed, max_batch=max_batch, overwrite=overwrite, precision=precision, ctx=ctx,
+                                  progress=common.ProgressBar("featvar", quiet=not ctx.is_main))
+    if not ctx.is_main:
+        return
     for label, res in results.items():
         values = ", ".join(f"{name} {v:.4g}" for name, v in zip(res.layers.names, res.variance))
         click.echo(f"{label}: {res.over} variance ({res.samples} samples, {res.source}) {values}")

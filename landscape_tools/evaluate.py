@@ -142,6 +142,52 @@ class MetricAccumulator:
         self.bin_correct += np.bincount(bins, weights=correct, minlength=self.n_bins)
         self.bin_conf += np.bincount(bins, weights=conf, minlength=self.n_bins)
 
+    # -- combining accumulators (batches computed apart, e.g. by the ranks of a torchrun job)
+    def state_size(self) -> int:
+        """Length of :meth:`state`: ``n, nll_sum, correct_sum, brier_sum`` and three per-bin sums."""
+        return 4 + 3 * self.n_bins
+
+    def state(self) -> np.ndarray:
+        """Every running sum as one float64 vector (counts are exact below 2**53)."""
+        return np.concatenate([[float(self.n), self.nll_sum, self.correct_sum, self.brier_sum],
+                               self.bin_count.astype(np.float64), self.bin_correct, self.bin_conf])
+
+    @classmethod
+    def from_state(cls, state: np.ndarray, n_bins: int = N_BINS) -> "MetricAccumulator":
+        """The accumulator whose :meth:`state` is ``state``.
+
+        Raises:
+            ConfigError: a state of the wrong length for ``n_bins``.
+        """
+        acc = cls(n_bins)
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (acc.state_size(),):
+            raise ConfigError(f"accumulator state of shape {state.shape}; expected ({acc.state_size()},)")
+        k = acc.n_bins
+        acc.n = int(state[0])
+        acc.nll_sum, acc.correct_sum, acc.brier_sum = (float(v) for v in state[1:4])
+        acc.bin_count = state[4:4 + k].astype(np.int64)
+        acc.bin_correct = state[4 + k:4 + 2 * k].copy()
+        acc.bin_conf = state[4 + 2 * k:].copy()
+        return acc
+
+    def merge(self, other: "MetricAccumulator") -> None:
+        """Add the sums of ``other`` (same bins).  Adding per-batch accumulators in batch order gives
+        bit for bit what :meth:`add` of the batches in that order gives.
+
+        Raises:
+            ConfigError: different numbers of bins.
+        """
+        if other.n_bins != self.n_bins:
+            raise ConfigError(f"cannot merge accumulators of {other.n_bins} and {self.n_bins} bins")
+        self.n += other.n
+        self.nll_sum += other.nll_sum
+        self.correct_sum += other.correct_sum
+        self.brier_sum += other.brier_sum
+        self.bin_count += other.bin_count
+        self.bin_correct += other.bin_correct
+        self.bin_conf += other.bin_conf
+
     def metrics(self) -> dict[str, Any]:
         """``nll``, ``accuracy``, ``ece``, ``brier`` (floats), ``num_samples`` and per-bin ``bin_edges``,
         ``bin_counts``, ``bin_accuracy``, ``bin_confidence`` (NaN for empty bins).
@@ -253,7 +299,8 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0, n_bins: int = N_BINS,
-                   progress: Progress = None) -> EnsembleCurve:
+                   progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
+                   ctx=None) -> EnsembleCurve:
     """Predictive metrics of the N-sample MC-dropout ensemble for every N in ``ns``.
 
     The model runs in eval mode (BatchNorm on running statistics) with every dropout switched on by
@@ -263,6 +310,12 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     each N, so the sweep costs ``max(ns)`` forward passes per batch.  A model without dropout gives
     the same prediction for every N: it is run once per batch and that prediction scored for all N.
 
+    Every batch is scored into its own :class:`MetricAccumulator` and the batches are merged in batch
+    order, so the result does not depend on which process computed which batch: under torchrun
+    (``ctx`` of several ranks) rank ``r`` of ``n`` computes batches ``r, r + n, r + 2n, ...`` (their
+    global index ``b`` seeds the masks), the per-batch sums are all-reduced (each entry comes from
+    exactly one rank, so the sum is exact) and every rank returns the curve of one process, bit for bit.
+
     Args:
         model: a classifier returning (batch, classes) logits, on the device of the batches.
         batches: ``(x, y)`` pairs in a fixed order (e.g. ``DataSet.batches()``); floating inputs are
@@ -270,51 +323,81 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         ns: ensemble sizes (or a string like ``"1,2,5"``).
         seed: seed of the dropout masks.
         n_bins: confidence bins of the ECE / reliability diagram.
-        progress: ``progress(done, total, message)`` after every forward pass.
+        progress: ``progress(done, total, message)`` after every forward pass (of this rank).
+        precision: ``fp32`` (default, no autocast), ``bf16`` or ``fp16``: the forward pass runs under
+            :func:`landscape_tools.precision.autocast`; logits are cast back to the model's dtype
+            before the softmax (which is taken in float64).
+        compile_model: run the forward passes through ``torch.compile(model)``.
+        ctx: a :class:`landscape_tools.distributed.Context`; None or one process: all batches here.
 
     Returns:
-        an :class:`EnsembleCurve`.
+        an :class:`EnsembleCurve` (on every rank).
 
     Raises:
-        ConfigError: bad ensemble sizes.
+        ConfigError: bad ensemble sizes or precision, no ``torch.compile``.
         DataError: no data, logits of the wrong shape, labels out of range.
         NumericalError: non-finite outputs.
+        RankFailed: another rank failed (this rank's own error is raised as itself).
     """
+    from . import precision as P
+
     sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
+    precision = P.parse_precision(precision)
     batches = list(batches)
     if not batches:
         raise DataError("no data batches to evaluate")
+    distributed = ctx is not None and ctx.distributed
+    mine = range(ctx.rank, len(batches), ctx.world_size) if distributed else range(len(batches))
     active = has_active_dropout(model)
     passes = max(sizes) if active else 1
-    accs = {n: MetricAccumulator(n_bins) for n in sizes}
+    column = {n: j for j, n in enumerate(sizes)}
+    width = MetricAccumulator(n_bins).state_size()
+    table = np.zeros((len(batches), len(sizes), width))      # per batch, per N: the accumulator's sums
+    computed = np.zeros(len(batches))
     params = next(iter(model.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else None
-    total, done = len(batches) * passes, 0
+    out_dtype = P.model_dtype(model)
+    total, done = len(mine) * passes, 0
     was_training = model.training
+    error = None
     model.eval()
     try:
+        forward = P.compile_model(model, compile_model)
         with torch.no_grad():
-            for b, (x, y) in enumerate(batches):
+            for b in mine:
+                x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
                     x = x.to(dtype)
                 running = None
                 for s in range(passes):
-                    with mc_dropout(model, True, seed=mc_seed(seed, b, s)):
-                        logits = model(x)
+                    with mc_dropout(model, True, seed=mc_seed(seed, b, s)), P.autocast(x.device, precision):
+                        logits = forward(x)
+                    if precision != "fp32":
+                        logits = P.full_precision(logits, out_dtype)
                     if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                         raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for a batch of "
                                         f"{x.shape[0]}; expected (batch, classes) logits")
                     probs = torch.softmax(logits.double(), dim=1)
                     running = probs if running is None else running + probs
                     done += 1
-                    if active and (s + 1) in accs:
-                        accs[s + 1].add(running / (s + 1), y)
+                    if active and (s + 1) in column:
+                        table[b, column[s + 1]] = _batch_state(running / (s + 1), y, n_bins)
                     report(progress, done, total, f"batch {b + 1}/{len(batches)}, MC sample {s + 1}/{passes}")
                 if not active:
-                    for acc in accs.values():
-                        acc.add(running, y)
+                    table[b, :] = _batch_state(running, y, n_bins)
+                computed[b] = 1
+    except Exception as exc:
+        if not distributed:
+            raise
+        error = exc                      # every rank must reach the vote in _share, or the others wait forever
     finally:
         model.train(was_training)
+    if distributed:
+        table = _share(ctx, error, table, computed)
+    accs = {n: MetricAccumulator(n_bins) for n in sizes}
+    for b in range(len(batches)):
+        for n, j in column.items():
+            accs[n].merge(MetricAccumulator.from_state(table[b, j], n_bins))
     results = [accs[n].metrics() for n in sizes]
     note = ""
     if not active:
@@ -329,3 +412,31 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                          bin_counts=stack("bin_counts"), bin_accuracy=stack("bin_accuracy"),
                          bin_confidence=stack("bin_confidence"), num_samples=int(results[0]["num_samples"]),
                          mc_active=active, forward_passes=passes, seed=int(seed), note=note)
+
+
+def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.ndarray:
+    acc = MetricAccumulator(n_bins)
+    acc.add(probs, labels)
+    return acc.state()
+
+
+def _share(ctx, error: Exception | None, table: np.ndarray, computed: np.ndarray) -> np.ndarray:
+    """Vote (did every rank succeed?), then all-reduce the per-batch sums: every batch row comes from
+    the one rank that computed it and is zero elsewhere, so the sum reproduces it exactly."""
+    from . import distributed as D
+
+    failed = D.all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise D.RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
+                           f"nothing was written")
+    n = len(computed)
+    packed = torch.from_numpy(np.concatenate([computed, table.ravel()]))
+    summed = D.all_reduce(ctx, packed, "sum").cpu().numpy()
+    if not np.all(summed[:n] == 1):
+        bad = np.flatnonzero(summed[:n] != 1).tolist()
+        raise NumericalError(f"batches {bad[:10]} were computed by {sorted(set(summed[:n][bad].tolist()))} ranks "
+                             f"instead of exactly one; the ranks disagree on the data (same --data, --samples, "
+                             f"--batch-size and --seed on every rank?)")
+    return summed[n:].reshape(table.shape)

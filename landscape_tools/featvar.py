@@ -41,6 +41,7 @@ from .device import Progress, report
 from .errors import ConfigError, NumericalError
 from .models import Smoothing, dropout_modules, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
+from .precision import autocast, full_precision, model_dtype, parse_precision
 
 OVER = ("mc", "spatial")
 LAYER_PRESETS = ("stages", "blocks")
@@ -351,11 +352,15 @@ def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwis
         shape = (b, x.shape[1]) + (1,) * (x.dim() - 2) if channelwise and x.dim() > 2 else (b,) + tuple(x.shape[1:])
         if p >= 1.0:
             return torch.zeros_like(x)
-        keep = torch.empty((n,) + shape, device=x.device, dtype=x.dtype)
+        # masks are drawn in float32 under autocast (bf16/fp16 inputs), so every precision sees the same masks
+        mask_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        keep = torch.empty((n,) + shape, device=x.device, dtype=mask_dtype)
         for j, k in enumerate(schedule.copies):
             gen = _generator(derive_seed(schedule.seed, schedule.batch, k, index, call), x.device)
             torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype, out=keep[j])
         keep = keep.ge_(p).reshape((n * b,) + shape[1:])
+        if keep.dtype != x.dtype:
+            keep = keep.to(x.dtype)
         return (x * keep).mul_(1.0 / (1.0 - p))
     return forward
 
@@ -473,6 +478,9 @@ class FeatureVariance:
         layers: see :func:`select_layers`.
         fourier: also compute the relative log amplitude per layer.
         seed: seed of every mask and noise draw.
+        precision: ``fp32`` (default), ``bf16`` or ``fp16``: the forward passes run under
+            :func:`landscape_tools.precision.autocast`; the hooked features are cast back to the
+            model's dtype before any statistic (dropout masks are the same at every precision).
         max_batch: at most this many samples (copies x batch) per forward pass (default 512 on CPU,
             4096 on CUDA); the numbers do not depend on it.
 
@@ -482,7 +490,7 @@ class FeatureVariance:
 
     def __init__(self, model: nn.Module, sample: torch.Tensor, over: str = "mc", mc: int | None = DEFAULT_MC,
                  source: str | Source | None = None, layers: str | Sequence[str] | None = None,
-                 fourier: bool = False, seed: int = 0, max_batch: int | None = None):
+                 fourier: bool = False, seed: int = 0, max_batch: int | None = None, precision: str = "fp32"):
         if over not in OVER:
             raise ConfigError(f"--over {over!r}: expected one of {', '.join(OVER)}")
         if over == "mc":
@@ -507,6 +515,7 @@ class FeatureVariance:
             raise ConfigError(f"--max-batch {max_batch} must be at least 1")
         self.model, self.over, self.mc, self.fourier = model, over, int(mc), bool(fourier)
         self.seed, self.max_batch = int(seed), int(max_batch)
+        self.precision, self.out_dtype = parse_precision(precision), model_dtype(model)
         self.layers = select_layers(model, layers, sample)
         self.n_freq = max([self.layers.fourier_length(i) for i in range(len(self.layers))] + [1])
 
@@ -545,6 +554,8 @@ class FeatureVariance:
                 if not isinstance(out, torch.Tensor):
                     raise ConfigError(f"layer {self.layers.names[i]} does not return a tensor")
                 out = out.detach()
+                if self.precision != "fp32":   # reduced-precision features: statistics in the model's dtype
+                    out = full_precision(out, self.out_dtype)
                 if self.over == "mc":
                     welford[i].add(out.reshape((current["n"], b) + tuple(out.shape[1:])))
                 else:
@@ -566,7 +577,7 @@ class FeatureVariance:
             for name, i in layer_of.items():
                 handles.append(modules[name].register_forward_hook(make_hook(i)))
             with _evaluation(self.model), _copywise_dropout(self.model, holder), torch.no_grad(), \
-                    _seeded_global_rng(derive_seed(self.seed, index), x.device):
+                    _seeded_global_rng(derive_seed(self.seed, index), x.device), autocast(x.device, self.precision):
                 if self.over == "spatial":
                     self.model(x)
                 else:
@@ -624,7 +635,8 @@ class FeatureVariance:
     def settings(self) -> dict[str, Any]:
         """Everything that determines the numbers (for fingerprints and attributes)."""
         return {"over": self.over, "samples": self.mc, "source": str(self.source) if self.source else "none",
-                "fourier": self.fourier, "seed": self.seed, "layers": list(self.layers.names)}
+                "fourier": self.fourier, "seed": self.seed, "layers": list(self.layers.names),
+                "precision": self.precision}
 
 
 @contextlib.contextmanager
@@ -639,13 +651,13 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
 def feature_variance(model: nn.Module, batches: Sequence[tuple[torch.Tensor, Any]] | Sequence[torch.Tensor],
                      over: str = "mc", mc: int | None = DEFAULT_MC, source: str | Source | None = None,
                      layers: str | Sequence[str] | None = None, fourier: bool = False, seed: int = 0,
-                     max_batch: int | None = None, progress: Progress = None) -> FeatVarResult:
+                     max_batch: int | None = None, progress: Progress = None, precision: str = "fp32") -> FeatVarResult:
     """Feature-map variance per layer over fixed-order data batches (see the module docstring).
 
     Args:
         model: the network (left unchanged: hooks removed, modes restored).
         batches: ``[(x, y), ...]`` (e.g. ``DataSet.batches()``) or ``[x, ...]``.
-        over, mc, source, layers, fourier, seed, max_batch: see :class:`FeatureVariance`.
+        over, mc, source, layers, fourier, seed, max_batch, precision: see :class:`FeatureVariance`.
         progress: ``progress(done, total, message)`` after each batch.
 
     Returns:
@@ -657,7 +669,7 @@ def feature_variance(model: nn.Module, batches: Sequence[tuple[torch.Tensor, Any
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs:
         raise ConfigError("no data batches to analyse")
-    analysis = FeatureVariance(model, xs[0], over, mc, source, layers, fourier, seed, max_batch)
+    analysis = FeatureVariance(model, xs[0], over, mc, source, layers, fourier, seed, max_batch, precision)
     stats = []
     for i, x in enumerate(xs):
         stats.append(analysis.batch_stats(i, x))
@@ -724,69 +736,216 @@ class Job:
 def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = "mc", mc: int | None = DEFAULT_MC,
                 source: str | Source | None = None, layers: str | Sequence[str] | None = None,
                 fourier: bool = False, seed: int = 0, max_batch: int | None = None, overwrite: bool = False,
-                progress: Progress = None) -> dict[str, FeatVarResult]:
+                progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
+                ctx=None) -> dict[str, FeatVarResult]:
     """Analyse every job and write one result file, resumable at batch granularity.
 
     Progress (per-batch sums) goes to ``OUTPUT.partial`` after every batch; the same call after an
     interruption continues where it stopped and gives the same file as an uninterrupted run.
 
+    Under torchrun (``ctx`` of several ranks) rank ``r`` of ``n`` computes batches ``r, r + n, ...``
+    of every model (the masks are seeded by the global batch index, as in one process) into its own
+    resumable ``OUTPUT.rank<r>of<n>.h5.partial``; the per-batch sums are all-reduced (each row comes
+    from exactly one rank, so the sum is exact), rank 0 writes ``output`` -- the same numbers, bit for
+    bit, as one process -- and every rank then removes its rank file.  When any rank fails, every rank
+    stops, nothing is written and the rank files are kept: the same command resumes them.
+
     Args:
         jobs: the models with their data; each becomes one group.
         output: the ``.h5`` path.
         root_attrs: provenance (``store.provenance``).
-        over, mc, source, layers, fourier, seed, max_batch: see :class:`FeatureVariance`.
+        over, mc, source, layers, fourier, seed, max_batch, precision: see :class:`FeatureVariance`.
         overwrite: replace an existing output or a partial file of a different run.
-        progress: ``progress(done, total, message)``.
+        progress: ``progress(done, total, message)`` (this rank's batches).
+        compile_model: must be False: see :data:`COMPILE_REFUSED`.
+        ctx: a :class:`landscape_tools.distributed.Context`; None or one process: everything here.
 
     Returns:
-        label -> :class:`FeatVarResult`.
+        label -> :class:`FeatVarResult` (on every rank).
 
     Raises:
-        ConfigError, StoreError, NumericalError.
+        ConfigError, StoreError, NumericalError; RankFailed: another rank failed.
     """
     from . import store
 
+    if compile_model:
+        raise ConfigError(COMPILE_REFUSED)
     # torch.__version__ is a str subclass h5py cannot store: plain str for every text attribute
     root_attrs = {k: str(v) if isinstance(v, str) else v for k, v in root_attrs.items()}
+    if ctx is not None and ctx.distributed:
+        return _run_ranks(ctx, jobs, output, root_attrs, overwrite, progress,
+                          (over, mc, source, layers, fourier, seed, max_batch, precision))
+    analyses, layout, fingerprint = _prepare(jobs, (over, mc, source, layers, fourier, seed, max_batch, precision))
+    with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
+        _compute_rows(part, analyses, None, progress)
+        results = _finish_into(part, analyses)
+        part.finalize()
+    return results
+
+
+#: why ``--compile`` is refused by featvar
+COMPILE_REFUSED = ("--compile is not supported by lt featvar: its forward hooks and per-copy dropout masks are "
+                   "attached and removed for every batch, which torch.compile does not see once a graph is "
+                   "compiled (its hook guards are off by default), so the statistics could come from stale hooks; "
+                   "drop --compile (the hooks would break the graph at every layer anyway)")
+
+
+def _prepare(jobs: Sequence[Job], options: tuple):
+    """The analysis of every job, the partial file's layout and the run's fingerprint."""
     analyses, layout, prints = [], {}, []
     for job in jobs:
         xs = [b[0] if isinstance(b, (tuple, list)) else b for b in job.batches]
         if not xs:
             raise ConfigError(f"no data batches for {job.label}")
-        analysis = FeatureVariance(job.model, xs[0], over, mc, source, layers, fourier, seed, max_batch)
+        analysis = FeatureVariance(job.model, xs[0], *options)
         analyses.append((job, analysis, xs))
-        layout[job.label] = _layout(analysis, len(xs), job.attrs)
+        layout[job.label] = _layout(analysis, len(xs), dict(job.attrs, precision=analysis.precision))
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.data,
                        "batch_sizes": [int(x.shape[0]) for x in xs], **analysis.settings()})
     fingerprint = json.dumps({"kind": "featvar", "models": prints}, sort_keys=True, default=str)
-    total = sum(len(xs) for _, _, xs in analyses)
-    results: dict[str, FeatVarResult] = {}
-    with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
-        done_total = 0
-        for job, analysis, xs in analyses:
+    return analyses, layout, fingerprint
+
+
+_SUMS = ("var_sum", "count", "fourier_sum", "fourier_count")
+
+
+def _compute_rows(part, analyses, rank: tuple[int, int] | None, progress: Progress) -> None:
+    """Compute every batch not yet done (of rank ``(r, n)``: batches ``r, r + n, ...``) into ``part``."""
+    rows = [range(len(xs)) if rank is None else range(rank[0], len(xs), rank[1]) for _, _, xs in analyses]
+    total, done_total = sum(len(r) for r in rows), 0
+    for (job, analysis, xs), mine in zip(analyses, rows):
+        base = job.label + "/sums/"
+        done = part.read(base + "done").astype(bool)
+        for i in mine:
+            if not done[i]:
+                s = analysis.batch_stats(i, xs[i])
+                for key in _SUMS:
+                    part.write(base + key, i, getattr(s, key))
+                part.flush()
+                part.write(base + "done", i, True)
+                part.flush()
+            done_total += 1
+            report(progress, done_total, total, job.label)
+
+
+def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarResult]:
+    """Write the per-batch ``sums`` (label -> arrays; None: already in ``part``), compute every model's
+    result from the sums in the file and write it into ``part``."""
+    results = {}
+    for job, analysis, xs in analyses:
+        base = job.label + "/sums/"
+        if sums is not None:
+            for key in _SUMS:
+                part.write(base + key, ..., sums[job.label][key])
+            part.write(base + "done", ..., np.ones(len(xs), dtype=bool))
+        stats = [BatchStats(*(part.read(base + k)[i] for k in _SUMS)) for i in range(len(xs))]
+        result = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+        part.write(job.label + "/variance", ..., result.variance)
+        part.set_attrs(job.label, {"num_samples": result.num_samples})
+        if result.fourier is not None:
+            part.write(job.label + "/fourier/amplitude", ..., result.fourier)
+            part.write(job.label + "/fourier/frequency", ..., result.frequency)
+        results[job.label] = result
+    part.flush()
+    return results
+
+
+def rank_sums(ctx, jobs: Sequence[Job], output: str, root_attrs: dict, options: tuple, overwrite: bool = False,
+              progress: Progress = None) -> dict[str, dict[str, np.ndarray]]:
+    """This rank's share of a torchrun job: batches ``rank, rank + world, ...`` of every model,
+    computed (resumably) into ``OUTPUT.rank<r>of<n>.h5.partial``.
+
+    Args:
+        ctx: the job's context (``rank``, ``world_size``).
+        options: ``(over, mc, source, layers, fourier, seed, max_batch, precision)``.
+
+    Returns:
+        label -> ``{var_sum, count, fourier_sum, fourier_count, done}``: full-size per-batch arrays
+        holding this rank's rows and zeros elsewhere (``done`` is 1.0 on this rank's rows), ready to
+        be summed over the ranks.
+    """
+    from . import store
+    from .distributed import shard_path
+
+    analyses, layout, fingerprint = _prepare(jobs, options)
+    mine = shard_path(output, ctx.rank, ctx.world_size)
+    tag = json.dumps({"rank": ctx.rank, "world_size": ctx.world_size})
+    tables = {}
+    with store.open_partial(mine, root_attrs, fingerprint + tag, layout, overwrite=overwrite) as part:
+        _compute_rows(part, analyses, (ctx.rank, ctx.world_size), progress)
+        for job, _, xs in analyses:
+            rows = np.zeros(len(xs), dtype=bool)
+            rows[ctx.rank::ctx.world_size] = True
             base = job.label + "/sums/"
-            done = part.read(base + "done").astype(bool)
-            for i, x in enumerate(xs):
-                if not done[i]:
-                    s = analysis.batch_stats(i, x)
-                    part.write(base + "var_sum", i, s.var_sum)
-                    part.write(base + "count", i, s.count)
-                    part.write(base + "fourier_sum", i, s.fourier_sum)
-                    part.write(base + "fourier_count", i, s.fourier_count)
-                    part.flush()
-                    part.write(base + "done", i, True)
-                    part.flush()
-                done_total += 1
-                report(progress, done_total, total, job.label)
-            stats = [BatchStats(*(part.read(base + k)[i] for k in ("var_sum", "count", "fourier_sum", "fourier_count")))
-                     for i in range(len(xs))]
-            result = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
-            part.write(job.label + "/variance", ..., result.variance)
-            part.set_attrs(job.label, {"num_samples": result.num_samples})
-            if result.fourier is not None:
-                part.write(job.label + "/fourier/amplitude", ..., result.fourier)
-                part.write(job.label + "/fourier/frequency", ..., result.frequency)
-            results[job.label] = result
-        part.flush()
-        part.finalize()
+            table = {}
+            for key in _SUMS:
+                value = part.read(base + key)
+                value[~rows] = 0.0
+                table[key] = value
+            table["done"] = rows.astype(np.float64)
+            tables[job.label] = table
+    return tables
+
+
+def _all_reduce_sums(ctx, tables: dict) -> dict:
+    """Sum every rank's tables (rows of other ranks are zero: exact) and check each row came once."""
+    from .distributed import all_reduce
+
+    out = {}
+    for label, table in tables.items():
+        keys = list(table)
+        flat = torch.from_numpy(np.concatenate([table[k].ravel() for k in keys]))
+        summed = all_reduce(ctx, flat, "sum").cpu().numpy()
+        pos, got = 0, {}
+        for k in keys:
+            size = table[k].size
+            got[k] = summed[pos:pos + size].reshape(table[k].shape)
+            pos += size
+        if not np.all(got["done"] == 1):
+            bad = np.flatnonzero(got["done"] != 1).tolist()
+            raise NumericalError(f"{label}: batches {bad[:10]} were not computed by exactly one rank; the ranks "
+                                 f"disagree on the data (same --data, --samples, --batch-size, --seed everywhere?)")
+        out[label] = got
+    return out
+
+
+def _run_ranks(ctx, jobs, output, root_attrs, overwrite, progress, options) -> dict[str, FeatVarResult]:
+    from . import store
+    from .distributed import RankFailed, all_ok, shard_path
+
+    mine = store.partial_path(shard_path(output, ctx.rank, ctx.world_size))
+    error = tables = None
+    try:
+        tables = rank_sums(ctx, jobs, output, root_attrs, options, overwrite, progress)
+    except Exception as exc:          # every rank must reach the vote, or the others wait forever
+        error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
+                         f"nothing was written, the finished batches are kept next to {output}: rerun the same "
+                         f"command to resume")
+    results = None
+    try:
+        sums = _all_reduce_sums(ctx, tables)
+        if ctx.is_main:
+            analyses, layout, fingerprint = _prepare(jobs, options)
+            with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
+                results = _finish_into(part, analyses, sums)
+                part.finalize()
+        else:
+            results = {}
+            for job, analysis, xs in _prepare(jobs, options)[0]:
+                stats = [BatchStats(*(sums[job.label][k][i] for k in _SUMS)) for i in range(len(xs))]
+                results[job.label] = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+    except Exception as exc:
+        error = exc
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank 0 could not write {output} (see its message); the finished batches are kept: "
+                         f"rerun the same command to resume")
+    mine.unlink(missing_ok=True)
     return results

@@ -276,6 +276,19 @@ def test_determinism_check_fires(form):
         assert op.check_determinism()[0] < 1e-12
 
 
+@pytest.mark.parametrize("form", ["graph", "double"])
+def test_quick_determinism_check_on_a_sub_batch(form):
+    x, y = torch.randn(40, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (40,))
+    with HessianOperator(Noisy().double(), [(x, y)], form=form) as op:
+        with pytest.raises(NumericalError, match=r"is not a fixed matrix: two products with the same vector differ by"):
+            op.quick_check(samples=4)
+    model = Tiny(mc=True).double()
+    with HessianOperator(model, [(x, y)], form=form) as op:  # the seeded mask passes, in eval mode
+        assert op.quick_check(samples=4) < 1e-12
+        assert not model.training and op.count == 0  # the check's products are not the operator's
+        assert op._grads is None  # and it built no graph of the full batch
+
+
 def test_bad_input_errors(cases):
     model, batches, _ = cases[False]
     with pytest.raises(ConfigError, match=r"^--top-k 124 is larger than the number of parameters in the Hessian "

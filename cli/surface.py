@@ -68,13 +68,14 @@ def _auto_range(values, option: str):
               help="BatchNorm statistics: the centre's running ones, or re-estimated at each point on the data.")
 @click.option("--shard", "shard_spec", default=None, metavar="I/N",
               help="Compute only shard I of N (from 0) into its own file; assemble with `lt merge`.")
+@common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_spec, norm, ignore, to_path,
             plane_paths, pca_paths, directions_path, data_spec, split, samples, batch_size, mc, bn, shard_spec,
-            device, seed, output, overwrite, plot_path):
+            precision, compile_model, device, seed, output, overwrite, plot_path):
     """Loss and accuracy on a 1-D or 2-D slice through each MODEL's weights.
 
     Each point (a, b) is evaluated at w0 + a*dx + b*dy, written from the centre weights w0 (the
@@ -82,6 +83,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     and BatchNorm left alone, unless --to, --plane, --pca or --directions says otherwise. Results go
     to OUT.h5.partial as they are computed: an interrupted run resumes when the same command is run
     again. --shard I/N splits the grid between jobs; `lt merge` joins their files.
+    --precision bf16/fp16 runs the forward passes under autocast (GPUs; the losses are still summed
+    in full precision); --compile wraps the model in torch.compile once per run.
 
     \b
     Example:
@@ -90,6 +93,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt surface final.pt --pca 'run/epoch_*.pt' -o pca.h5 --plot pca.png
       lt surface smooth.pt --shard 0/4 -o part0.h5   # ... 1/4 2/4 3/4, then:
       lt merge part*.h5 -o surf.h5
+      lt surface big.pt --device cuda --precision bf16 --compile -o surf.h5
     """
     from landscape_tools import surface as S
     from landscape_tools.checkpoints import load_checkpoint
@@ -171,7 +175,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                                 to=to_path, plane=list(plane_paths) if plane_paths else None,
                                 pca=list(pca_paths) or None, directions=directions_path, data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
-                                device=str(dev), seed=seed, mode=mode)
+                                precision=precision, compile=bool(compile_model), device=str(dev), seed=seed,
+                                mode=mode)
     n_points = len(x) * (1 if y is None else len(y))
     share = n_points if shard is None else len(S.shard_points(n_points, *shard))
     if ctx.distributed:
@@ -180,9 +185,12 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
                          f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'}"
                          f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
-                         f"on {len(jobs[0].data)} samples ({split}), {dev}")
+                         f"on {len(jobs[0].data)} samples ({split}), {dev}"
+                         f"{'' if precision == 'fp32' else f', {precision} forward passes'}"
+                         f"{', compiled' if compile_model else ''}")
     path = distributed.run_surface(ctx, jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard,
-                                   overwrite=overwrite, config=config, device=str(dev),
+                                   overwrite=overwrite, config=config, device=str(dev), precision=precision,
+                                   compile=bool(compile_model),
                                    progress=common.ProgressBar("surface", quiet=not ctx.is_main))
     if not ctx.is_main:
         return

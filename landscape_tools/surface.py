@@ -40,11 +40,12 @@ from .data import DataSet
 from .device import Progress, report
 from .errors import ConfigError, StoreError
 from .models import mc_dropout
+from .precision import autocast, compile_model, full_precision, model_dtype, parse_precision
 
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
-           "evaluate_model"]
+           "evaluate_model", "surface_options"]
 
 BN_MODES = ("frozen", "recompute")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -115,7 +116,8 @@ def shard_points(n_points: int, i: int, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0, precision: str = "fp32",
+                   compile: bool = False) -> tuple[float, float]:
     """Mean NLL and accuracy of ``model`` as it is (eval mode), the way every surface point is measured.
 
     Args:
@@ -124,31 +126,70 @@ def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0) 
         mc: 0: dropout off (deterministic); N >= 1: the probabilities averaged over N MC-dropout
             samples, each (sample, batch) with its own fixed seed so every grid point sees the same masks.
         seed: seed of those masks.
+        precision: ``fp32`` (the model's own dtype), ``bf16`` or ``fp16`` (autocast forward pass;
+            the logits are cast back before the loss); see :mod:`landscape_tools.precision`.
+        compile: run the forward passes through ``torch.compile(model)``.
 
     Returns:
         ``(nll, accuracy)`` as Python floats; NaN / inf losses are returned as computed.
+
+    Raises:
+        ConfigError: an unknown precision, one the device cannot run, or bf16 / fp16 for a model that
+            is not float32.
     """
+    precision = _check_precision(model, precision)
+    forward = compile_model(model, compile)
     was_training = _training_flags(model)
     model.eval()
     try:
-        return _evaluate(model, data, mc, seed)
+        return _evaluate(model, data, mc, seed, precision, forward)
     finally:
         _restore_training(model, was_training)
 
 
-def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int) -> tuple[float, float]:
+def _check_precision(model: nn.Module, precision: str) -> str:
+    """Validate ``precision`` for ``model`` (its device can run it; bf16 / fp16 need a float32 model)."""
+    precision = parse_precision(precision)
+    if precision == "fp32":
+        return precision
+    dtype = model_dtype(model)
+    if dtype != torch.float32:
+        raise ConfigError(f"--precision {precision} needs a float32 model, but this one's parameters are "
+                          f"{str(dtype).replace('torch.', '')} (autocast leaves them as they are, so nothing "
+                          f"would change); use --precision fp32")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with autocast(device, precision):     # raises ConfigError when the device cannot run it
+        pass
+    return precision
+
+
+def _logits(forward: nn.Module, bx: torch.Tensor, precision: str, dtype: torch.dtype) -> torch.Tensor:
+    """``forward(bx)`` at ``precision``, cast back to the model's dtype (fp32: the plain call)."""
+    if precision == "fp32":
+        return forward(bx)
+    with autocast(bx.device, precision):
+        out = forward(bx)
+    return full_precision(out, dtype)
+
+
+def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int, precision: str = "fp32",
+              forward: nn.Module | None = None) -> tuple[float, float]:
+    """Mean NLL / accuracy; ``model`` is switched (dropout, modes), ``forward`` (default ``model``;
+    a compiled wrapper sharing its parameters) is called."""
+    forward = model if forward is None else forward
+    dtype = model_dtype(model)
     total = torch.zeros((), dtype=torch.float64, device=data.y.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.y.device)
     with torch.no_grad():
         for b, (bx, by) in enumerate(data.batches()):
             if mc <= 0:
                 with mc_dropout(model, False):
-                    logp = F.log_softmax(model(bx), dim=1)
+                    logp = F.log_softmax(_logits(forward, bx, precision, dtype), dim=1)
             else:
                 samples = []
                 for s in range(mc):
                     with mc_dropout(model, True, seed=_mc_seed(seed, s, b)):
-                        samples.append(F.log_softmax(model(bx), dim=1))
+                        samples.append(F.log_softmax(_logits(forward, bx, precision, dtype), dim=1))
                 logp = torch.logsumexp(torch.stack(samples), dim=0) - math.log(mc)
             total += F.nll_loss(logp, by, reduction="sum").double()
             correct += (logp.argmax(dim=1) == by).sum()
@@ -185,18 +226,28 @@ class SurfaceEvaluator:
         bn: ``frozen`` (BatchNorm running statistics of the centre) or ``recompute`` (re-estimated at
             every point on ``data``: cumulative average over its batches, train-mode BN, dropout off).
         seed: seed of the MC-dropout masks.
+        precision: ``fp32`` (default: the model's own dtype, bit for bit), ``bf16`` or ``fp16``: every
+            forward pass (the BN re-estimation passes of ``bn="recompute"`` too) runs under
+            :func:`torch.autocast`; logits are cast back before the NLL, accuracy and MC average.
+        compile: call the model through ``torch.compile`` (wrapped once, here; the wrapper shares the
+            parameters, so the in-place point updates reach it).
 
     Raises:
-        ConfigError: directions of another model (fingerprint), unknown ``bn``.
+        ConfigError: directions of another model (fingerprint), unknown ``bn``, a precision the
+            device cannot run or bf16 / fp16 for a model that is not float32, no torch.compile.
     """
 
     def __init__(self, model: nn.Module, data: DataSet, directions: Directions, mc: int = 0, bn: str = "frozen",
-                 seed: int = 0):
+                 seed: int = 0, precision: str = "fp32", compile: bool = False):
         if bn not in BN_MODES:
             raise ConfigError(f"--bn {bn!r} is not one of {', '.join(BN_MODES)}")
         if mc < 0:
             raise ConfigError(f"--mc {mc} must be 0 (dropout off) or a number of samples >= 1")
         self.model, self.data, self.directions, self.mc, self.bn, self.seed = model, data, directions, int(mc), bn, seed
+        self.precision = _check_precision(model, precision)
+        self.compile = bool(compile)
+        self.forward = compile_model(model, self.compile)
+        self.dtype = model_dtype(model)
         fp = model_fingerprint(model)
         if directions.fingerprint and directions.fingerprint != fp:
             raise ConfigError(f"the directions were made for another model (fingerprint {directions.fingerprint[:12]}), "
@@ -274,7 +325,7 @@ class SurfaceEvaluator:
             m.train()
         with torch.no_grad(), mc_dropout(self.model, False):
             for bx, _ in self.data.batches():
-                self.model(bx)
+                _logits(self.forward, bx, self.precision, self.dtype)
         self.model.eval()
 
     def __call__(self, a: float, b: float = 0.0) -> tuple[float, float]:
@@ -286,16 +337,16 @@ class SurfaceEvaluator:
             self._recompute_bn()
         else:
             self.model.eval()
-        return _evaluate(self.model, self.data, self.mc, self.seed)
+        return _evaluate(self.model, self.data, self.mc, self.seed, self.precision, self.forward)
 
 
 def surface(model: nn.Module, data: DataSet, directions: Directions, x: Sequence[float],
             y: Sequence[float] | None = None, mc: int = 0, bn: str = "frozen", seed: int = 0,
-            progress: Progress = None) -> dict[str, np.ndarray]:
+            progress: Progress = None, precision: str = "fp32", compile: bool = False) -> dict[str, np.ndarray]:
     """Loss and accuracy over a 1-D or 2-D grid, in memory.
 
     Args:
-        model, data, directions, mc, bn, seed: see :class:`SurfaceEvaluator`.
+        model, data, directions, mc, bn, seed, precision, compile: see :class:`SurfaceEvaluator`.
         x: coordinates along ``directions.x``.
         y: coordinates along ``directions.y`` (2-D directions), else None.
         progress: ``progress(done, total, message)``.
@@ -311,7 +362,7 @@ def surface(model: nn.Module, data: DataSet, directions: Directions, x: Sequence
     loss = np.full(shape, np.nan)
     acc = np.full(shape, np.nan)
     coords = _coords(x, None if y is None else np.asarray(y, np.float64))
-    with SurfaceEvaluator(model, data, directions, mc, bn, seed) as ev:
+    with SurfaceEvaluator(model, data, directions, mc, bn, seed, precision, compile) as ev:
         for k, (a, b) in enumerate(coords):
             idx = np.unravel_index(k, shape)
             loss[idx], acc[idx] = ev(a, b)
@@ -389,6 +440,20 @@ def _job_key(job: SurfaceJob) -> dict:
             "data": {k: v for k, v in job.data.describe().items()}}
 
 
+def surface_options(mc: int = 0, bn: str = "frozen", seed: int = 0, precision: str = "fp32") -> dict:
+    """The options that determine a surface's values, as they enter :func:`run_fingerprint`.
+
+    ``precision`` appears only when it is not ``fp32``, so fp32 runs keep the fingerprint they had
+    before ``--precision`` existed (their partial and shard files still resume and merge).
+    ``--compile`` is not part of it: it changes how the same numbers are computed, not which.
+    """
+    options = {"mc": int(mc), "bn": bn, "seed": int(seed)}
+    precision = parse_precision(precision)
+    if precision != "fp32":
+        options["precision"] = precision
+    return options
+
+
 def run_fingerprint(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
     """Everything that determines a surface result (shard excluded), as a JSON-able dict."""
     return {"models": [_job_key(j) for j in jobs], "x": [float(v) for v in x],
@@ -416,7 +481,8 @@ def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, opt
             data["y"] = y
         attrs = dict(j.info.describe()) if hasattr(j.info, "describe") else {}
         attrs.update({"norm": j.directions.recipe.get("norm"), "ignore": j.directions.recipe.get("ignore"),
-                      "bn": options["bn"], "mc": options["mc"], "split": j.data.split, "dims": j.directions.dims,
+                      "bn": options["bn"], "mc": options["mc"], "precision": options.get("precision", "fp32"),
+                      "compile": bool(options.get("compile", False)), "split": j.data.split, "dims": j.directions.dims,
                       "directions_kind": j.directions.recipe.get("kind"), "num_samples": len(j.data),
                       "data": json.dumps(j.data.describe(), sort_keys=True, default=str)})
         layout[j.label] = {"attrs": attrs, "data": data, "groups": {"directions": to_node(j.directions)}}
@@ -441,6 +507,12 @@ def _explain_mismatch(partial: Path, key: dict) -> str | None:
                                      ("directions", "directions"), ("data", "data")):
                         if o.get(k) != n.get(k):
                             return f"another {label} ({n['label']})"
+            if part == "options" and isinstance(old.get("options"), dict):
+                defaults = {"precision": "fp32"}
+                for k in sorted(set(old["options"]) | set(key["options"])):
+                    was, now = (o.get(k, defaults.get(k)) for o in (old["options"], key["options"]))
+                    if was != now:
+                        return f"another --{k}: {now}, the partial file has {was}"
             return f"another {what}"
     return None
 
@@ -449,7 +521,8 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                 mc: int = 0, bn: str = "frozen", seed: int = 0, shard: tuple[int, int] | None = None,
                 overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
                 device: str = "cpu", progress: Progress = None, flush_seconds: float = 5.0,
-                flush_points: int = 64, on_point: Callable[[int, int], None] | None = None) -> Path:
+                flush_points: int = 64, on_point: Callable[[int, int], None] | None = None,
+                precision: str = "fp32", compile: bool = False) -> Path:
     """Compute a surface for each job into ``output``, resumably; returns the final path.
 
     Progress goes to ``output + ".partial"`` in batches (every ``flush_seconds`` or ``flush_points``
@@ -468,6 +541,10 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         flush_seconds, flush_points: write batching.
         on_point: called as ``on_point(job_index, point_index)`` after each point is computed (a test
             hook: raising from it simulates an interrupted run).
+        precision, compile: see :class:`SurfaceEvaluator`; both are stored in each model group's attrs.
+            The precision is part of the run's fingerprint (a partial file of another precision is
+            refused, like one of another grid); ``compile`` is not (the same numbers to float
+            rounding), and a run resumed with the other setting records ``compile = "mixed"``.
 
     Raises:
         StoreError: output exists, another process writes it, a partial file of another run.
@@ -481,7 +558,10 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         _grid_shape(j.directions, x, y)
     shape = (len(x),) if y is None else (len(x), len(y))
     n_points = int(np.prod(shape))
-    options = {"mc": int(mc), "bn": bn, "seed": int(seed)}
+    options = surface_options(mc, bn, seed, precision)
+    precision = parse_precision(precision)
+    for j in jobs:     # refuse a bad precision before any file is touched
+        _check_precision(j.model, precision)
     key = run_fingerprint(jobs, x, y, options)
     surface_fp = _digest(key)
     shard_i, shard_n = shard if shard is not None else (0, 1)
@@ -500,8 +580,13 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             why = _explain_mismatch(part, key) or "another run"
             raise StoreError(f"{part} holds progress of a different run ({why}); rerun the same command to resume "
                              f"it, or pass --overwrite to start again")
-    result = store.open_partial(output, root, fingerprint, _layout(jobs, x, y, options), overwrite=overwrite)
+    layout = _layout(jobs, x, y, dict(options, compile=bool(compile)))
+    result = store.open_partial(output, root, fingerprint, layout, overwrite=overwrite)
     try:
+        if result.resumed:
+            for job in jobs:
+                if result.attrs(job.label).get("compile") != bool(compile):
+                    result.set_attrs(job.label, {"compile": "mixed"})
         total = len(points) * len(jobs)
         done_count = 0
         todo = []
@@ -517,7 +602,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             coords = _coords(x, y)
             pending: list[tuple[int, float, float]] = []
             last = time.monotonic()
-            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed) as ev:
+            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed, precision, compile) as ev:
                 try:
                     for p in todo[ji]:
                         a, b = coords[p]

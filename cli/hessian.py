@@ -36,13 +36,14 @@ from . import common
 @click.option("--density-steps", "density_steps", type=int, default=64, show_default=True, help="SLQ Lanczos steps per run.")
 @click.option("--mc-seed", "mc_seed", type=int, default=None, metavar="S",
               help="Seed of the fixed dropout mask of each batch (MC-dropout models) [default: --seed].")
+@common.precision_options(compile_option=False, hessian=True)
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, data_spec, split, samples, batch_size, n_batches,
             scope, top_k, which, method, tol, max_iter, params, weight_decay, trace, trace_probes, density,
-            density_runs, density_steps, mc_seed, device, seed, output, overwrite, plot_path):
+            density_runs, density_steps, mc_seed, precision, device, seed, output, overwrite, plot_path):
     """Top-k Hessian eigenvalues of each MODEL's loss, per mini-batch or for all the data.
 
     The loss is the mean cross-entropy in eval mode (BatchNorm running statistics); MC-dropout models
@@ -51,6 +52,12 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     converged flag. With --scope batch every finished batch is saved at once: an interrupted run
     continues where it stopped when the same command is run again. Several models go into one file,
     one group each; the figure overlays them.
+
+    Under torchrun the processes share the work: --scope batch gives each process every N-th batch;
+    --scope dataset gives each process every N-th batch of the one Hessian and adds up every
+    Hessian-vector product over the processes, so the result equals a one-process run.
+    --precision bf16/fp16 runs the forward pass of the loss under autocast (an approximation;
+    the default fp32 is exact).
 
     \b
     Example:
@@ -73,10 +80,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     common.ensure_output_ok(output, overwrite)
     dev = resolve_device(device)
     # under torchrun: one process per GPU / CPU worker, each computing every WORLD-th batch
+    # (--scope dataset: each forming the products of every WORLD-th batch, all-reduced)
     from landscape_tools import distributed
-    if distributed.launched() and scope != "batch":
-        raise ConfigError(f"--scope {scope} is one Hessian of all the data: it is not split between torchrun "
-                          f"processes; run it as one process, or use --scope batch")
     ctx = distributed.init(dev)
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
     dev = ctx.device
@@ -93,20 +98,25 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                                 batch_size=batch_size, batches=n_batches, scope=scope, top_k=top_k, which=which,
                                 method=method, tol=tol, max_iter=max_iter, params=params, weight_decay=weight_decay,
                                 trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
-                                density_steps=density_steps, mc_seed=mc_seed, device=str(dev), seed=seed)
+                                density_steps=density_steps, mc_seed=mc_seed, precision=precision,
+                                device=str(dev), seed=seed)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
     if ctx.is_main:
         common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of "
                          f"{'one batch' if scope == 'batch' else 'all batches'}"
                          f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} "
-                         f"by {method}, {dev}"
-                         f"{f', batches shared by {ctx.world_size} ranks' if ctx.distributed else ''}")
+                         f"by {method}, {dev}{'' if precision == 'fp32' else f', {precision} forward passes'}"
+                         f"{_sharing(scope, ctx.world_size) if ctx.distributed else ''}")
+        if precision != "fp32":
+            common.info_line(f"warning: --precision {precision} runs the loss's forward pass in {precision}; "
+                             f"the Hessian is approximate (use fp32, the default, for exact eigenvalues)")
     data_description = described if len(set(map(str, described.values()))) > 1 else described[first.label]
     distributed.run_hessian(ctx, jobs, output, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
                             params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
                             trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
-                            density_steps=density_steps, overwrite=overwrite, config=config, device=str(dev),
+                            density_steps=density_steps, precision=precision, overwrite=overwrite, config=config,
+                            device=str(dev),
                             data_description=data_description,
                             progress=common.ProgressBar("hessian", quiet=not ctx.is_main))
     if not ctx.is_main:
@@ -114,6 +124,12 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     _summary(output)
     if plot_path:
         common.render_plot([output], plot_path)
+
+
+def _sharing(scope: str, world: int) -> str:
+    if scope == "batch":
+        return f", batches shared by {world} ranks"
+    return f", batches shared by {world} ranks (every Hessian-vector product all-reduced)"
 
 
 def _summary(path) -> None:

@@ -23,7 +23,7 @@ import torch
 from .errors import ConfigError, LTError
 
 __all__ = ["launched", "env_rank", "init", "destroy", "Context", "barrier", "all_reduce", "all_ok", "rank_device",
-           "RankFailed", "shard_path", "run_surface", "run_hessian", "merge_rows"]
+           "RankFailed", "shard_path", "run_surface", "run_hessian", "merge_rows", "dataset_share"]
 
 #: how long a rank waits for the others at a collective before giving up
 TIMEOUT = _dt.timedelta(minutes=30)
@@ -280,17 +280,23 @@ def run_hessian(ctx: Context, jobs, output, *, scope: str = "batch", overwrite: 
                 **kwargs):
     """:func:`landscape_tools.hessian.run_hessian` with the batches (rows) shared between the ranks.
 
-    Rank ``r`` of ``n`` computes rows ``r, r + n, ...`` of every model (``scope="batch"``: one Hessian
-    per batch, each depending only on its batch and the seeds) into :func:`shard_path`, resumably;
-    rank 0 then gathers the rows into ``output`` (:func:`merge_rows`) and removes the rank files.
-    A rank file finished by an earlier, interrupted job is resumed from (its fingerprint is
-    checked).  With one process this is exactly ``hessian.run_hessian``.
+    ``scope="batch"``: rank ``r`` of ``n`` computes rows ``r, r + n, ...`` of every model (one
+    Hessian per batch, each depending only on its batch and the seeds) into :func:`shard_path`,
+    resumably; rank 0 then gathers the rows into ``output`` (:func:`merge_rows`) and removes the rank
+    files.  A rank file finished by an earlier, interrupted job is resumed from (its fingerprint is
+    checked).
+
+    ``scope="dataset"``: one Hessian of the mean loss over all batches, its products shared
+    (:func:`_run_hessian_dataset`): rank ``r`` forms the products of batches ``r, r + n, ...`` and an
+    all-reduce adds them up; the solvers run in lock-step on every rank and rank 0 alone writes
+    ``output`` (resumable per model, like one process).
+
+    With one process this is exactly ``hessian.run_hessian``.
 
     Returns:
         The output path (on every rank).
 
     Raises:
-        ConfigError: ``scope="dataset"`` (a single Hessian cannot be split this way).
         RankFailed: another rank failed.
         Whatever ``run_hessian`` / :func:`merge_rows` raise on this rank.
     """
@@ -302,9 +308,9 @@ def run_hessian(ctx: Context, jobs, output, *, scope: str = "batch", overwrite: 
     if not ctx.distributed:
         H.run_hessian(jobs, output, scope=scope, overwrite=overwrite, command=command, **kwargs)
         return Path(output)
-    if scope != "batch":
-        raise ConfigError(f"--scope {scope} is one Hessian of all the data: it is not split between torchrun "
-                          f"processes; run it as one process, or use --scope batch")
+    if scope == "dataset":
+        _run_hessian_dataset(ctx, jobs, output, overwrite=overwrite, command=command, **kwargs)
+        return Path(output)
     shards = [shard_path(output, r, ctx.world_size) for r in range(ctx.world_size)]
     mine = shards[ctx.rank]
     n_rows = max(len(j.batches) for j in jobs)
@@ -321,6 +327,116 @@ def run_hessian(ctx: Context, jobs, output, *, scope: str = "batch", overwrite: 
                     lambda: merge_rows([str(s) for s in shards], output, overwrite=overwrite),
                     kept="finished rows", gathered="gather the rows")
     return Path(output)
+
+
+def dataset_share(n_batches: int, rank: int, world_size: int) -> list[int]:
+    """The batches rank ``rank`` forms the products of under ``--scope dataset``: every
+    ``world_size``-th one from ``rank`` (balanced to within one batch; may be empty)."""
+    return list(range(int(rank), int(n_batches), int(world_size)))
+
+
+def _vote(ctx: Context, error: BaseException | None, what: str) -> None:
+    """Every rank calls this at the same point: raise this rank's error, or :class:`RankFailed` when
+    another rank reported one."""
+    failed = all_ok(ctx, error is None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed {what} "
+                         f"(see their messages)")
+
+
+def _run_hessian_dataset(ctx: Context, jobs, output, *, overwrite: bool = False, command=None, progress=None,
+                         on_row=None, only_rows=None, **kwargs) -> None:
+    """``--scope dataset`` under torchrun: the products of every model's Hessian are shared between
+    the ranks and all-reduced (:class:`landscape_tools.hessian.SharedDataOperator`).
+
+    Every rank validates the options and runs the same solvers on the same seeded vectors (they stay
+    in lock-step because every rank receives the same summed products); rank 0 alone opens
+    ``output``'s partial file, writes each finished model and renames the file at the end.  Each step
+    that can fail on one rank only (opening the file, a product, a write, the final rename) is
+    followed by a vote, so a failing rank stops the others instead of leaving them waiting; a model
+    finished before a failure (or an earlier kill) stays in the partial file and is not recomputed
+    when the same command runs again.
+    """
+    import numpy as np
+
+    from . import hessian as H
+    from . import store
+
+    if only_rows is not None:
+        raise ConfigError("only_rows applies to --scope batch")
+    n_models = len(jobs)
+    error, part, plan = None, None, None
+    done = torch.zeros(n_models, dtype=torch.int64)
+    try:
+        plan = H.plan_run(jobs, scope="dataset", command=command, **kwargs)
+        if ctx.is_main:
+            part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
+            for i, job in enumerate(jobs):
+                done[i] = int(bool(np.asarray(part.read(f"{job.label}/done")).all()))
+    except Exception as exc:  # every rank must reach the vote below
+        error = exc
+    # one collective: who failed, and which models rank 0 found finished in a partial file
+    flags = torch.zeros(ctx.world_size + n_models, dtype=torch.int64)
+    flags[ctx.rank] = 0 if error is None else 1
+    if ctx.is_main:
+        flags[ctx.world_size:] = done
+    flags = all_reduce(ctx, flags, "sum")
+    failed = [int(r) for r in torch.nonzero(flags[:ctx.world_size]).flatten()]
+    try:
+        if error is not None:
+            raise error
+        if failed:
+            raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed before starting "
+                             f"(see their messages); nothing was computed")
+        done = flags[ctx.world_size:].bool().tolist()
+        opts = plan.options
+        todo = [i for i in range(n_models) if not done[i]]
+
+        def reduce(t):
+            return all_reduce(ctx, t, "sum")
+
+        for count, ji in enumerate(todo, start=1):
+            job = jobs[ji]
+            share = dataset_share(len(job.batches), ctx.rank, ctx.world_size)
+
+            def make(idx, _job=job, _share=share):
+                return H.SharedDataOperator(_job.model, [_job.batches[i] for i in idx], _share, reduce,
+                                            rank=ctx.rank, world_size=ctx.world_size, params=opts["params"],
+                                            weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"],
+                                            form=opts["form"], precision=opts["precision"])
+
+            error = None
+            try:
+                res = H.top_eigenvalues(
+                    job.model, job.batches, k=opts["k"], which=opts["which"], method=opts["method"],
+                    tol=opts["tol"], max_iter=opts["max_iter"], params=opts["params"],
+                    weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"], scope="dataset", seed=opts["seed"],
+                    trace=opts["trace"], trace_probes=opts["trace_probes"], density=opts["density"],
+                    density_runs=opts["density_runs"], density_steps=opts["density_steps"], form=opts["form"],
+                    precision=opts["precision"], make_operator=make, label=job.label)
+                if ctx.is_main:
+                    H.write_row(part, job.label, 0, res)
+            except Exception as exc:
+                error = exc
+            _vote(ctx, error, f"while computing {job.label}; finished models are kept in "
+                              f"{store.partial_path(output)}: rerun the same command to resume")
+            if ctx.is_main:
+                from .device import report
+                report(progress, count, len(todo), f"{job.label}: top {res.eigenvalues[0][0]:.5g}")
+                if on_row is not None:
+                    on_row(ji, 0)
+        error = None
+        if ctx.is_main:
+            try:
+                part.finalize()
+            except Exception as exc:
+                error = exc
+        _vote(ctx, error, f"writing {output}")
+    finally:
+        if part is not None:
+            part.close()
 
 
 def merge_rows(paths, output, overwrite: bool = False):

@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 
 from . import _lanczos
-from ._hvp import FORMS, HessianOperator, select_parameters
+from ._hvp import FORMS, HessianOperator, default_form, select_parameters
 from .device import Progress, report
-from .errors import ConfigError
+from .errors import ConfigError, LTError
 
 __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
-           "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values"]
+           "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values",
+           "SharedDataOperator", "PeerFailed", "plan_run", "write_row"]
 
 METHODS = ("lanczos", "power")
 WHICH = _lanczos.WHICH
@@ -102,7 +103,7 @@ class HessianSpectrum:
     def attrs(self) -> dict:
         return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
                 "scope": self.scope, "hessian_params": self.num_params, **{
-                    key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv")
+                    key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision")
                     if key in self.config}}
 
 
@@ -112,11 +113,198 @@ def count_hessian_parameters(model: nn.Module, params: str | Sequence[str] | Non
 
 
 def hessian_operator(model: nn.Module, batches, params=None, weight_decay: float = 0.0, mc_seed: int | None = None,
-                     batch_indices: Sequence[int] | None = None, form: str = "auto") -> HessianOperator:
+                     batch_indices: Sequence[int] | None = None, form: str = "auto", precision: str = "fp32"):
     """A matrix-free Hessian (``op(v) -> Hv`` on flat float64 vectors) of the size-weighted mean loss
-    over ``batches``; see :class:`landscape_tools._hvp.HessianOperator`.  Close it when done."""
-    return HessianOperator(model, _as_batches(batches), batch_indices=batch_indices, params=params,
-                           weight_decay=weight_decay, mc_seed=0 if mc_seed is None else mc_seed, form=form)
+    over ``batches``; see :class:`landscape_tools._hvp.HessianOperator`.  Close it when done.
+
+    With ``precision`` ``bf16`` / ``fp16`` the model's forward pass runs under
+    :func:`landscape_tools.precision.autocast` (the logits, and so the loss, are cast back to the
+    model's dtype); ``fp32`` is the plain operator.
+
+    Raises:
+        ConfigError: bad ``params`` / ``form`` / ``precision``, or a device without that autocast.
+    """
+    return _make_operator(model, _as_batches(batches), batch_indices, params, weight_decay,
+                          0 if mc_seed is None else mc_seed, form, precision)
+
+
+def _make_operator(model, batches, batch_indices, params, weight_decay, mc_seed, form, precision="fp32"):
+    from .precision import parse_precision
+    if parse_precision(precision) == "fp32":
+        return HessianOperator(model, batches, batch_indices=batch_indices, params=params,
+                               weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+    restore = _autocast_forward(model, precision)
+    try:
+        op = HessianOperator(model, batches, batch_indices=batch_indices, params=params,
+                             weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+    except BaseException:
+        restore()
+        raise
+    return _RestoringOperator(op, restore)
+
+
+def _autocast_forward(model: nn.Module, precision: str) -> Callable[[], None]:
+    """Make ``model``'s forward pass run under autocast at ``precision`` (logits cast back to the
+    model's dtype) by shadowing its ``forward`` on the instance, which every HVP form (plain calls and
+    ``torch.func.functional_call``) goes through and which leaves parameter names untouched.
+    Returns the function that undoes it."""
+    from .precision import autocast, full_precision, model_dtype
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with autocast(device, precision):     # refuses an unsupported device / precision before anything changes
+        pass
+    dtype = model_dtype(model)
+    had_own = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        with autocast(device, precision):
+            out = original(*args, **kwargs)
+        return full_precision(out, dtype)
+
+    model.forward = forward
+
+    def restore() -> None:
+        if had_own:
+            model.forward = previous
+        else:
+            model.__dict__.pop("forward", None)
+
+    return restore
+
+
+class _RestoringOperator:
+    """A :class:`HessianOperator` whose :meth:`close` also undoes a change to the model."""
+
+    def __init__(self, op, restore: Callable[[], None]):
+        self.op, self._restore = op, restore
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.op(v)
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+    def close(self) -> None:
+        try:
+            self.op.close()
+        finally:
+            self._restore()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PeerFailed(LTError):
+    """Another process sharing a :class:`SharedDataOperator` failed while forming its part of a product."""
+
+
+class SharedDataOperator:
+    """The Hessian of the mean loss over all ``batches`` when several processes share them.
+
+    Each process forms the products of its own batches only (``mine``), weighted ``n_b / N`` with
+    ``N`` the samples of *all* batches, and ``reduce`` (a sum over the processes, e.g. an all-reduce)
+    adds the parts: the sum is exactly the one-process operator ``sum_b (n_b / N) H_b`` (+ ``wd``).
+    The weight decay term is added once, after the sum.  Every process must apply the operator to the
+    same vectors in the same order (the solvers are deterministic given their seeds, and every
+    process receives the same reduced products, so they stay in lock-step).
+
+    A process whose part fails (e.g. a non-finite loss in one of its batches) still takes part in the
+    sum, with a failure flag riding along with the product: that process raises its own error and
+    every other one :class:`PeerFailed` at the same product, so no process waits for another forever.
+
+    Args:
+        model: the model (every process holds a copy).
+        batches: every batch of the data (the same list on every process).
+        mine: indices into ``batches`` this process computes (may be empty).
+        reduce: ``reduce(t) -> t`` summing a float64 tensor over the processes (identity for one).
+        rank, world_size: this process's place among them.
+        params, weight_decay, mc_seed, form, precision: as :func:`hessian_operator`; batch ``i`` uses the
+            dropout mask of batch ``i`` of the whole data, and ``form="auto"`` resolves as it would for
+            one process holding every batch.
+
+    Raises:
+        ConfigError: as :func:`hessian_operator`, or ``mine`` outside the batches.
+    """
+
+    def __init__(self, model: nn.Module, batches, mine: Sequence[int], reduce: Callable[[torch.Tensor], torch.Tensor],
+                 rank: int = 0, world_size: int = 1, params=None, weight_decay: float = 0.0, mc_seed: int = 0,
+                 form: str = "auto", precision: str = "fp32"):
+        batches = _as_batches(batches)
+        if not batches:
+            raise ConfigError("no batches to build a Hessian from")
+        mine = [int(i) for i in mine]
+        if any(not 0 <= i < len(batches) for i in mine):
+            raise ConfigError(f"batch indices {mine} are outside 0..{len(batches) - 1}")
+        if not 0 <= int(rank) < int(world_size):
+            raise ConfigError(f"rank {rank} is outside 0..{int(world_size) - 1}")
+        self.reduce, self.rank, self.world_size = reduce, int(rank), int(world_size)
+        self.weight_decay = float(weight_decay)
+        total = sum(int(x.shape[0]) for x, _ in batches)
+        local = sum(int(batches[i][0].shape[0]) for i in mine)
+        self.empty = not mine
+        # a process without batches keeps an operator over batch 0 for the parameter layout only
+        # (never applied: its part of every product is zero)
+        idx = mine or [0]
+        if form == "auto":
+            form = default_form(next(model.parameters()).device, len(batches))
+        self.inner = _make_operator(model, [batches[i] for i in idx], idx, params, 0.0, mc_seed, form, precision)
+        self.scale = 0.0 if self.empty else local / total
+        self.dim, self.device = self.inner.dim, self.inner.device
+        self.form = self.inner.form
+        # the inner operator's determinism check must compare *summed* products (the same on every
+        # process, so every process passes or fails it together): shadow its matvec
+        target = self.inner.op if isinstance(self.inner, _RestoringOperator) else self.inner
+        self._local = target.__class__.matvec.__get__(target)
+        target.matvec = self.matvec
+        self._target = target
+        self.count = 0
+
+    def matvec(self, v: torch.Tensor, form: str | None = None) -> torch.Tensor:
+        """``H v`` summed over the processes (float64 on the model's device)."""
+        error = None
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        try:
+            if self.empty:
+                part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            else:
+                part = self._local(v, form) * self.scale
+        except Exception as exc:   # still join the sum below, flagged, so nobody waits forever
+            error = exc
+            part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            flags[self.rank] = 1.0
+        total = self.reduce(torch.cat([part, flags]))
+        failed = [int(r) for r in torch.nonzero(total[self.dim:] > 0).flatten()]
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerFailed(f"process(es) {', '.join(map(str, failed))} of {self.world_size} failed while "
+                             f"forming a Hessian-vector product (see their messages)")
+        hv = total[:self.dim].contiguous()
+        if self.weight_decay:
+            hv.add_(v.to(hv), alpha=self.weight_decay)
+        self.count += 1
+        return hv
+
+    __call__ = matvec
+
+    def check_determinism(self, seed: int = 0, label: str = "") -> tuple[float, torch.Tensor, torch.Tensor]:
+        """:meth:`HessianOperator.check_determinism` on the summed operator (see there)."""
+        return self._target.check_determinism(seed=seed, label=label)
+
+    def close(self) -> None:
+        self._target.__dict__.pop("matvec", None)
+        self.inner.close()
+
+    def __enter__(self) -> "SharedDataOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _as_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,7 +347,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                     density_runs: int = 4, density_steps: int = 64, ncv: int | None = None, form: str = "auto",
                     return_vectors: bool = False, skip: Sequence[int] | None = None,
                     on_row: Callable[[int, "HessianSpectrum"], None] | None = None, progress: Progress = None,
-                    label: str = "") -> HessianSpectrum:
+                    label: str = "", precision: str = "fp32",
+                    make_operator: Callable[[list[int]], Any] | None = None) -> HessianSpectrum:
     """Top-k Hessian eigenvalues of ``model``'s loss, per batch or for the whole data.
 
     Args:
@@ -186,6 +375,10 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         on_row: called with ``(row, result)`` after each finished row (for resumable writes).
         progress: ``progress(done, total, message)`` callback.
         label: model name used in messages.
+        precision: ``fp32`` (default, exact), ``bf16`` or ``fp16``: the forward pass of the loss runs
+            under autocast, the loss itself in the model's dtype (an approximate Hessian).
+        make_operator: ``make_operator(batch_indices) -> operator`` builds each row's operator instead
+            of :func:`hessian_operator` (e.g. a :class:`SharedDataOperator` under torchrun).
 
     Returns:
         :class:`HessianSpectrum`.
@@ -201,6 +394,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     _validate(k, which, method, tol, max_iter, scope, weight_decay, dim)
     if form not in FORMS + ("auto",):
         raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+    from .precision import parse_precision
+    precision = parse_precision(precision)
     k = int(k)
     max_iter = int(max_iter) if max_iter is not None else default_max_iter(method, k)
     mc_seed = 0 if mc_seed is None else int(mc_seed)
@@ -210,7 +405,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     config = {"params": params, "weight_decay": float(weight_decay), "mc_seed": mc_seed, "seed": int(seed),
               "form": form, "ncv": ncv, "trace_probes": int(trace_probes) if trace else 0,
               "density_runs": int(density_runs) if density else 0,
-              "density_steps": int(density_steps) if density else 0}
+              "density_steps": int(density_steps) if density else 0, "precision": precision}
     out = HessianSpectrum(
         eigenvalues=np.full((rows, k), np.nan), residuals=np.full((rows, k), np.nan),
         converged=np.zeros((rows, k), dtype=bool), hvp_count=np.full(rows, -1, dtype=np.int64),
@@ -229,8 +424,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     for done, r in enumerate(todo):
         idx = groups[r]
         report(progress, done, len(todo), f"{name}row {r}")
-        op = HessianOperator(model, [batch_list[i] for i in idx], batch_indices=idx, params=params,
-                             weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+        op = (make_operator(idx) if make_operator is not None else
+              _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form, precision))
         try:
             _, v0, hv0 = op.check_determinism(seed=_row_seed(seed, r, 1), label=label)
             solve = _lanczos.thick_restart_lanczos if method == "lanczos" else _lanczos.deflated_power
@@ -366,13 +561,97 @@ def _short(description):
     return description
 
 
+@dataclass
+class RunPlan:
+    """What :func:`run_hessian` writes: the options (resolved), the run's fingerprint, root attributes
+    and the full-size layout of every model's group (see :func:`plan_run`)."""
+
+    options: dict
+    fingerprint: str
+    root: dict
+    layout: dict
+    rows: list
+
+
+def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", method: str = "lanczos",
+             tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
+             mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
+             trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
+             form: str = "auto", precision: str = "fp32", command: Sequence[str] | None = None,
+             config: dict | None = None, device: str = "cpu", data_description: dict | None = None) -> RunPlan:
+    """Validate a run's options and lay out its result file (nothing is computed or written).
+
+    Raises:
+        ConfigError: as :func:`top_eigenvalues`, or no jobs.
+    """
+    import hashlib
+    import json
+
+    from . import store
+    from .precision import parse_precision
+
+    if not jobs:
+        raise ConfigError("no models to analyse")
+    k = int(k)
+    which = str(which).upper()
+    precision = parse_precision(precision)
+    max_iter_resolved = int(max_iter) if max_iter is not None else default_max_iter(method, k)
+    for job in jobs:
+        _validate(k, which, method, tol, max_iter, scope, weight_decay, count_hessian_parameters(job.model, params))
+    if trace and int(trace_probes) < 3:
+        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
+    if density and (int(density_runs) < 1 or int(density_steps) < 2):
+        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+    options = {"k": k, "which": which, "method": method, "tol": float(tol), "max_iter": max_iter_resolved,
+               "params": params, "weight_decay": float(weight_decay), "mc_seed": 0 if mc_seed is None else int(mc_seed),
+               "scope": scope, "seed": int(seed), "trace": bool(trace), "trace_probes": int(trace_probes),
+               "density": bool(density), "density_runs": int(density_runs), "density_steps": int(density_steps),
+               "form": form}
+    key_options = dict(options)
+    if precision != "fp32":      # fp32 runs keep the fingerprint of files written before --precision existed
+        key_options["precision"] = precision
+    options["precision"] = precision
+    key = {"options": key_options, "data": data_description,
+           "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
+                       "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
+    root = {key: str(value) if isinstance(value, str) else value
+            for key, value in store.provenance("hessian", command, config, seed, device).items()}
+    layout, rows_of = {}, []
+    for job in jobs:
+        rows = len(job.batches) if scope == "batch" else 1
+        rows_of.append(rows)
+        attrs = dict(job.info.describe()) if job.info is not None else {}
+        attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
+                      "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
+                      "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
+                      "seed": int(seed), "precision": precision, "data": _short(data_description)})
+        layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
+                                          trace_probes, density, density_runs, density_steps)
+    return RunPlan(options, fingerprint, root, layout, rows_of)
+
+
+def write_row(part, label: str, row: int, res: HessianSpectrum) -> None:
+    """Write one finished row of ``res`` into an open partial file: the values, a flush, then the
+    row's ``done`` flag and a flush (a kill at any moment leaves either a finished row or none)."""
+    values = row_values(res, row)
+    done_flag = values.pop("done")
+    for path, value in values.items():
+        part.write(f"{label}/{path}", row, value)
+    part.flush()
+    part.write(f"{label}/done", row, done_flag)
+    part.flush()
+
+
 def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: str = "LM", method: str = "lanczos",
                 tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
                 mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
                 trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
-                form: str = "auto", overwrite: bool = False, command: Sequence[str] | None = None,
-                config: dict | None = None, device: str = "cpu", data_description: dict | None = None,
-                progress: Progress = None, on_row: Callable[[int, int], None] | None = None,
+                form: str = "auto", precision: str = "fp32", overwrite: bool = False,
+                command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
+                data_description: dict | None = None, progress: Progress = None,
+                on_row: Callable[[int, int], None] | None = None,
                 only_rows: Sequence[int] | None = None) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
@@ -384,7 +663,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     Args:
         jobs: models with their batches.
         output: final ``.h5`` path.
-        k ... form: as :func:`top_eigenvalues`.
+        k ... form, precision: as :func:`top_eigenvalues`.
         overwrite: replace an existing output or a partial file of another run.
         command, config, device: provenance (root attributes).
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
@@ -400,48 +679,15 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         ConfigError, NumericalError: as :func:`top_eigenvalues`; StoreError: output exists, is being
         written by another process, or a partial file of a different run is present.
     """
-    import hashlib
-    import json
-
     from . import store
 
-    if not jobs:
-        raise ConfigError("no models to analyse")
-    k = int(k)
-    which = str(which).upper()
-    max_iter_resolved = int(max_iter) if max_iter is not None else default_max_iter(method, k)
-    # validate everything before the output is touched
-    for job in jobs:
-        _validate(k, which, method, tol, max_iter, scope, weight_decay, count_hessian_parameters(job.model, params))
-    if trace and int(trace_probes) < 3:
-        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
-    if density and (int(density_runs) < 1 or int(density_steps) < 2):
-        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
-    options = {"k": k, "which": which, "method": method, "tol": float(tol), "max_iter": max_iter_resolved,
-               "params": params, "weight_decay": float(weight_decay), "mc_seed": 0 if mc_seed is None else int(mc_seed),
-               "scope": scope, "seed": int(seed), "trace": bool(trace), "trace_probes": int(trace_probes),
-               "density": bool(density), "density_runs": int(density_runs), "density_steps": int(density_steps),
-               "form": form}
-    key = {"options": options, "data": data_description,
-           "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
-                       "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
-    root = {key: str(value) if isinstance(value, str) else value
-            for key, value in store.provenance("hessian", command, config, seed, device).items()}
-    layout = {}
-    rows_of = []
-    for job in jobs:
-        rows = len(job.batches) if scope == "batch" else 1
-        rows_of.append(rows)
-        attrs = dict(job.info.describe()) if job.info is not None else {}
-        attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
-                      "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
-                      "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
-                      "seed": int(seed), "data": _short(data_description)})
-        layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
-                                          trace_probes, density, density_runs, density_steps)
-    part = store.open_partial(output, root, fingerprint, layout, overwrite=overwrite)
+    plan = plan_run(jobs, k=k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
+                    weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
+                    trace_probes=trace_probes, density=density, density_runs=density_runs,
+                    density_steps=density_steps, form=form, precision=precision, command=command, config=config,
+                    device=device, data_description=data_description)
+    opts = plan.options
+    part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
     results = {}
     try:
         done_before = {job.label: np.asarray(part.read(f"{job.label}/done"), dtype=bool) for job in jobs}
@@ -453,24 +699,19 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         for ji, job in enumerate(jobs):
             skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
 
-            def write_row(row: int, res: HessianSpectrum, _label=job.label, _ji=ji) -> None:
-                values = row_values(res, row)
-                done_flag = values.pop("done")
-                for path, value in values.items():
-                    part.write(f"{_label}/{path}", row, value)
-                part.flush()
-                part.write(f"{_label}/done", row, done_flag)
-                part.flush()
+            def on_finished(row: int, res: HessianSpectrum, _label=job.label, _ji=ji) -> None:
+                write_row(part, _label, row, res)
                 counter["n"] += 1
                 report(progress, counter["n"], total, f"{_label} row {row}: top {res.eigenvalues[row][0]:.5g}")
                 if on_row is not None:
                     on_row(_ji, row)
 
             results[job.label] = top_eigenvalues(
-                job.model, job.batches, k=k, which=which, method=method, tol=tol, max_iter=max_iter_resolved,
-                params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
-                trace_probes=trace_probes, density=density, density_runs=density_runs,
-                density_steps=density_steps, form=form, skip=skip, on_row=write_row, label=job.label)
+                job.model, job.batches, k=opts["k"], which=opts["which"], method=method, tol=tol,
+                max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
+                seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
+                density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
+                precision=opts["precision"])
         part.finalize()
     finally:
         part.close()

@@ -353,9 +353,14 @@ class PartialResult:
         """Close and rename to the final name; returns the final path."""
         if extra_root_attrs:
             self.set_attrs("/", extra_root_attrs)
-        self.file.close()
-        self.file = None
-        os.replace(self.partial, self.final)
+        try:
+            self.file.close()
+            self.file = None
+            os.replace(self.partial, self.final)
+        except OSError as exc:  # the .partial file keeps every finished piece for a resume
+            self.file = None
+            self.lock.release()
+            raise _disk_error(self.final, exc) from None
         self.lock.release()
         return self.final
 

@@ -287,3 +287,22 @@ def test_partial_write_no_space(tmp_path):
     finally:
         pr.file = real
         pr.close()
+
+
+def test_finalize_io_error_keeps_the_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.h5"
+    pr = store.open_partial(path, _attrs(), "fp", LAYOUT)
+    pr.write("m/loss", 0, 1.0)
+
+    def failing_replace(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store.os, "replace", failing_replace)
+    with pytest.raises(StoreError, match=r"^cannot write .*out\.h5: Input/output error$"):
+        pr.finalize()
+    monkeypatch.undo()
+    assert not path.exists() and store.partial_path(path).exists()
+    assert not (tmp_path / "out.h5.lock").exists()  # the lock is released: a re-run resumes
+    again = store.open_partial(path, _attrs(), "fp", LAYOUT)
+    assert again.resumed and again.read("m/loss")[0] == 1.0
+    assert again.finalize() == path and path.exists()

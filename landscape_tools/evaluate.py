@@ -21,6 +21,8 @@ reproducible for a given seed and batch size.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -30,7 +32,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, DataError, NumericalError
-from .models import dropout_modules, mc_dropout
+from .models import MCDropout, dropout_modules, mc_dropout, sampling_dropout_modules
 
 #: lower clamp of probabilities inside the NLL's log
 PROB_FLOOR = 1e-12
@@ -362,8 +364,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     error = None
     model.eval()
     try:
-        forward = P.compile_model(model, compile_model)
-        with torch.no_grad():
+        with torch.no_grad(), _compiled(model, compile_model, active) as forward:
             for b in mine:
                 x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
@@ -412,6 +413,43 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                          bin_counts=stack("bin_counts"), bin_accuracy=stack("bin_accuracy"),
                          bin_confidence=stack("bin_confidence"), num_samples=int(results[0]["num_samples"]),
                          mc_active=active, forward_passes=passes, seed=int(seed), note=note)
+
+
+@contextlib.contextmanager
+def _compiled(model: nn.Module, enabled: bool, active: bool):
+    """``torch.compile(model)`` for the block (``model`` itself when not ``enabled``).
+
+    The MC masks are seeded through a module attribute (``MCDropout.mc_seed``) that changes at every
+    MC sample; compiled code would recompile at each one.  So the ``MCDropout`` layers run outside the
+    compiled graph (``torch.compiler.disable``; the rest of the network is compiled) for the block.
+
+    Raises:
+        ConfigError: MC sampling of ordinary ``nn.Dropout`` modules (user models), which
+            :func:`mc_dropout` switches by replacing their forward at every sample.
+    """
+    from . import precision as P
+
+    if not enabled:
+        yield model
+        return
+    sampled = [m for _, m in sampling_dropout_modules(model)]
+    if active and any(not isinstance(m, MCDropout) for m in sampled):
+        raise ConfigError("--compile supports MC sampling of zoo models (MCDropout layers) and models without "
+                          "dropout; this model's torch.nn.Dropout modules are switched at every MC sample, which "
+                          "would recompile the graph each time: drop --compile")
+    saved = []
+    try:
+        for _, m in dropout_modules(model):
+            if isinstance(m, MCDropout):
+                saved.append((m, m.__dict__.get("forward")))
+                m.forward = torch.compiler.disable(functools.partial(type(m).forward, m))
+        yield P.compile_model(model, True)
+    finally:
+        for m, state in reversed(saved):
+            if state is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = state
 
 
 def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.ndarray:

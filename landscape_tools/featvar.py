@@ -357,7 +357,7 @@ def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwis
         keep = torch.empty((n,) + shape, device=x.device, dtype=mask_dtype)
         for j, k in enumerate(schedule.copies):
             gen = _generator(derive_seed(schedule.seed, schedule.batch, k, index, call), x.device)
-            torch.rand(shape, generator=gen, device=x.device, dtype=x.dtype, out=keep[j])
+            torch.rand(shape, generator=gen, device=x.device, dtype=mask_dtype, out=keep[j])
         keep = keep.ge_(p).reshape((n * b,) + shape[1:])
         if keep.dtype != x.dtype:
             keep = keep.to(x.dtype)

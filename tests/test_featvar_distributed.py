@@ -1,0 +1,156 @@
+"""`lt featvar` under torchrun (2 CPU processes, gloo) equals one process; each rank's share in one
+process (summed == all batches, resumable rank files, a failed rank stops all); --precision; --compile refused."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from landscape_tools import distributed as D
+from landscape_tools import featvar, store
+from landscape_tools.checkpoints import load_checkpoint
+from landscape_tools.cli.main import cli
+from landscape_tools.data import load_data
+from landscape_tools.errors import ConfigError
+from tiny_files import tiny_checkpoint_and_data
+
+OPTIONS = ("mc", 3, None, None, True, 5, None, "fp32")     # over, mc, source, layers, fourier, seed, max_batch, precision
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fvdist")
+    _, model, data = tiny_checkpoint_and_data(root, arch="resnet_mcdo_smoothing_18", n=12)
+    return {"root": root, "model": str(model), "data": data}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_nodes(a, b, rtol=1e-10):
+    """Every dataset of ``b`` in ``a`` (recursively), equal to float tolerance, NaN where NaN."""
+    assert sorted(a.data) == sorted(b.data) and sorted(a.groups) == sorted(b.groups)
+    for name, value in b.data.items():
+        if value.dtype.kind in "fc":
+            np.testing.assert_allclose(a.data[name], value, rtol=rtol, atol=0, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a.data[name], value, err_msg=name)
+    for name, group in b.groups.items():
+        assert_same_nodes(a.groups[name], group, rtol)
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 processes
+def test_torchrun_two_ranks_equal_single_process(files):
+    root = files["root"]
+    args = [files["model"], "--data", files["data"], "--split", "train", "--batch-size", "5",  # batches 5, 5, 2
+            "--mc", "3", "--fourier", "--seed", "5", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "landscape_tools.cli.main", "featvar", *args, "-o", "fdist.h5"]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("written to fdist.h5") == 1                     # only rank 0 reports
+    assert sorted(f.name for f in root.iterdir() if f.name.startswith("fdist")) == ["fdist.h5"]  # rank files gone
+
+    r = CliRunner().invoke(cli, ["featvar", *args, "-o", str(root / "fsingle.h5")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got, ref = store.read_result(root / "fdist.h5"), store.read_result(root / "fsingle.h5")
+    assert got.config == ref.config and got.attrs["fingerprint"] == ref.attrs["fingerprint"]
+    assert got.models["m"].attrs == ref.models["m"].attrs
+    assert got.models["m"]["sums/done"].all() and got.models["m"]["sums/var_sum"].shape == (3, 5)
+    assert np.all(got.models["m"]["variance"][1:] > 0)
+    assert_same_nodes(got.models["m"], ref.models["m"])
+
+
+# ----------------------------------------------------------------------------- rank logic in one process
+def make_jobs(files):
+    model, info = load_checkpoint(files["model"])
+    ds = load_data(files["data"], split="train", batch_size=5, in_channels=1)
+    return [featvar.Job(info.label, model, info.describe(), ds.batches())]
+
+
+ATTRS = store.provenance("featvar", ["lt", "featvar"], {}, 5)
+
+
+def test_rank_shares_add_up_to_every_batch_and_the_brute_force_mean(files, tmp_path):
+    out = tmp_path / "out.h5"
+    shares = [featvar.rank_sums(D.Context(rank=r, world_size=2), make_jobs(files), str(out), ATTRS, OPTIONS)["m"]
+              for r in (0, 1)]
+    np.testing.assert_array_equal(shares[0]["done"], [1, 0, 1])
+    np.testing.assert_array_equal(shares[1]["done"], [0, 1, 0])
+    assert np.all(shares[1]["var_sum"][[0, 2]] == 0) and np.all(shares[0]["fourier_sum"][1] == 0)
+    summed = {k: shares[0][k] + shares[1][k] for k in shares[0]}
+
+    featvar.run_to_file(make_jobs(files), str(tmp_path / "ref.h5"), ATTRS, over="mc", mc=3, fourier=True, seed=5)
+    ref = store.read_result(tmp_path / "ref.h5").models["m"]
+    for key in ("var_sum", "count", "fourier_sum", "fourier_count"):
+        np.testing.assert_array_equal(summed[key], ref["sums/" + key], err_msg=key)
+    # the variance is the mean over every entry of every batch: sum of sums / sum of counts
+    brute = summed["var_sum"].sum(axis=0) / summed["count"].sum(axis=0)
+    np.testing.assert_allclose(ref["variance"], brute, rtol=1e-12)
+    # and each batch's sums equal the in-memory analysis of that batch alone (global batch index)
+    job = make_jobs(files)[0]
+    analysis = featvar.FeatureVariance(job.model, job.batches[0][0], "mc", 3, fourier=True, seed=5)
+    alone = analysis.batch_stats(1, job.batches[1][0])
+    np.testing.assert_array_equal(shares[1]["var_sum"][1], alone.var_sum)
+    # the rank files stay until the job succeeded (resume); no output was written
+    assert store.partial_path(D.shard_path(out, 1, 2)).exists() and not out.exists()
+
+
+def test_an_interrupted_rank_resumes_its_own_batches(files, tmp_path, monkeypatch):
+    out, ctx = tmp_path / "out.h5", D.Context(rank=0, world_size=2)
+
+    def interrupt(done, total, message):
+        if done == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, OPTIONS, progress=interrupt)
+    computed = []
+    original = featvar.FeatureVariance.batch_stats
+    monkeypatch.setattr(featvar.FeatureVariance, "batch_stats",
+                        lambda self, i, x: (computed.append(i), original(self, i, x))[1])
+    share = featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, OPTIONS)["m"]
+    assert computed == [2]                                   # batch 0 was done before the interruption
+    np.testing.assert_array_equal(share["done"], [1, 0, 1])
+    # a rank file of other options is refused, not mixed in
+    with pytest.raises(Exception, match="holds progress of a different run"):
+        featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, ("mc", 4) + OPTIONS[2:])
+
+
+def test_a_failed_rank_stops_the_others_writes_nothing_and_keeps_the_rank_file(files, tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
+    monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if not ok else [1])   # rank 1 failed elsewhere
+    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); nothing was written"):
+        featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, seed=5, ctx=D.Context(rank=0, world_size=2))
+    assert not out.exists() and store.partial_path(D.shard_path(out, 0, 2)).exists()
+    assert not store.partial_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- precision and compile
+def test_bf16_is_close_to_fp32_but_not_identical(files):
+    job = make_jobs(files)[0]
+    ref = featvar.feature_variance(job.model, job.batches, mc=3, seed=5, fourier=True)
+    low = featvar.feature_variance(job.model, job.batches, mc=3, seed=5, fourier=True, precision="bf16")
+    assert not np.array_equal(low.variance, ref.variance)
+    np.testing.assert_allclose(low.variance, ref.variance, rtol=0.1, atol=1e-12)
+    # low frequencies agree; the highest ones sit near the 1e-6 floor of the log, where bf16 is all noise
+    np.testing.assert_allclose(low.fourier[:, :2], ref.fourier[:, :2], atol=0.05)
+    assert ref.variance[0] == 0 and low.variance[0] == 0     # before any dropout: same masks, no variance
+
+
+def test_compile_is_refused(files, tmp_path):
+    with pytest.raises(ConfigError, match="--compile is not supported by lt featvar"):
+        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=3, compile_model=True)
+    r = CliRunner().invoke(cli, ["featvar", files["model"], "--data", files["data"], "--mc", "3", "--compile",
+                                 "-o", str(tmp_path / "o.h5")])
+    assert r.exit_code == 1 and r.output.startswith("Error: --compile is not supported by lt featvar: its forward "
+                                                    "hooks and per-copy dropout masks")
+    assert not any(tmp_path.iterdir())

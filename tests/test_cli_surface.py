@@ -178,3 +178,22 @@ def test_resumes_with_the_same_command_and_refuses_another(files):
     assert surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", full).exit_code == 0
     np.testing.assert_array_equal(store.read_result(out).models["m0"].data["loss"],
                                   store.read_result(full).models["m0"].data["loss"])
+
+
+def test_precision_is_recorded_and_bad_values_are_refused(files):
+    out = files["root"] / "bf16.h5"
+    r = surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "--precision", "bf16", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "bf16 forward passes" in r.output
+    res = store.read_result(out)
+    node = res.models["m0"]
+    assert node.attrs["precision"] == "bf16" and not node.attrs["compile"]
+    assert res.config["precision"] == "bf16" and res.config["compile"] is False
+    fp32 = files["root"] / "fp32.h5"
+    assert surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", fp32).exit_code == 0
+    a, b = node.data["loss"], store.read_result(fp32).models["m0"].data["loss"]
+    assert not np.array_equal(a, b) and np.allclose(a, b, rtol=5e-2)
+    assert store.read_result(fp32).models["m0"].attrs["precision"] == "fp32"
+    r = surf(files, "--precision", "int8", "-o", files["root"] / "bad.h5")
+    assert r.exit_code == 2 and "Invalid value for '--precision': 'int8' is not one of 'fp32', 'bf16', 'fp16'" \
+        in r.output

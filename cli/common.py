@@ -161,6 +161,31 @@ def dump_config(**options) -> dict:
     return json.loads(json.dumps(options, default=str))
 
 
+#: set by the Ctrl-C handler: a KeyboardInterrupt that CPython swallowed (one raised inside a weakref
+#: or garbage-collector callback is printed and dropped) is raised again at the next progress report
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and also sets a flag :class:`ProgressBar` checks."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt when Ctrl-C was pressed (even if its first exception was lost)."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 class ProgressBar:
     """``progress(done, total, message)`` drawn on stderr: one redrawn line on a terminal, and
     occasional plain lines (at most every ``interval`` seconds) in a batch log."""
@@ -173,6 +198,7 @@ class ProgressBar:
         self.last_done = None
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        check_interrupted()
         if self.quiet:
             return
         now = time.monotonic()

@@ -52,6 +52,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         from landscape_tools.errors import LTError
+        from landscape_tools.cli.common import install_interrupt_handler
+        install_interrupt_handler()
         try:
             return super().invoke(ctx)
         except LTError as exc:

@@ -109,3 +109,22 @@ def test_evaluate_refuses_existing_output_and_bad_figure(files):
 def test_evaluate_help_has_example():
     res = run("evaluate", "--help")
     assert res.exit_code == 0 and "Example:" in res.output and "--mc" in res.output
+
+
+def test_evaluate_precision_is_recorded_and_bf16_differs_slightly(files):
+    root, _, paths = files
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        outs[precision] = root / f"prec_{precision}.h5"
+        res = run("evaluate", paths["resnet_mcdo_18"], "--mc", "1,2", "--batch-size", "8", "--precision", precision,
+                  "-o", outs[precision])
+        assert res.exit_code == 0, res.output
+    a, b = store.read_result(outs["fp32"]), store.read_result(outs["bf16"])
+    assert a.config["precision"] == "fp32" and b.config["precision"] == "bf16" and b.config["compile"] is False
+    assert b.models["mcdo"].attrs["precision"] == "bf16" and b.models["mcdo"].attrs["compiled"] is False
+    assert not np.array_equal(a.models["mcdo"]["nll"], b.models["mcdo"]["nll"])
+    np.testing.assert_allclose(a.models["mcdo"]["nll"], b.models["mcdo"]["nll"], rtol=0.05)
+    res = run("evaluate", paths["resnet_mcdo_18"], "--precision", "fp8", "-o", root / "fp8.h5")
+    assert res.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not one of 'fp32', 'bf16', 'fp16'" \
+        in res.output
+    assert not (root / "fp8.h5").exists()

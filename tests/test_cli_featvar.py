@@ -123,3 +123,14 @@ def test_help_documents_bessel_and_example():
     res = run("featvar", "--help")
     assert res.exit_code == 0
     assert "Bessel-corrected" in res.output and "Example:" in res.output and "noise:SIGMA" in res.output
+
+
+def test_featvar_precision_is_recorded(files):
+    root, _, paths = files
+    out = root / "bf16.h5"
+    res = run("featvar", paths["resnet_mcdo_18"], "--mc", "3", "--batch-size", "5", "--precision", "bf16", "-o", out)
+    assert res.exit_code == 0, res.output
+    result = store.read_result(out)
+    assert result.config["precision"] == "bf16" and result.config["compile"] is False
+    assert result.models["mcdo"].attrs["precision"] == "bf16"
+    assert np.all(result.models["mcdo"]["variance"][1:] > 0)

@@ -140,3 +140,40 @@ def test_existing_output_refused(files, tmp_path):
     out.write_bytes(b"")
     result = CliRunner().invoke(cli, args(files, out))
     assert result.exit_code == 1 and f"Error: {out} already exists; pass --overwrite" in result.output
+
+
+def test_bf16_precision_is_close_to_fp32_and_recorded(files, tmp_path):
+    """--precision bf16 (CPU autocast) runs the loss's forward pass in bfloat16: eigenvalues close to fp32's."""
+    runner = CliRunner()
+    results = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.h5"
+        result = runner.invoke(cli, args(files, out, "--batches", "1", "--precision", precision,
+                                         models=("resnet_dnn_18",)))
+        assert result.exit_code == 0, result.output
+        warned = "warning: --precision bf16 runs the loss's forward pass in bf16; the Hessian is approximate"
+        assert (warned in result.output) == (precision == "bf16"), result.output
+        res = store.read_result(out)
+        assert res.config["precision"] == precision and res.models["dnn"].attrs["precision"] == precision
+        results[precision] = res
+    fp32, bf16 = (results[p].models["dnn"]["eigenvalues"] for p in ("fp32", "bf16"))
+    assert not np.array_equal(fp32, bf16)                           # it did run in reduced precision
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-2)
+    assert results["fp32"].attrs["fingerprint"] != results["bf16"].attrs["fingerprint"]
+
+
+def test_fp32_precision_is_the_plain_operator(files):
+    """The default precision computes exactly what the library's plain operator computes."""
+    from landscape_tools.hessian import hessian_operator
+    from landscape_tools._hvp import HessianOperator
+    model, _ = load_checkpoint(files[1]["resnet_dnn_18"])
+    x = torch.from_numpy(np.load(files[2])["x"][:2])
+    y = torch.from_numpy(np.load(files[2])["y"][:2])
+    op = hessian_operator(model, [(x, y)], precision="fp32")
+    assert type(op) is HessianOperator
+    op.close()
+    low = hessian_operator(model, [(x, y)], precision="bf16")
+    v = torch.randn(low.dim, dtype=torch.float64)
+    assert "forward" in model.__dict__ and low(v).dtype == torch.float64
+    low.close()
+    assert "forward" not in model.__dict__

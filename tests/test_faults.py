@@ -197,3 +197,123 @@ def test_disk_full_while_merging_leaves_no_half_written_file(files, monkeypatch,
     assert r.output.strip() == (f"Error: no space left on the device holding {tmp_path / 'all.h5'}: free some space "
                                 f"or write elsewhere with -o; earlier results are untouched")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before     # shards intact, nothing new
+
+
+# ----------------------------------------------------------------------------- lt hessian --scope batch, lt featvar
+@pytest.fixture(scope="module")
+def batch_files(tmp_path_factory):
+    """A 23-parameter MLP (bare state_dict, `lt_user_models:tiny_mlp`) with 160 samples for `lt hessian`
+    (80 batches of 2, about 30 ms each) and the tiny zoo model with 160 samples for `lt featvar`
+    (40 batches of 4)."""
+    import lt_user_models
+    import torch
+    from landscape_tools.data import save_tensors
+
+    root = tmp_path_factory.mktemp("faults_batches")
+    _, model, data = tiny_checkpoint_and_data(root, n=160)
+    torch.manual_seed(0)
+    torch.save(lt_user_models.tiny_mlp().state_dict(), root / "mlp.pt")
+    rng = np.random.default_rng(0)
+    save_tensors(root / "mlp.npz", x=rng.normal(size=(160, 4)).astype(np.float32), y=rng.integers(0, 2, 160))
+    commands = {
+        "hessian": (["hessian", str(root / "mlp.pt"), "--model", "lt_user_models:tiny_mlp", "--data",
+                     f"tensors:{root / 'mlp.npz'}", "--batch-size", "2", "--top-k", "2", "--scope", "batch",
+                     "--device", "cpu"], "mlp", "mlp/done", 80),
+        "featvar": (["featvar", str(model), "--data", data, "--split", "train", "--batch-size", "4", "--mc", "4",
+                     "--source", "noise:0.1", "--device", "cpu"], "m", "m/sums/done", 40),
+    }
+    refs = {}
+    for name, (args, label, _, _) in commands.items():
+        ref = root / f"ref_{name}.h5"
+        r = CliRunner().invoke(cli, [*args, "-o", str(ref)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        refs[name] = store.read_result(ref)
+    return {"root": root, "commands": commands, "refs": refs}
+
+
+def start_command(args, out):
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-m", "landscape_tools.cli.main", *args, "-o", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def done_rows(partial, flags) -> int:
+    """Rows flagged done at ``flags`` in a partial file another process is writing (0 while unreadable)."""
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f[flags][()].sum())
+    except Exception:
+        return 0
+
+
+def wait_for_rows(proc, partial, flags, timeout=60.0) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        n = done_rows(partial, flags)
+        if n > 0:
+            return n
+        assert proc.poll() is None, "the command ended before any progress was seen: " + proc.stderr.read()
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no progress written within the timeout")
+
+
+def assert_same_result(got, ref):
+    """Every dataset and attribute of every model group equal (the root differs in time and command)."""
+    assert set(got.models) == set(ref.models) and got.attrs["fingerprint"] == ref.attrs["fingerprint"]
+    for label, node in ref.models.items():
+        _assert_same_node(got.models[label], node, label + "/")
+
+
+def _assert_same_node(a, b, where):
+    assert a.attrs == b.attrs, where
+    assert set(a.data) == set(b.data) and set(a.groups) == set(b.groups), where
+    for name, value in b.data.items():
+        np.testing.assert_array_equal(a.data[name], value, err_msg=where + name)
+    for name, group in b.groups.items():
+        _assert_same_node(a.groups[name], group, where + name + "/")
+
+
+@pytest.mark.parametrize("name", ["hessian", "featvar"])
+def test_sigkill_mid_run_then_resume_batch_commands(batch_files, name):
+    root = batch_files["root"]
+    args, label, flags, n_rows = batch_files["commands"][name]
+    out = root / f"killed_{name}.h5"
+    proc = start_command(args, out)
+    seen = wait_for_rows(proc, store.partial_path(out), flags)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    kept = done_rows(store.partial_path(out), flags)
+    assert 0 < seen <= kept < n_rows and not out.exists()
+    assert leftovers(root, f"killed_{name}") == [f"killed_{name}.h5.lock", f"killed_{name}.h5.partial"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert leftovers(root, f"killed_{name}") == [f"killed_{name}.h5"]
+    assert_same_result(store.read_result(out), batch_files["refs"][name])
+
+
+def test_ctrl_c_hessian_keeps_finished_batches_and_resumes(batch_files):
+    root = batch_files["root"]
+    args, label, flags, n_rows = batch_files["commands"]["hessian"]
+    out = root / "ctrlc_hessian.h5"
+    proc = start_command(args, out)
+    wait_for_rows(proc, store.partial_path(out), flags)
+    proc.send_signal(signal.SIGINT)
+    _, err = interrupt(proc, root / "ctrlc_hessian.h5.lock")
+    assert proc.returncode == 130, err
+    assert "Error: interrupted. No half-written result file is left" in err
+    assert err.count("Traceback") == err.count("Exception ignored in")
+    assert leftovers(root, "ctrlc_hessian") == ["ctrlc_hessian.h5.partial"]     # the lock is released
+    kept = done_rows(store.partial_path(out), flags)
+    assert 0 < kept < n_rows
+    partial = store.read_result(store.partial_path(out)).models[label]
+    ref = batch_files["refs"]["hessian"].models[label]
+    done = partial.data["done"].astype(bool)
+    np.testing.assert_array_equal(partial.data["eigenvalues"][done], ref.data["eigenvalues"][done])
+    r = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert leftovers(root, "ctrlc_hessian") == ["ctrlc_hessian.h5"]
+    assert_same_result(store.read_result(out), batch_files["refs"]["hessian"])

@@ -314,3 +314,31 @@ def test_skip_and_on_row(cases):
     part = top_eigenvalues(model, batches, k=2, seed=7, skip=[1], on_row=lambda r, res: seen.append(r))
     assert seen == [0, 2] and np.isnan(part.eigenvalues[1]).all()
     np.testing.assert_array_equal(part.eigenvalues[[0, 2]], full.eigenvalues[[0, 2]])
+
+
+def test_shared_operator_quick_check_votes_across_processes():
+    from landscape_tools import hessian as H
+    model, batches = make()
+    sent = []
+
+    def peer_fails(t):          # this is rank 0 of 2; rank 1 reports a failed check
+        sent.append(t.clone())
+        t = t.clone()
+        t[1] += 1.0
+        return t
+
+    with H.SharedDataOperator(model, batches, [0, 2], peer_fails, rank=0, world_size=2) as op:
+        with pytest.raises(H.PeerFailed, match=r"process\(es\) 1 of 2 failed the determinism check"):
+            op.quick_check(seed=3)
+        assert len(sent) == 1 and sent[0].tolist() == [0.0, 0.0] and op.count == 0
+    # a process whose own check fails still votes (so the others stop), then raises its own error
+    x, y = torch.randn(8, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    sent.clear()
+    with H.SharedDataOperator(Noisy().double(), [(x, y)], [0], lambda t: sent.append(t.clone()) or t,
+                              rank=1, world_size=2) as op:
+        with pytest.raises(NumericalError, match="is not a fixed matrix"):
+            op.quick_check()
+    assert sent[0].tolist() == [0.0, 1.0]
+    # a process without batches votes without checking
+    with H.SharedDataOperator(model, batches, [], lambda t: t, rank=1, world_size=2) as op:
+        assert op.quick_check() == 0.0

@@ -234,7 +234,8 @@ def run_surface(ctx: Context, jobs, output, x, y=None, *, mc: int = 0, bn: str =
         if mine.exists() and not overwrite:
             xs = np.asarray(x, np.float64)
             ys = None if y is None else np.asarray(y, np.float64)
-            want = S._digest(S.run_fingerprint(jobs, xs, ys, {"mc": int(mc), "bn": bn, "seed": int(seed)}))
+            options = S.surface_options(mc, bn, seed, kwargs.get("precision", "fp32"))
+            want = S._digest(S.run_fingerprint(jobs, xs, ys, options))
             old = store.read_result(mine).attrs
             if (old.get("surface_fingerprint") != want or int(old.get("shard", -1)) != ctx.rank
                     or int(old.get("n_shards", -1)) != ctx.world_size):

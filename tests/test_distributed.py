@@ -74,16 +74,18 @@ def _jobs(files, seed=0):
 X, Y = np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 3)
 
 
-def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_path, precision):
     """The ranks' steps run one after the other (no process group): rank 1 computes its shard, rank 0
     finds its own shard finished by an earlier job, reuses it and merges."""
     out = tmp_path / "out.h5"
     jobs = _jobs(files)
-    ref = S.run_surface(jobs, str(tmp_path / "ref.h5"), X, Y)
-    S.run_surface(jobs, str(D.shard_path(out, 0, 2)), X, Y, shard=(0, 2))      # the earlier job's shard 0
-    assert D.run_surface(D.Context(rank=1, world_size=2), jobs, out, X, Y) == out
+    kw = {"precision": precision}
+    ref = S.run_surface(jobs, str(tmp_path / "ref.h5"), X, Y, **kw)
+    S.run_surface(jobs, str(D.shard_path(out, 0, 2)), X, Y, shard=(0, 2), **kw)      # the earlier job's shard 0
+    assert D.run_surface(D.Context(rank=1, world_size=2), jobs, out, X, Y, **kw) == out
     assert not out.exists() and D.shard_path(out, 1, 2).exists()
-    assert D.run_surface(D.Context(rank=0, world_size=2), jobs, out, X, Y) == out
+    assert D.run_surface(D.Context(rank=0, world_size=2), jobs, out, X, Y, **kw) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
     np.testing.assert_array_equal(store.read_result(out).models["m"].data["loss"],
                                   store.read_result(ref).models["m"].data["loss"])

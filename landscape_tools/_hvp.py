@@ -148,11 +148,28 @@ class HessianOperator:
     def parameter_vector(self) -> torch.Tensor:
         return self.flat([p.detach() for p in self.params])
 
+    def _build_graph(self) -> None:
+        if self._grads is None:
+            self._grads = [torch.autograd.grad(self._loss(i), self.params, create_graph=True)
+                           for i in range(len(self.batches))]
+
+    def free_gradient(self) -> torch.Tensor | None:
+        """The gradient of the loss (flat float64, weight decay excluded) when it comes for free: in
+        the ``graph`` form it is the first-order result every product differentiates again (the
+        graph is built now if it was not yet).  ``None`` for the other forms, where it would cost a
+        forward and backward pass of its own."""
+        if self.form != "graph":
+            return None
+        self._build_graph()
+        total = None
+        for grads, w in zip(self._grads, self.weights):
+            part = self.flat([g.detach() for g in grads])
+            total = part * w if total is None else total.add_(part, alpha=w)
+        return total
+
     def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> tuple[torch.Tensor, ...]:
         if form == "graph":
-            if self._grads is None:
-                self._grads = [torch.autograd.grad(self._loss(i), self.params, create_graph=True)
-                               for i in range(len(self.batches))]
+            self._build_graph()
             return torch.autograd.grad(self._grads[b], self.params, grad_outputs=vs, retain_graph=True)
         if form == "double":
             loss = self._loss(b)

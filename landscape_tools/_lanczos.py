@@ -21,7 +21,8 @@ import torch
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 WHICH = ("LM", "LA", "SA")
-_CHUNK = 1 << 16
+_CHUNK = 1 << 14   # columns of the basis widened / rotated at a time
+_ROWS = 2          # rows of a float32 basis widened to float64 at a time
 
 
 def order(values: np.ndarray, which: str) -> np.ndarray:
@@ -61,15 +62,42 @@ def _random_unit(n: int, seed: int, device, kind: str = "gaussian") -> torch.Ten
     return v / torch.linalg.vector_norm(v)
 
 
+def _project(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``basis @ w`` in float64; a float32 basis is widened a few rows at a time (never all at once)."""
+    if basis.dtype == torch.float64:
+        return basis @ w
+    h = torch.empty(basis.shape[0], dtype=torch.float64, device=w.device)
+    for i in range(0, basis.shape[0], _ROWS):
+        h[i:i + _ROWS] = basis[i:i + _ROWS].to(torch.float64) @ w
+    return h
+
+
+def _subtract(w: torch.Tensor, basis: torch.Tensor, h: torch.Tensor) -> None:
+    """``w -= basis.T @ h`` in float64, widening a float32 basis a few rows at a time."""
+    if basis.dtype == torch.float64:
+        w.sub_(basis.T @ h)
+        return
+    for i in range(0, basis.shape[0], _ROWS):
+        w.sub_(basis[i:i + _ROWS].to(torch.float64).T @ h[i:i + _ROWS])
+
+
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Two passes of classical Gram-Schmidt against the rows of ``basis``; returns the coefficients."""
     if basis.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=w.device)
-    h = basis @ w
-    w.sub_(basis.T @ h)
-    h2 = basis @ w
-    w.sub_(basis.T @ h2)
+    h = _project(basis, w)
+    _subtract(w, basis, h)
+    h2 = _project(basis, w)
+    _subtract(w, basis, h2)
     return h + h2
+
+
+def _combine(Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``Y.T @ V`` in float64 (Y float64 (size, r), V the basis rows), column chunk by column chunk."""
+    out = torch.empty((Y.shape[1], V.shape[1]), dtype=torch.float64, device=V.device)
+    for c in range(0, V.shape[1], _CHUNK):
+        out[:, c:c + _CHUNK] = Y.T @ V[:, c:c + _CHUNK].to(torch.float64)
+    return out
 
 
 def _rel(res: np.ndarray, theta: np.ndarray, floor: float) -> np.ndarray:
@@ -78,8 +106,8 @@ def _rel(res: np.ndarray, theta: np.ndarray, floor: float) -> np.ndarray:
 
 def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4,
                           max_hvps: int = 500, ncv: int | None = None, seed: int = 0, device=None,
-                          return_vectors: bool = False, start: tuple[torch.Tensor, torch.Tensor] | None = None
-                          ) -> EigenPairs:
+                          return_vectors: bool = False, start: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          basis_dtype: torch.dtype = torch.float64) -> EigenPairs:
     """The ``k`` eigenpairs of a symmetric operator at one end of its spectrum.
 
     Args:
@@ -93,7 +121,12 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         device: where the basis lives (default: the operator's output device).
         return_vectors: also return the Ritz vectors ((k, n) float64).
         start: ``(v, H v)`` with ``v`` a unit vector whose product is already known (it then counts
-            as the first of the products); default a seeded random start.
+            as the first of the products), or a function returning that pair or ``None``; default (or
+            ``None``) a seeded random start.
+        basis_dtype: storage of the Krylov basis. float64 (default) or float32, which halves its
+            memory; every product, coefficient and scalar stays float64 either way. A float32 basis
+            is orthogonal to ~1e-7, ample when the operator itself is float32 and ``tol >= 1e-6``;
+            the operator then receives the basis rows as they are stored (float32 vectors).
 
     Returns:
         :class:`EigenPairs` in ``which`` order; residuals are the Lanczos estimates
@@ -102,16 +135,20 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     """
     m = min(n, int(ncv) if ncv else max(2 * k + 10, 30))
     m = max(m, min(n, k + 1))
+    if callable(start):
+        start = start()  # made here, so no caller's frame keeps the two vectors alive during the solve
     if start is not None:
-        v, w0 = start[0].to(torch.float64), start[1]
+        v, pending = start
+        start = None
     else:
         v = _random_unit(n, seed, "cpu")
-        w0 = op(v.to(device) if device is not None else v)
-    device = w0.device if device is None else device
-    V = torch.empty((m, n), dtype=torch.float64, device=device)
+        pending = op(v.to(device) if device is not None else v)
+    device = pending.device if device is None else device
+    V = torch.empty((m, n), dtype=basis_dtype, device=device)
     V[0] = v.to(device)
+    v = None
     T = np.zeros((m, m))
-    size, hvps, pending = 1, 0, w0
+    size, hvps = 1, 0
     theta = sel = S = res = None
     beta = 0.0
     norm_est = 0.0
@@ -150,6 +187,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
                 restart = True
                 break
             V[size] = w
+            w = None  # not alive during the next product: one vector less at the memory peak
             T[size, j] = T[j, size] = beta_couple
             size += 1
         if not restart:
@@ -159,7 +197,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         kept = order(theta, which)[:keep]
         Y = torch.from_numpy(np.ascontiguousarray(S[:, kept])).to(device)
         for c in range(0, n, _CHUNK):
-            V[:keep, c:c + _CHUNK] = Y.T @ V[:size, c:c + _CHUNK]
+            V[:keep, c:c + _CHUNK] = Y.T @ V[:size, c:c + _CHUNK].to(torch.float64)
         last = S[size - 1, kept]
         T[:] = 0.0
         T[:keep, :keep] = np.diag(theta[kept])
@@ -171,7 +209,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     vectors = None
     if return_vectors:
         Y = torch.from_numpy(np.ascontiguousarray(S[:, sel])).to(device)
-        vectors = Y.T @ V[:size]
+        vectors = _combine(Y, V[:size])
     if size == n:
         rel = np.minimum(rel, tol)  # the basis spans the whole space: Ritz pairs are exact
     return EigenPairs(values=theta[sel].copy(), residuals=rel, converged=rel <= tol, hvps=hvps, vectors=vectors)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 

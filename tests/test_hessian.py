@@ -139,7 +139,7 @@ def spectrum_operator(values, seed=0):
     rng = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(rng.standard_normal((len(values), len(values))))
     A = torch.from_numpy((Q * np.asarray(values)) @ Q.T)
-    return lambda v: A @ v
+    return lambda v: A @ v.to(A.dtype)
 
 
 @pytest.mark.parametrize("solver", [_lanczos.thick_restart_lanczos, _lanczos.deflated_power])
@@ -342,3 +342,69 @@ def test_shared_operator_quick_check_votes_across_processes():
     # a process without batches votes without checking
     with H.SharedDataOperator(model, batches, [], lambda t: t, rank=1, world_size=2) as op:
         assert op.quick_check() == 0.0
+
+
+# ----------------------------------------------------------------------------- start vector, basis storage
+def test_free_gradient_is_the_dense_gradient_of_the_weighted_loss(cases):
+    model, batches, _ = cases[False]
+    with HessianOperator(model, batches, form="graph") as op:
+        g = op.free_gradient()
+        w = op.parameter_vector().clone().requires_grad_(True)
+        named = [(n, p) for n, p in model.named_parameters()]
+        state = dict(model.named_buffers())
+        parts = torch.split(w, [p.numel() for _, p in named])
+        state.update({n: t.view(p.shape) for (n, p), t in zip(named, parts)})
+        total = sum(F.cross_entropy(functional_call(model, state, (x,)), y) * (len(y) / 15) for x, y in batches)
+        (dense,) = torch.autograd.grad(total, w)
+        torch.testing.assert_close(g, dense, rtol=1e-12, atol=1e-14)
+    with HessianOperator(model, batches, form="double") as op:
+        assert op.free_gradient() is None  # not free in that form: the solver starts at random
+
+
+def test_gradient_start_mixes_gradient_and_random_and_counts_its_product(cases):
+    from landscape_tools.hessian import _gradient_start
+    model, batches, dense = cases[True]
+    with HessianOperator(model, batches[:1], form="graph") as op:
+        assert _gradient_start(op, op.dim, "SA", 1) is None
+        v, hv = _gradient_start(op, op.dim, "LM", 1)
+        g = op.free_gradient()
+        assert abs(float(torch.linalg.vector_norm(v)) - 1) < 1e-12 and op.count == 1
+        np.testing.assert_allclose(hv.numpy(), dense[0] @ v.numpy(), rtol=1e-9, atol=1e-12)
+        cos = float(v @ g) / float(torch.linalg.vector_norm(g))
+        assert 0.5 < cos < 0.9  # half gradient, half random (nearly orthogonal to it)
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_float32_basis_storage_keeps_float64_accuracy_at_moderate_tolerances(which):
+    values = np.concatenate([[-5.0, 3.0, -2.0, 1.5], np.linspace(-0.5, 0.8, 196)])
+    op = spectrum_operator(values, seed=4)
+    ref = _lanczos.thick_restart_lanczos(op, 200, 4, which=which, tol=1e-10, seed=1)
+    low = _lanczos.thick_restart_lanczos(op, 200, 4, which=which, tol=1e-5, seed=1, ncv=12, basis_dtype=torch.float32,
+                                         return_vectors=True)
+    assert low.converged.all() and low.hvps > 12  # restarted with the float32 basis
+    np.testing.assert_allclose(low.values, ref.values, rtol=1e-7)
+    A = op(torch.eye(200, dtype=torch.float64))
+    for lam, v in zip(low.values, low.vectors):   # true residuals meet the tolerance
+        assert float(torch.linalg.vector_norm(A @ v - lam * v)) / abs(lam) <= 1e-5 * 1.01
+
+
+def test_basis_dtype_choice():
+    from landscape_tools.hessian import _basis_dtype
+
+    class Op:
+        def __init__(self, dtype):
+            self.dtype = dtype
+    assert _basis_dtype(Op(torch.float32), 1e-4) == torch.float32
+    assert _basis_dtype(Op(torch.float32), 1e-8) == torch.float64   # tight tolerance: full storage
+    assert _basis_dtype(Op(torch.float64), 1e-4) == torch.float64   # float64 models keep float64
+    assert _basis_dtype(object(), 1e-4) == torch.float64
+
+
+def test_float32_model_matches_dense_float64_hessian():
+    model, batches = make(False, 5)
+    dense = dense_hessian(model, batches, [0])
+    model32 = model.float()
+    res = top_eigenvalues(model32, [(batches[0][0].float(), batches[0][1])], k=3, tol=1e-4, seed=1)
+    assert res.converged.all()
+    # the float32 products themselves carry ~1e-6 relative rounding
+    assert rel(res.eigenvalues[0], reference(dense, 3, "LM")) < 1e-4

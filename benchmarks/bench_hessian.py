@@ -1,22 +1,24 @@
 """Benchmark: `lt hessian`'s solvers against PyHessian on one CIFAR-shaped ResNet-20 batch.
 
 Same model (a CIFAR ResNet-20, 3 stages x 3 basic blocks, 16/32/64 channels, 1x1-conv shortcuts,
-~0.27M parameters), same batch of 128 3x32x32 inputs, one process, eval mode.  By default the net is
-first trained briefly on the bundled digits (CIFAR-shaped: upsampled, 3 channels), because the paper
-takes Hessians of trained nets; ``--init random`` uses random weights and a random batch.  A tight reference (our Lanczos to relative residual 1e-8) decides who is right.
+~0.27M parameters), same batch of 128 3x32x32 inputs, one process, eval mode.  ``--init``:
+``trained`` (default) trains the net briefly on the bundled digits (CIFAR-shaped: upsampled, 3
+channels), because the paper takes Hessians of trained nets; ``fresh`` is a newly built net in eval
+mode with a random batch, the setting ANCHORS.md measured PyHessian in; ``random`` uses random
+weights with BN statistics from a random batch.  A tight reference (our Lanczos to relative residual
+1e-8) decides who is right.
 
-Measured per solver: wall time, Hessian-vector products, relative error of every eigenvalue
-against the reference, and peak memory as the growth of the process's peak resident set size
-(VmHWM in /proc/self/status, reset before each solver by writing 5 to /proc/self/clear_refs; glibc
-is told to return freed tensors to the OS so one solver's freed memory does not hide the next's).
+Measured per solver: wall time (best of ``--rounds``, solvers interleaved, normal allocator),
+Hessian-vector products, relative error of every eigenvalue against the reference, and peak memory:
+each solver once more in a fresh process (the saved model and batch, one warm-up forward pass), as
+the growth of its peak resident set size over the size just before the solver (VmHWM in
+/proc/self/status after writing 5 to /proc/self/clear_refs; glibc told to return freed blocks to
+the OS so the resident size follows the live tensors).
 
 PyHessian is needed only here: `.venv/bin/pip install --no-deps pyhessian`.  Without it the
-script says so and exits 0.
+script says so and compares against the reference only.
 
-Timing and memory are separate phases: the solvers are timed round by round under the normal allocator
-(best of ``--rounds``), then each runs once more for its peak memory.
-
-Usage: python benchmarks/bench_hessian.py [--init trained|random] [--rounds 2] [--batch 128] [--seed 0]
+Usage: python benchmarks/bench_hessian.py [--init trained|fresh|random] [--rounds 2] [--batch 128] [--seed 0]
        [--skip-pyhessian]
 """
 from __future__ import annotations
@@ -81,6 +83,9 @@ class ResNet20(nn.Module):
 def make_problem(batch: int = 128, seed: int = 0, init: str = "trained", epochs: int = 4):
     """The model in eval mode and one batch of ``batch`` 3x32x32 inputs.
 
+    ``init="fresh"``: a newly built net in eval mode (BN running statistics at their defaults) and a
+    random batch (random labels), as ANCHORS.md measured PyHessian; its top eigenvalues are close
+    together (0.776, 0.643, 0.640, 0.611, 0.562 in magnitude), which is slow for power iteration.
     ``init="random"``: He-initialised weights, a random batch (random labels), BN running statistics
     set from that batch.  ``init="trained"`` (default; the paper takes Hessians of trained nets):
     ``epochs`` of SGD on the bundled digits data set (grey 8x8 images upsampled to 32x32 and repeated
@@ -89,6 +94,11 @@ def make_problem(batch: int = 128, seed: int = 0, init: str = "trained", epochs:
     """
     torch.manual_seed(seed)
     model = ResNet20()
+    if init == "fresh":
+        # a newly built net in eval mode (BN buffers at their defaults), random batch: the setting of
+        # the ANCHORS.md measurements, where PyHessian's power iteration needs ~300 products for top-5
+        model.eval()
+        return model, torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     if init == "random":
         x = torch.randn(batch, 3, 32, 32)
         y = torch.randint(0, 10, (batch,))
@@ -195,6 +205,55 @@ def pyhessian_run(model, x, y, k):
     return values, counter["n"], None
 
 
+def solver_table(model, x, y, have_pyhessian: bool):
+    """``[(name, k, fn)]``: the solvers compared, in the order they run."""
+    solvers = []
+    if have_pyhessian:
+        solvers.append(("PyHessian top-5 (power, defaults)", 5, lambda: pyhessian_run(model, x, y, 5)))
+    solvers.append(("ours top-5 (lanczos, tol 1e-4)", 5, lambda: ours(model, x, y, 5, 1e-4)))
+    if have_pyhessian:
+        solvers.append(("PyHessian top-1 (power, defaults)", 1, lambda: pyhessian_run(model, x, y, 1)))
+    solvers.append(("ours top-1 (lanczos, tol 1e-4)", 1, lambda: ours(model, x, y, 1, 1e-4)))
+    # eigenvalue error ~ residual^2 * |lambda| / gap: a residual of 1e-2 already beats PyHessian's accuracy
+    solvers.append(("ours top-1 (lanczos, tol 1e-2)", 1, lambda: ours(model, x, y, 1, 1e-2)))
+    return solvers
+
+
+def memory_child(problem: str, name: str) -> int:
+    """In a fresh process: load the saved problem, one warm-up forward pass, then the solver ``name``;
+    prints its peak RSS growth (bytes) over the resident size just before it started."""
+    _setup_malloc()
+    saved = torch.load(problem, weights_only=True)
+    model = ResNet20()
+    model.load_state_dict(saved["state"])
+    model.eval()
+    x, y = saved["x"], saved["y"]
+    with torch.no_grad():
+        model(x)
+    fn = {n: f for n, _k, f in solver_table(model, x, y, True)}[name]
+    print("PEAK", measure(fn)[2])
+    return 0
+
+
+def memory_in_children(model, x, y, names) -> dict:
+    """Each solver's peak RSS growth, each measured in its own fresh process (the heap state left by
+    earlier runs in one process makes in-process peaks depend on the order)."""
+    import subprocess
+    import tempfile
+
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        problem = str(Path(tmp) / "problem.pt")
+        torch.save({"state": model.state_dict(), "x": x, "y": y}, problem)
+        for name in names:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", name, "--problem", problem],
+                                 capture_output=True, text=True, check=True).stdout
+            line = [ln for ln in out.splitlines() if ln.startswith("PEAK ")][-1]
+            value = line.split()[1]
+            peaks[name] = None if value == "None" else int(value)
+    return peaks
+
+
 def rel_err(values, ref_values):
     """Relative error of each value against the reference set it should equal (same order)."""
     values = np.asarray(values, dtype=np.float64)
@@ -206,11 +265,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-pyhessian", action="store_true")
-    ap.add_argument("--init", choices=["trained", "random"], default="trained",
-                    help="a briefly trained net (default, on digits) or random weights and data")
+    ap.add_argument("--init", choices=["trained", "fresh", "random"], default="trained",
+                    help="a briefly trained net (default, on digits); a fresh net in eval mode with a random "
+                         "batch (the ANCHORS.md setting); or random weights with BN statistics from the batch")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs for --init trained")
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds (the best time of each solver is kept)")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--problem", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_child:
+        return memory_child(args.problem, args.memory_child)
 
     have_pyhessian = False
     if not args.skip_pyhessian:
@@ -224,22 +288,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, x, y = make_problem(args.batch, args.seed, args.init, args.epochs)
     n = sum(p.numel() for p in model.parameters())
-    how = ("random weights, random batch" if args.init == "random" else
+    how = ("random weights, BN statistics from the random batch" if args.init == "random" else
+           "fresh net in eval mode (default BN buffers), random batch" if args.init == "fresh" else
            f"trained {args.epochs} epochs on digits in {time.perf_counter() - t0:.0f} s "
            f"(train accuracy {model.train_accuracy:.3f}), first training batch")
     print(f"model: CIFAR ResNet-20, {n} parameters, {how}; batch {args.batch} x 3x32x32 (seed {args.seed}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; time = best of {args.rounds} rounds, "
-          f"memory measured afterwards, one run each")
+          f"memory: each solver alone in a fresh process")
 
-    solvers = []
-    if have_pyhessian:
-        solvers.append(("PyHessian top-5 (power, defaults)", 5, lambda: pyhessian_run(model, x, y, 5)))
-    solvers.append(("ours top-5 (lanczos, tol 1e-4)", 5, lambda: ours(model, x, y, 5, 1e-4)))
-    if have_pyhessian:
-        solvers.append(("PyHessian top-1 (power, defaults)", 1, lambda: pyhessian_run(model, x, y, 1)))
-    solvers.append(("ours top-1 (lanczos, tol 1e-4)", 1, lambda: ours(model, x, y, 1, 1e-4)))
-    # eigenvalue error ~ residual^2 * |lambda| / gap: a residual of 1e-2 already beats PyHessian's accuracy
-    solvers.append(("ours top-1 (lanczos, tol 1e-2)", 1, lambda: ours(model, x, y, 1, 1e-2)))
+    solvers = solver_table(model, x, y, have_pyhessian)
 
     # timing: the normal allocator (the memory phase's fixed mmap threshold slows every allocation),
     # solvers interleaved round by round, the best time of each kept (robust to other processes' load)
@@ -253,9 +310,8 @@ def main(argv=None) -> int:
             value = fn()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
             results.setdefault(name, value)
-    # memory: glibc returns every freed block to the OS, then each solver's peak RSS growth
-    _setup_malloc()
-    peaks = {name: measure(fn)[2] for name, _k, fn in solvers}
+    # memory: each solver once more, alone in a fresh process
+    peaks = memory_in_children(model, x, y, [name for name, _k, _fn in solvers])
     rows = [("reference: ours lanczos tol 1e-8", 5, t_ref, ref_hvps, ref, rel_err(ref, ref), None)]
     for name, k, _fn in solvers:
         v, h, _ = results[name]

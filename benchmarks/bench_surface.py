@@ -200,8 +200,8 @@ def main(argv=None):
     diff = float(np.max(np.abs(res["loss"].reshape(-1) - np.array(ref))))
 
     print()
-    print(f"| method | total s | per point ms | vs floor |")
-    print(f"|---|---|---|---|")
+    print("| method | total s | per point ms | vs floor |")
+    print("|---|---|---|---|")
     rows = [("(a) forward-pass floor", t_a), ("(b) loss-landscape style", t_b), ("(c) lt surface", t_c)]
     if variant:
         rows.append((f"(c') lt surface {label}", t_v))

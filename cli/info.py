@@ -5,7 +5,6 @@ import json
 
 import click
 
-from . import common
 
 
 def _fmt(value, limit: int = 100) -> str:

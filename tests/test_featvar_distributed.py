@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from landscape_tools import distributed as D

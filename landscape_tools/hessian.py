@@ -254,7 +254,7 @@ class SharedDataOperator:
             form = default_form(next(model.parameters()).device, len(batches))
         self.inner = _make_operator(model, [batches[i] for i in idx], idx, params, 0.0, mc_seed, form, precision)
         self.scale = 0.0 if self.empty else local / total
-        self.dim, self.device = self.inner.dim, self.inner.device
+        self.dim, self.device, self.dtype = self.inner.dim, self.inner.device, self.inner.dtype
         self.form = self.inner.form
         # the inner operator's determinism check must compare *summed* products (the same on every
         # process, so every process passes or fails it together): shadow its matvec

@@ -1,14 +1,16 @@
-"""`lt surface` on 1 process against 2 (or more) under torchrun, one thread each, on one machine.
+"""`lt surface` and `lt hessian --scope batch` on 1 process against 2 (or more) under torchrun, one
+thread each, on one machine.
 
 Builds a small zoo checkpoint and a tensors data file in a temporary folder, runs the same
-`lt surface` command line once as a plain process and once per process count under
+command line once as a plain process and once per process count under
 ``python -m torch.distributed.run``, checks that the results are equal, and prints wall times
 (whole command, process start-up included) and the speed-up.  The points are shared like
-``--shard RANK/WORLD``, so the compute part scales with the number of processes; what does not is
-start-up (importing torch, loading the model and data: once per rank, in parallel) and the merge
-on rank 0.
+``--shard RANK/WORLD`` and the hessian's batches every WORLD-th, so the compute part scales with the
+number of processes; what does not is start-up (importing torch, loading the model and data: once
+per rank, in parallel) and the merge on rank 0, measured as the same command on a tiny job.
 
-    python benchmarks/bench_scale.py [--procs 2] [--side 15] [--samples 256] [--width 8] [--repeat 1]
+    python benchmarks/bench_scale.py [--procs 2] [--side 15] [--samples 256] [--width 8] [--batches 8]
+                                     [--only surface|hessian] [--repeat 1]
 """
 from __future__ import annotations
 
@@ -50,9 +52,12 @@ def timed(cmd: list[str], cwd: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--procs", type=int, nargs="+", default=[2], help="process counts to compare with 1")
-    ap.add_argument("--side", type=int, default=15, help="grid side (side x side points)")
+    ap.add_argument("--side", type=int, default=15, help="surface grid side (side x side points)")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=8, help="hessian: batches of --hessian-batch-size samples")
+    ap.add_argument("--hessian-batch-size", type=int, default=32)
+    ap.add_argument("--only", choices=["surface", "hessian"], default=None, help="run one of the two")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting (best is reported)")
     args = ap.parse_args()
 
@@ -61,43 +66,57 @@ def main() -> None:
         torch.manual_seed(0)
         m = build_model("resnet_dnn_18", width=args.width, num_classes=10, in_channels=3)
         save_checkpoint(root / "m.pt", m, "resnet_dnn_18", m.arch_kwargs, {})
+        n_params = sum(p.numel() for p in m.parameters())
         rng = np.random.default_rng(0)
-        save_tensors(root / "d.npz", x=rng.normal(size=(args.samples, 3, 16, 16)).astype(np.float32),
-                     y=rng.integers(0, 10, args.samples))
-        surface = ["surface", "m.pt", "--data", "tensors:d.npz", "--batch-size", "128", "--device", "cpu"]
-        n_points = args.side ** 2
-        print(f"lt surface: resnet_dnn_18 width {args.width} ({sum(p.numel() for p in m.parameters()):,} "
-              f"parameters), {args.samples} samples 3x16x16, {n_points} points, 1 thread per process, "
-              f"{os.cpu_count()} CPU cores")
+        samples = max(args.samples, args.batches * args.hessian_batch_size)
+        save_tensors(root / "d.npz", x=rng.normal(size=(samples, 3, 16, 16)).astype(np.float32),
+                     y=rng.integers(0, 10, samples))
+        common = ["m.pt", "--data", "tensors:d.npz", "--device", "cpu"]
 
-        def run(procs: int, out: str, side: int = args.side) -> float:
-            grid = ["--x", f"-1:1:{side}", "--y", f"-1:1:{side}"]
+        def run(procs: int, words: list[str], out: str) -> float:
             if procs == 1:
-                cmd = [sys.executable, "-m", "landscape_tools.cli.main", *surface, *grid, "-o", out]
+                cmd = [sys.executable, "-m", "landscape_tools.cli.main", *words, "-o", out]
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                       "-m", "landscape_tools.cli.main", *surface, *grid, "-o", out]
+                       "-m", "landscape_tools.cli.main", *words, "-o", out]
             best = float("inf")
             for _ in range(args.repeat):
                 (root / out).unlink(missing_ok=True)
                 best = min(best, timed(cmd, root))
             return best
 
-        # fixed cost (start-up, loading, rendezvous, merge): the same command on a 2 x 2 grid
-        base, base_fixed = run(1, "p1.h5"), run(1, "f1.h5", side=2)
-        ref = store.read_result(root / "p1.h5").models["m"].data["loss"]
-        print(f"  {'processes':>9}  {'wall':>8}  {'fixed':>7}  {'wall - fixed':>12}  speed-up (wall / points only)")
-        print(f"  {1:>9}  {base:7.2f}s  {base_fixed:6.2f}s  {base - base_fixed:11.2f}s")
-        for procs in args.procs:
-            wall, fixed = run(procs, f"p{procs}.h5"), run(procs, f"f{procs}.h5", side=2)
-            loss = store.read_result(root / f"p{procs}.h5").models["m"].data["loss"]
-            same = np.allclose(loss, ref, rtol=1e-6, atol=0)
-            print(f"  {procs:>9}  {wall:7.2f}s  {fixed:6.2f}s  {wall - fixed:11.2f}s  {base / wall:.2f}x / "
-                  f"{(base - base_fixed) / max(wall - fixed, 1e-9):.2f}x (ideal {procs}x)"
-                  f"{'' if same else '  RESULTS DIFFER'}")
-            if not same:
-                sys.exit(1)
+        def compare(name: str, full: list[str], fixed: list[str], key: str, rtol: float) -> None:
+            """1 process against each count: the full job, and the fixed cost (start-up, loading,
+            rendezvous, merge) measured as the same command on a tiny job."""
+            base, base_fixed = run(1, full, f"{name}1.h5"), run(1, fixed, f"{name}f1.h5")
+            ref = store.read_result(root / f"{name}1.h5").models["m"].data[key]
+            print(f"  {'processes':>9}  {'wall':>8}  {'fixed':>7}  {'wall - fixed':>12}  speed-up (wall / work only)")
+            print(f"  {1:>9}  {base:7.2f}s  {base_fixed:6.2f}s  {base - base_fixed:11.2f}s")
+            for procs in args.procs:
+                wall, cost = run(procs, full, f"{name}{procs}.h5"), run(procs, fixed, f"{name}f{procs}.h5")
+                got = store.read_result(root / f"{name}{procs}.h5").models["m"].data[key]
+                same = np.allclose(got, ref, rtol=rtol, atol=0)
+                print(f"  {procs:>9}  {wall:7.2f}s  {cost:6.2f}s  {wall - cost:11.2f}s  {base / wall:.2f}x / "
+                      f"{(base - base_fixed) / max(wall - cost, 1e-9):.2f}x (ideal {procs}x)"
+                      f"{'' if same else '  RESULTS DIFFER'}")
+                if not same:
+                    sys.exit(1)
+
+        if args.only in (None, "surface"):
+            surface = ["surface", *common, "--batch-size", "128"]
+            print(f"lt surface: resnet_dnn_18 width {args.width} ({n_params:,} parameters), {args.samples} samples "
+                  f"3x16x16, {args.side ** 2} points, 1 thread per process, {os.cpu_count()} CPU cores")
+            compare("s", [*surface, "--samples", str(args.samples), "--x", f"-1:1:{args.side}", "--y",
+                          f"-1:1:{args.side}"],
+                    [*surface, "--samples", str(args.samples), "--x", "-1:1:2", "--y", "-1:1:2"], "loss", 1e-6)
+        if args.only in (None, "hessian"):
+            hessian = ["hessian", *common, "--batch-size", str(args.hessian_batch_size), "--top-k", "5"]
+            print(f"lt hessian --scope batch: the same model, top-5 of each of {args.batches} batches of "
+                  f"{args.hessian_batch_size} samples, 1 thread per process")
+            # the fixed cost: one batch per process
+            compare("h", [*hessian, "--batches", str(args.batches)],
+                    [*hessian, "--batches", str(max(args.procs))], "eigenvalues", 1e-6)
 
 
 if __name__ == "__main__":

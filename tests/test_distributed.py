@@ -1,6 +1,5 @@
 """`lt surface` under torchrun (2 CPU processes, gloo) and the torch.distributed helpers."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
 from landscape_tools.data import load_data
 from landscape_tools.errors import ConfigError, StoreError
-from tiny_files import tiny_checkpoint_and_data
+from tiny_files import free_port, tiny_checkpoint_and_data
 
 GRID = ("--x", "-1:1:3", "--y", "-0.5:0.5:3")
 
@@ -26,12 +25,6 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     _, model, data = tiny_checkpoint_and_data(root)
     return {"root": root, "model": str(model), "data": data}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single(files, out, *extra):

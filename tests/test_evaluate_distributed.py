@@ -1,7 +1,6 @@
 """`lt evaluate` under torchrun (2 CPU processes, gloo) equals one process; the combining of per-batch
 metric sums against a numpy brute force; --precision and --compile."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from landscape_tools.data import load_data
 from landscape_tools.errors import DataError
 from landscape_tools.evaluate import MetricAccumulator, ensemble_curve, mc_seed, predictive_metrics
 from landscape_tools.models import mc_dropout
-from tiny_files import tiny_checkpoint_and_data
+from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
 
 SIZES = [1, 2, 3]
 
@@ -28,24 +27,6 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("evdist")
     _, model, data = tiny_checkpoint_and_data(root, arch="resnet_mcdo_18", n=12)
     return {"root": root, "model": str(model), "data": data}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_same_nodes(a, b, rtol=1e-10):
-    """Every dataset of ``b`` in ``a`` (recursively), equal to float tolerance, NaN where NaN."""
-    assert sorted(a.data) == sorted(b.data) and sorted(a.groups) == sorted(b.groups)
-    for name, value in b.data.items():
-        if value.dtype.kind in "fc":
-            np.testing.assert_allclose(a.data[name], value, rtol=rtol, atol=0, equal_nan=True, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a.data[name], value, err_msg=name)
-    for name, group in b.groups.items():
-        assert_same_nodes(a.groups[name], group, rtol)
 
 
 # ----------------------------------------------------------------------------- torchrun, 2 processes

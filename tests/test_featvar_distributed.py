@@ -1,7 +1,6 @@
 """`lt featvar` under torchrun (2 CPU processes, gloo) equals one process; each rank's share in one
 process (summed == all batches, resumable rank files, a failed rank stops all); --precision; --compile refused."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
 from landscape_tools.data import load_data
 from landscape_tools.errors import ConfigError
-from tiny_files import tiny_checkpoint_and_data
+from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
 
 OPTIONS = ("mc", 3, None, None, True, 5, None, "fp32")     # over, mc, source, layers, fourier, seed, max_batch, precision
 
@@ -25,24 +24,6 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("fvdist")
     _, model, data = tiny_checkpoint_and_data(root, arch="resnet_mcdo_smoothing_18", n=12)
     return {"root": root, "model": str(model), "data": data}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_same_nodes(a, b, rtol=1e-10):
-    """Every dataset of ``b`` in ``a`` (recursively), equal to float tolerance, NaN where NaN."""
-    assert sorted(a.data) == sorted(b.data) and sorted(a.groups) == sorted(b.groups)
-    for name, value in b.data.items():
-        if value.dtype.kind in "fc":
-            np.testing.assert_allclose(a.data[name], value, rtol=rtol, atol=0, equal_nan=True, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a.data[name], value, err_msg=name)
-    for name, group in b.groups.items():
-        assert_same_nodes(a.groups[name], group, rtol)
 
 
 # ----------------------------------------------------------------------------- torchrun, 2 processes

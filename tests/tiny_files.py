@@ -1,4 +1,7 @@
-"""A tiny zoo checkpoint and matching tensors data, shared by the CLI-level test modules."""
+"""A tiny zoo checkpoint and matching tensors data, and torchrun test helpers, shared by the CLI-level
+test modules."""
+import socket
+
 import numpy as np
 import torch
 
@@ -18,3 +21,22 @@ def tiny_checkpoint_and_data(root, arch="resnet_dnn_18", n=12):
     rng = np.random.default_rng(0)
     save_tensors(root / "d.npz", x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, n))
     return model, root / "m.pt", "tensors:" + str(root / "d.npz")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_nodes(a, b, rtol=1e-10):
+    """Every dataset of ``b`` in ``a`` (recursively), equal to float tolerance, NaN where NaN."""
+    assert sorted(a.data) == sorted(b.data) and sorted(a.groups) == sorted(b.groups)
+    for name, value in b.data.items():
+        if value.dtype.kind in "fc":
+            np.testing.assert_allclose(a.data[name], value, rtol=rtol, atol=0, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a.data[name], value, err_msg=name)
+    for name, group in b.groups.items():
+        assert_same_nodes(a.groups[name], group, rtol)

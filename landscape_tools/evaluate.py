@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, DataError, NumericalError
-from .models import MCDropout, dropout_modules, mc_dropout, sampling_dropout_modules
+from .models import MCDropout, dropout_modules, mc_dropout, replaced_forwards, sampling_dropout_modules
 
 #: lower clamp of probabilities inside the NLL's log
 PROB_FLOOR = 1e-12
@@ -437,19 +437,10 @@ def _compiled(model: nn.Module, enabled: bool, active: bool):
         raise ConfigError("--compile supports MC sampling of zoo models (MCDropout layers) and models without "
                           "dropout; this model's torch.nn.Dropout modules are switched at every MC sample, which "
                           "would recompile the graph each time: drop --compile")
-    saved = []
-    try:
-        for _, m in dropout_modules(model):
-            if isinstance(m, MCDropout):
-                saved.append((m, m.__dict__.get("forward")))
-                m.forward = torch.compiler.disable(functools.partial(type(m).forward, m))
+    outside = ((m, torch.compiler.disable(functools.partial(type(m).forward, m)))
+               for _, m in dropout_modules(model) if isinstance(m, MCDropout))
+    with replaced_forwards(outside):
         yield P.compile_model(model, True)
-    finally:
-        for m, state in reversed(saved):
-            if state is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = state
 
 
 def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.ndarray:

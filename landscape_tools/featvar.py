@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, NumericalError
-from .models import Smoothing, dropout_modules, sampling_dropout_modules
+from .models import Smoothing, dropout_modules, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 from .precision import autocast, full_precision, model_dtype, parse_precision
 
@@ -321,20 +321,11 @@ def _copywise_dropout(model: nn.Module, holder: list | None) -> Iterator[None]:
     """Replace every dropout's forward: identity when ``holder`` is None or holds None, else each MC
     copy of the repeated batch gets its own mask seeded by ``derive_seed`` (only the modules MC
     sampling switches on, see ``sampling_dropout_modules``; the others are the identity).  Restored on exit."""
-    saved = []
-    try:
-        sampled = {id(m) for _, m in sampling_dropout_modules(model)}
-        for index, (_, m) in enumerate(dropout_modules(model)):
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = _copy_forward(m, index, holder if id(m) in sampled else None,
-                                      isinstance(m, _CHANNEL_DROPOUTS))
+    sampled = {id(m) for _, m in sampling_dropout_modules(model)}
+    with replaced_forwards((m, _copy_forward(m, index, holder if id(m) in sampled else None,
+                                             isinstance(m, _CHANNEL_DROPOUTS)))
+                           for index, (_, m) in enumerate(dropout_modules(model))):
         yield
-    finally:
-        for m, state in reversed(saved):
-            if state is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = state
 
 
 def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwise: bool):

@@ -10,7 +10,7 @@ Hessian operator).  On exit the model is exactly as it was.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,25 @@ def _make_forward(module: nn.Module, active: bool, seed: int | None, channelwise
         return apply_dropout(x, module.p, active, seed, channelwise)
     forward.lt_active, forward.lt_seed = active, seed
     return forward
+
+
+@contextlib.contextmanager
+def replaced_forwards(replacements: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Shadow ``forward`` on each module instance of ``(module, new_forward)`` pairs (taken lazily,
+    so a failure part-way restores what was replaced); every module gets back exactly what it had
+    on exit (its own instance attribute, or none)."""
+    saved = []
+    try:
+        for m, forward in replacements:
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = forward
+        yield
+    finally:
+        for m, state in reversed(saved):
+            if state is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = state
 
 
 @contextlib.contextmanager

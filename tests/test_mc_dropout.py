@@ -197,3 +197,35 @@ def test_mcdropout_validates_p():
     x = torch.randn(3, 4)
     assert torch.equal(m(x), x) and not has_stochastic_dropout(nn.Sequential(m))
     assert repr(MCDropout(0.25)) == "MCDropout(p=0.25)"
+
+
+def test_mask_rows_give_the_whole_batch_mask_piece_by_piece():
+    """Inside mask_rows(start, count, total) a seeded mask is rows start..start+count of the mask a
+    whole batch of ``total`` gets: pieces of a batch see exactly the whole batch's masks."""
+    from landscape_tools.errors import ConfigError
+    from landscape_tools.models import mask_rows
+
+    model, _ = _mc_model()
+    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with mc_dropout(model, True, seed=4), torch.no_grad():
+        whole = model(x)
+        pieces = []
+        for start, stop in ((0, 3), (3, 6), (6, 7)):
+            with mask_rows(start, stop - start, 7):
+                pieces.append(model(x[start:stop]))
+        torch.testing.assert_close(torch.cat(pieces), whole, rtol=1e-12, atol=1e-14)   # matmul rounding only
+        ones = torch.ones(7, 16, dtype=torch.float64)
+        drop = model[1]
+        masks = []
+        for start, stop in ((0, 3), (3, 6), (6, 7)):
+            with mask_rows(start, stop - start, 7):
+                masks.append(drop(ones[start:stop]))
+        assert torch.equal(torch.cat(masks), drop(ones))                                # the masks exactly
+        with mask_rows(0, 3, 7):            # a (samples x 2, ...) input: two rows per sample, still matched
+            twice = drop(torch.ones(6, 16, dtype=torch.float64))
+        assert torch.equal(twice, drop(torch.ones(14, 16, dtype=torch.float64))[:6])
+        with mask_rows(0, 3, 7), pytest.raises(ConfigError, match=r"does not have the batch \(3 samples"):
+            drop(torch.ones(4, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not inside a batch of 7"):
+        with mask_rows(5, 3, 7):
+            pass

@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .mc import (MCDropout, dropout_modules, has_stochastic_dropout, mc_dropout, replaced_forwards,
+from .mc import (MCDropout, dropout_modules, has_stochastic_dropout, mask_rows, mc_dropout, replaced_forwards,
                  sampling_dropout_modules)
 from .smoothing import PROB_KINDS, Smoothing, make_blur
 from .zoo import BUILDERS, FAMILY_DEPTHS, SmoothingConfig, ZooNet, ZooSpec
 
-__all__ = ["build_model", "list_models", "parse_name", "MCDropout", "mc_dropout", "dropout_modules", "replaced_forwards",
+__all__ = ["build_model", "list_models", "parse_name", "MCDropout", "mc_dropout", "mask_rows", "dropout_modules", "replaced_forwards",
            "has_stochastic_dropout", "sampling_dropout_modules", "Smoothing", "make_blur", "PROB_KINDS", "ZooNet", "ZooSpec",
            "UnknownArchitecture", "ARCH_KWARGS"]
 

@@ -10,21 +10,54 @@ Hessian operator).  On exit the model is exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 _CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _ELEMENT_DROPOUTS = (nn.Dropout,)
+#: (start, count, total) while a forward pass sees rows start..start+count of a batch of total rows
+_MASK_ROWS: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("lt_mask_rows", default=None)
+
+
+@contextlib.contextmanager
+def mask_rows(start: int, count: int, total: int) -> Iterator[None]:
+    """Inside the block, forward passes see samples ``start .. start+count`` of a batch of ``total``:
+    every seeded dropout mask is that slice of the mask the whole batch would get, so a batch
+    processed in pieces has exactly the masks it has when processed whole.  A dropout input whose
+    leading dimension is not a multiple of ``count`` (not batch-first) is refused inside the block.
+    """
+    if not (0 <= start and 0 < count and start + count <= total):
+        raise ValueError(f"rows {start}..{start + count} are not inside a batch of {total}")
+    token = _MASK_ROWS.set((int(start), int(count), int(total)))
+    try:
+        yield
+    finally:
+        _MASK_ROWS.reset(token)
 
 
 def _seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool) -> torch.Tensor:
     shape = x.shape[:2] + (1,) * (x.dim() - 2) if channelwise else x.shape
     gen = torch.Generator(device=x.device)
     gen.manual_seed(int(seed) % (2**63 - 1))
-    keep = torch.rand(shape, generator=gen, device=x.device) >= p
+    rows = _MASK_ROWS.get()
+    if rows is None or rows[1] == rows[2]:
+        keep = torch.rand(shape, generator=gen, device=x.device) >= p
+    else:
+        start, count, total = rows
+        lead = int(x.shape[0]) if x.dim() else 0
+        if lead == 0 or lead % count:
+            raise ConfigError(f"a dropout input of shape {tuple(x.shape)} does not have the batch ({count} samples of "
+                             f"this piece) as its leading dimension, so its mask cannot be matched to the whole "
+                             f"batch's; process the batch whole (in `lt hessian`: --sub-batch at least the batch size)")
+        per = lead // count
+        whole = torch.rand((total * per,) + tuple(shape[1:]), generator=gen, device=x.device)
+        keep = whole[start * per:(start + count) * per] >= p
     return keep.to(x.dtype) / (1.0 - p) if p < 1.0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 

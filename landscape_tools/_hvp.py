@@ -15,6 +15,15 @@ Three ways to form a product (same matrix, different cost):
               (one extra backward per product; fastest on CPU, memory of one retained graph per batch);
   ``double``  fresh forward + double backward per product (nothing retained between products);
   ``func``    ``torch.func`` forward-over-reverse (``jvp`` of ``grad``; least memory on GPU).
+
+Each batch may be processed in sub-batches of ``sub_batch`` samples (the loss of a piece is its
+summed loss over the batch size, so the pieces add up to the batch's mean loss; dropout masks are
+the matching rows of the whole batch's mask).  The matrix is the same; what changes is memory: the
+retained graphs of the pieces together hold what one graph of the whole batch holds, but the
+transient buffers of a product's second backward pass are those of one piece.  On a CPU, pieces
+of 32 samples cut the peak by about a quarter at no cost in time (measured on a CIFAR ResNet-20,
+batch 128: 440 instead of 600 MiB, 1.00 instead of 1.04 s per product), which is the default there;
+on a GPU the whole batch runs at once (smaller pieces would leave it idle).
 """
 from __future__ import annotations
 
@@ -31,6 +40,27 @@ from .errors import ConfigError, NumericalError
 FORMS = ("graph", "double", "func")
 #: samples of the first batch the quick determinism check uses
 CHECK_SAMPLES = 16
+#: samples per piece of a batch on a CPU (see the module docstring)
+CPU_SUB_BATCH = 32
+
+
+def default_sub_batch(device: torch.device) -> int | None:
+    """Samples per piece when ``sub_batch="auto"``: :data:`CPU_SUB_BATCH` on a CPU, the whole batch
+    (``None``) on a GPU."""
+    return None if device.type == "cuda" else CPU_SUB_BATCH
+
+
+def resolve_sub_batch(sub_batch, device: torch.device) -> int | None:
+    """``"auto"`` / ``None`` / a positive int -> samples per piece (``None``: whole batches)."""
+    if sub_batch is None:
+        return None
+    if isinstance(sub_batch, str):
+        if sub_batch == "auto":
+            return default_sub_batch(device)
+        raise ConfigError(f"sub-batch {sub_batch!r} is neither 'auto' nor a number of samples")
+    if int(sub_batch) < 1:
+        raise ConfigError(f"sub-batch {sub_batch} must be a positive number of samples (or 'auto')")
+    return int(sub_batch)
 
 
 def default_form(device: torch.device, n_batches: int) -> str:
@@ -81,6 +111,8 @@ class HessianOperator:
         weight_decay: adds ``wd/2 * ||w||^2`` to the loss, i.e. ``wd * v`` to every product.
         mc_seed: seed of the fixed dropout masks (used when the model samples dropout in eval mode).
         form: ``graph``, ``double``, ``func`` or ``auto`` (see the module docstring).
+        sub_batch: samples per piece of a batch, ``None`` for whole batches, or ``"auto"`` (by
+            device; see the module docstring).  The matrix does not depend on it.
 
     Raises:
         ConfigError: unknown form, no matching parameters, empty batches.
@@ -89,7 +121,7 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  batch_indices: Sequence[int] | None = None, params: str | Sequence[str] | None = None,
-                 weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto"):
+                 weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto", sub_batch: int | str | None = "auto"):
         if not batches:
             raise ConfigError("no batches to build a Hessian from")
         self.model = model
@@ -114,24 +146,39 @@ class HessianOperator:
         if form not in FORMS:
             raise ConfigError(f"unknown HVP form {form!r}: expected one of {', '.join(FORMS)} or auto")
         self.form = form
+        self.sub_batch = resolve_sub_batch(sub_batch, self.device)
+        #: per batch, the (start, stop) sample ranges processed together
+        self.pieces = [_pieces(n, self.sub_batch) for n in sizes]
         self._was_training = model.training
         model.eval()
         self.stochastic = _draws_dropout(model)
         self.count = 0
-        self._grads: list[tuple[torch.Tensor, ...]] | None = None  # built on first use (see check_determinism)
+        self._grads: list[list[tuple[torch.Tensor, ...]]] | None = None  # per batch and piece, built on first use
 
     # ------------------------------------------------------------------ pieces
-    def _mask_context(self, b: int):
+    def _mask_context(self, b: int, piece: tuple[int, int]):
         if not self.stochastic:
             return contextlib.nullcontext()
-        from .models import mc_dropout
-        return mc_dropout(self.model, True, seed=batch_mask_seed(self.mc_seed, self.batch_indices[b]))
+        from .models import mask_rows, mc_dropout
+        stack = contextlib.ExitStack()
+        stack.enter_context(mc_dropout(self.model, True, seed=batch_mask_seed(self.mc_seed, self.batch_indices[b])))
+        start, stop = piece
+        stack.enter_context(mask_rows(start, stop - start, self.batch_sizes[b]))
+        return stack
 
-    def _loss(self, b: int, model_call=None) -> torch.Tensor:
+    def _loss(self, b: int, piece: tuple[int, int], model_call=None) -> torch.Tensor:
+        """The piece's share of batch ``b``'s mean loss (its summed loss over the batch size)."""
         x, y = self.batches[b]
-        with self._mask_context(b):
+        start, stop = piece
+        whole = stop - start == self.batch_sizes[b]
+        if not whole:
+            x, y = x[start:stop], y[start:stop]
+        with self._mask_context(b, piece):
             logits = self.model(x) if model_call is None else model_call(x)
-        loss = F.cross_entropy(logits, y)
+        if whole:
+            loss = F.cross_entropy(logits, y)
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum") / self.batch_sizes[b]
         if not torch.isfinite(loss):
             raise NumericalError(f"the loss of batch {self.batch_indices[b]} is {float(loss.detach())}: the weights or inputs "
                                  f"hold NaN/inf values (check the checkpoint, e.g. with `lt evaluate`)")
@@ -150,8 +197,8 @@ class HessianOperator:
 
     def _build_graph(self) -> None:
         if self._grads is None:
-            self._grads = [torch.autograd.grad(self._loss(i), self.params, create_graph=True)
-                           for i in range(len(self.batches))]
+            self._grads = [[torch.autograd.grad(self._loss(b, piece), self.params, create_graph=True)
+                            for piece in self.pieces[b]] for b in range(len(self.batches))]
 
     def free_gradient(self) -> torch.Tensor | None:
         """The gradient of the loss (flat float64, weight decay excluded) when it comes for free: in
@@ -163,34 +210,36 @@ class HessianOperator:
         self._build_graph()
         total = None
         for grads, w in zip(self._grads, self.weights):
-            part = self.flat([g.detach() for g in grads])
+            part = self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
             total = part * w if total is None else total.add_(part, alpha=w)
         return total
 
-    def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> tuple[torch.Tensor, ...]:
+    def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> list[torch.Tensor]:
         if form == "graph":
             self._build_graph()
-            return torch.autograd.grad(self._grads[b], self.params, grad_outputs=vs, retain_graph=True)
-        if form == "double":
-            loss = self._loss(b)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            return torch.autograd.grad(grads, self.params, grad_outputs=vs)
-        return self._hvp_func(b, vs)
+            return _add_up([torch.autograd.grad(grads, self.params, grad_outputs=vs, retain_graph=True)
+                            for grads in self._grads[b]])
+        parts = []
+        for piece in self.pieces[b]:
+            if form == "double":
+                grads = torch.autograd.grad(self._loss(b, piece), self.params, create_graph=True)
+                parts.append(torch.autograd.grad(grads, self.params, grad_outputs=vs))
+                del grads
+            else:
+                parts.append(self._hvp_func(b, piece, vs))
+        return _add_up(parts)
 
-    def _hvp_func(self, b: int, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _hvp_func(self, b: int, piece: tuple[int, int], vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from torch.func import functional_call, grad, jvp
 
         names = self.names
         fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in set(names)}
         fixed.update(dict(self.model.named_buffers()))
-        x, y = self.batches[b]
 
         def loss_of(primals):
             state = dict(fixed)
             state.update(zip(names, primals))
-            with self._mask_context(b):
-                logits = functional_call(self.model, state, (x,))
-            return F.cross_entropy(logits, y)
+            return self._loss(b, piece, lambda x: functional_call(self.model, state, (x,)))
 
         primals = tuple(p.detach() for p in self.params)
         _, out = jvp(grad(loss_of), (primals,), (tuple(vs),))
@@ -253,7 +302,8 @@ class HessianOperator:
         x, y = self.batches[0]
         n = max(1, min(int(samples), int(x.shape[0])))
         small = HessianOperator(self.model, [(x[:n], y[:n])], batch_indices=self.batch_indices[:1],
-                                params=self.names, weight_decay=0.0, mc_seed=self.mc_seed, form="double")
+                                params=self.names, weight_decay=0.0, mc_seed=self.mc_seed, form="double",
+                                sub_batch=None)
         try:
             gen = torch.Generator().manual_seed(int(seed) + 12_345)
             v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
@@ -289,6 +339,22 @@ class HessianOperator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pieces(n: int, sub_batch: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of ``sub_batch`` samples (the last one shorter) covering ``n``."""
+    if sub_batch is None or sub_batch >= n:
+        return [(0, n)]
+    return [(s, min(s + sub_batch, n)) for s in range(0, n, sub_batch)]
+
+
+def _add_up(parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Element-wise sum of several per-parameter tensor lists (the first one's tensors reused)."""
+    total = list(parts[0])
+    for more in parts[1:]:
+        for i, t in enumerate(more):
+            total[i] = total[i] + t
+    return total
 
 
 def _draws_dropout(model: nn.Module) -> bool:

@@ -405,7 +405,8 @@ def _run_hessian_dataset(ctx: Context, jobs, output, *, overwrite: bool = False,
                 return H.SharedDataOperator(_job.model, [_job.batches[i] for i in idx], _share, reduce,
                                             rank=ctx.rank, world_size=ctx.world_size, params=opts["params"],
                                             weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"],
-                                            form=opts["form"], precision=opts["precision"])
+                                            form=opts["form"], precision=opts["precision"],
+                                            sub_batch=opts["sub_batch"])
 
             error = None
             try:
@@ -415,7 +416,7 @@ def _run_hessian_dataset(ctx: Context, jobs, output, *, overwrite: bool = False,
                     weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"], scope="dataset", seed=opts["seed"],
                     trace=opts["trace"], trace_probes=opts["trace_probes"], density=opts["density"],
                     density_runs=opts["density_runs"], density_steps=opts["density_steps"], form=opts["form"],
-                    precision=opts["precision"], make_operator=make, label=job.label)
+                    precision=opts["precision"], sub_batch=opts["sub_batch"], make_operator=make, label=job.label)
                 if ctx.is_main:
                     H.write_row(part, job.label, 0, res)
             except Exception as exc:

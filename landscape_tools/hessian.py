@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import _lanczos
-from ._hvp import FORMS, HessianOperator, default_form, select_parameters
+from ._hvp import FORMS, HessianOperator, default_form, resolve_sub_batch, select_parameters
 from .device import Progress, report
 from .errors import ConfigError, LTError
 
@@ -103,7 +103,8 @@ class HessianSpectrum:
     def attrs(self) -> dict:
         return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
                 "scope": self.scope, "hessian_params": self.num_params, **{
-                    key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision")
+                    key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision",
+                                                     "sub_batch")
                     if key in self.config}}
 
 
@@ -113,30 +114,34 @@ def count_hessian_parameters(model: nn.Module, params: str | Sequence[str] | Non
 
 
 def hessian_operator(model: nn.Module, batches, params=None, weight_decay: float = 0.0, mc_seed: int | None = None,
-                     batch_indices: Sequence[int] | None = None, form: str = "auto", precision: str = "fp32"):
+                     batch_indices: Sequence[int] | None = None, form: str = "auto", precision: str = "fp32",
+                     sub_batch: int | str | None = "auto"):
     """A matrix-free Hessian (``op(v) -> Hv`` on flat float64 vectors) of the size-weighted mean loss
     over ``batches``; see :class:`landscape_tools._hvp.HessianOperator`.  Close it when done.
 
     With ``precision`` ``bf16`` / ``fp16`` the model's forward pass runs under
     :func:`landscape_tools.precision.autocast` (the logits, and so the loss, are cast back to the
-    model's dtype); ``fp32`` is the plain operator.
+    model's dtype); ``fp32`` is the plain operator.  ``sub_batch``: samples processed together (the
+    matrix is the same; smaller pieces lower the peak memory), ``None`` for whole batches, ``"auto"``
+    by device.
 
     Raises:
         ConfigError: bad ``params`` / ``form`` / ``precision``, or a device without that autocast.
     """
     return _make_operator(model, _as_batches(batches), batch_indices, params, weight_decay,
-                          0 if mc_seed is None else mc_seed, form, precision)
+                          0 if mc_seed is None else mc_seed, form, precision, sub_batch)
 
 
-def _make_operator(model, batches, batch_indices, params, weight_decay, mc_seed, form, precision="fp32"):
+def _make_operator(model, batches, batch_indices, params, weight_decay, mc_seed, form, precision="fp32",
+                   sub_batch: int | str | None = "auto"):
     from .precision import parse_precision
     if parse_precision(precision) == "fp32":
         return HessianOperator(model, batches, batch_indices=batch_indices, params=params,
-                               weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+                               weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch)
     restore = _autocast_forward(model, precision)
     try:
         op = HessianOperator(model, batches, batch_indices=batch_indices, params=params,
-                             weight_decay=weight_decay, mc_seed=mc_seed, form=form)
+                             weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch)
     except BaseException:
         restore()
         raise
@@ -223,7 +228,7 @@ class SharedDataOperator:
         mine: indices into ``batches`` this process computes (may be empty).
         reduce: ``reduce(t) -> t`` summing a float64 tensor over the processes (identity for one).
         rank, world_size: this process's place among them.
-        params, weight_decay, mc_seed, form, precision: as :func:`hessian_operator`; batch ``i`` uses the
+        params, weight_decay, mc_seed, form, precision, sub_batch: as :func:`hessian_operator`; batch ``i`` uses the
             dropout mask of batch ``i`` of the whole data, and ``form="auto"`` resolves as it would for
             one process holding every batch.
 
@@ -233,7 +238,7 @@ class SharedDataOperator:
 
     def __init__(self, model: nn.Module, batches, mine: Sequence[int], reduce: Callable[[torch.Tensor], torch.Tensor],
                  rank: int = 0, world_size: int = 1, params=None, weight_decay: float = 0.0, mc_seed: int = 0,
-                 form: str = "auto", precision: str = "fp32"):
+                 form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto"):
         batches = _as_batches(batches)
         if not batches:
             raise ConfigError("no batches to build a Hessian from")
@@ -252,7 +257,8 @@ class SharedDataOperator:
         idx = mine or [0]
         if form == "auto":
             form = default_form(next(model.parameters()).device, len(batches))
-        self.inner = _make_operator(model, [batches[i] for i in idx], idx, params, 0.0, mc_seed, form, precision)
+        self.inner = _make_operator(model, [batches[i] for i in idx], idx, params, 0.0, mc_seed, form, precision,
+                                    sub_batch)
         self.scale = 0.0 if self.empty else local / total
         self.dim, self.device, self.dtype = self.inner.dim, self.inner.device, self.inner.dtype
         self.form = self.inner.form
@@ -371,7 +377,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                     density_runs: int = 4, density_steps: int = 64, ncv: int | None = None, form: str = "auto",
                     return_vectors: bool = False, skip: Sequence[int] | None = None,
                     on_row: Callable[[int, "HessianSpectrum"], None] | None = None, progress: Progress = None,
-                    label: str = "", precision: str = "fp32",
+                    label: str = "", precision: str = "fp32", sub_batch: int | str | None = "auto",
                     make_operator: Callable[[list[int]], Any] | None = None) -> HessianSpectrum:
     """Top-k Hessian eigenvalues of ``model``'s loss, per batch or for the whole data.
 
@@ -401,6 +407,9 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         label: model name used in messages.
         precision: ``fp32`` (default, exact), ``bf16`` or ``fp16``: the forward pass of the loss runs
             under autocast, the loss itself in the model's dtype (an approximate Hessian).
+        sub_batch: samples processed together in every product (``None``: whole batches; ``"auto"``:
+            32 on a CPU, whole batches on a GPU).  The Hessian does not depend on it; the peak memory
+            does (smaller pieces, smaller second-backward buffers).
         make_operator: ``make_operator(batch_indices) -> operator`` builds each row's operator instead
             of :func:`hessian_operator` (e.g. a :class:`SharedDataOperator` under torchrun).
 
@@ -423,13 +432,15 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     k = int(k)
     max_iter = int(max_iter) if max_iter is not None else default_max_iter(method, k)
     mc_seed = 0 if mc_seed is None else int(mc_seed)
+    sub_batch = resolve_sub_batch(sub_batch, next(model.parameters()).device)
     sizes = np.asarray([int(x.shape[0]) for x, _ in batch_list], dtype=np.int64)
     groups = [[i] for i in range(len(batch_list))] if scope == "batch" else [list(range(len(batch_list)))]
     rows = len(groups)
     config = {"params": params, "weight_decay": float(weight_decay), "mc_seed": mc_seed, "seed": int(seed),
               "form": form, "ncv": ncv, "trace_probes": int(trace_probes) if trace else 0,
               "density_runs": int(density_runs) if density else 0,
-              "density_steps": int(density_steps) if density else 0, "precision": precision}
+              "density_steps": int(density_steps) if density else 0, "precision": precision,
+              "sub_batch": "whole" if sub_batch is None else sub_batch}
     out = HessianSpectrum(
         eigenvalues=np.full((rows, k), np.nan), residuals=np.full((rows, k), np.nan),
         converged=np.zeros((rows, k), dtype=bool), hvp_count=np.full(rows, -1, dtype=np.int64),
@@ -449,7 +460,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         idx = groups[r]
         report(progress, done, len(todo), f"{name}row {r}")
         op = (make_operator(idx) if make_operator is not None else
-              _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form, precision))
+              _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form, precision,
+                             sub_batch))
         try:
             # two fresh products on a 16-sample piece of the first batch: a fraction of one full product
             op.quick_check(seed=_row_seed(seed, r, 1), label=label)
@@ -633,8 +645,9 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
              tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
              mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
              trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
-             form: str = "auto", precision: str = "fp32", command: Sequence[str] | None = None,
-             config: dict | None = None, device: str = "cpu", data_description: dict | None = None) -> RunPlan:
+             form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
+             command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
+             data_description: dict | None = None) -> RunPlan:
     """Validate a run's options and lay out its result file (nothing is computed or written).
 
     Raises:
@@ -667,6 +680,8 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
     if precision != "fp32":      # fp32 runs keep the fingerprint of files written before --precision existed
         key_options["precision"] = precision
     options["precision"] = precision
+    # the matrix does not depend on the sub-batch (only rounding does): not in the fingerprint
+    options["sub_batch"] = resolve_sub_batch(sub_batch, next(jobs[0].model.parameters()).device)
     key = {"options": key_options, "data": data_description,
            "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
                        "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
@@ -682,7 +697,9 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
         attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
                       "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
                       "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
-                      "seed": int(seed), "precision": precision, "data": _short(data_description)})
+                      "seed": int(seed), "precision": precision,
+                      "sub_batch": "whole" if options["sub_batch"] is None else options["sub_batch"],
+                      "data": _short(data_description)})
         layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
                                           trace_probes, density, density_runs, density_steps)
     return RunPlan(options, fingerprint, root, layout, rows_of)
@@ -704,8 +721,9 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
                 mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
                 trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
-                form: str = "auto", precision: str = "fp32", overwrite: bool = False,
-                command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
+                form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
+                overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
+                device: str = "cpu",
                 data_description: dict | None = None, progress: Progress = None,
                 on_row: Callable[[int, int], None] | None = None,
                 only_rows: Sequence[int] | None = None) -> dict:
@@ -719,7 +737,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     Args:
         jobs: models with their batches.
         output: final ``.h5`` path.
-        k ... form, precision: as :func:`top_eigenvalues`.
+        k ... form, precision, sub_batch: as :func:`top_eigenvalues`.
         overwrite: replace an existing output or a partial file of another run.
         command, config, device: provenance (root attributes).
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
@@ -740,7 +758,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     plan = plan_run(jobs, k=k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
                     weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
                     trace_probes=trace_probes, density=density, density_runs=density_runs,
-                    density_steps=density_steps, form=form, precision=precision, command=command, config=config,
+                    density_steps=density_steps, form=form, precision=precision, sub_batch=sub_batch,
+                    command=command, config=config,
                     device=device, data_description=data_description)
     opts = plan.options
     part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
@@ -767,7 +786,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
                 seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                 density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"])
+                precision=opts["precision"], sub_batch=opts["sub_batch"])
         part.finalize()
     finally:
         part.close()

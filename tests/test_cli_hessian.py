@@ -126,6 +126,8 @@ def test_dataset_scope_one_row(files, tmp_path):
                              "layer1.0.bn1.weight, layer1.0.bn1.bias, ... (use globs such as 'layer1.*' or "
                              "'*.conv1.weight')"),
     (["--tol", "0"], "Error: --tol 0.0 must be positive (a relative residual such as 1e-4)"),
+    (["--sub-batch", "0"], "Error: --sub-batch '0' is not a positive number of samples, 'auto' or 'whole' "
+                           "(e.g. --sub-batch 32)"),
 ])
 def test_bad_input(files, tmp_path, extra, message):
     out = tmp_path / "bad.h5"
@@ -133,6 +135,21 @@ def test_bad_input(files, tmp_path, extra, message):
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert not out.exists() and not store.partial_path(out).exists()
+
+
+def test_sub_batch_changes_memory_not_the_spectrum(files, tmp_path):
+    """--sub-batch 3 (pieces of 3, 3 and 2 of each 8-sample batch, MC-dropout masks matched) solves the
+    same Hessians as whole batches; the choice is recorded."""
+    runner = CliRunner()
+    got = {}
+    for sub in ("3", "whole", "auto"):
+        out = tmp_path / f"sub{sub}.h5"
+        result = runner.invoke(cli, args(files, out, "--batches", "2", "--tol", "1e-5", "--sub-batch", sub))
+        assert result.exit_code == 0, result.output
+        got[sub] = store.read_result(out).models["mcdo"]
+    assert (got["3"].attrs["sub_batch"], got["whole"].attrs["sub_batch"], got["auto"].attrs["sub_batch"]) == (3, "whole", 32)
+    np.testing.assert_allclose(got["3"]["eigenvalues"], got["whole"]["eigenvalues"], rtol=1e-4)
+    np.testing.assert_array_equal(got["auto"]["eigenvalues"], got["whole"]["eigenvalues"])  # 32 >= 8: whole batches
 
 
 def test_existing_output_refused(files, tmp_path):

@@ -408,3 +408,74 @@ def test_float32_model_matches_dense_float64_hessian():
     assert res.converged.all()
     # the float32 products themselves carry ~1e-6 relative rounding
     assert rel(res.eigenvalues[0], reference(dense, 3, "LM")) < 1e-4
+
+
+# ----------------------------------------------------------------------------- sub-batches
+@pytest.mark.parametrize("mc", [False, True], ids=["det", "mcdropout"])
+@pytest.mark.parametrize("form", ["graph", "double", "func"])
+def test_sub_batches_give_the_dense_matrix_of_the_whole_batches(cases, mc, form):
+    """Batches of 6 and 5 samples in pieces of 2 (the last piece of one sample) or 4: every product
+    equals the dense Hessian of the whole batches' weighted mean loss, MC-dropout masks included (the
+    pieces take the matching rows of each whole batch's mask)."""
+    model, batches, _ = cases[mc]
+    H = dense_hessian(model, batches, [0, 1])
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for sub_batch in (2, 4):
+        with HessianOperator(model, batches[:2], batch_indices=[0, 1], form=form, sub_batch=sub_batch) as op:
+            assert op.pieces == ([[(0, 2), (2, 4), (4, 6)], [(0, 2), (2, 4), (4, 5)]] if sub_batch == 2 else
+                                 [[(0, 4), (4, 6)], [(0, 4), (4, 5)]])
+            np.testing.assert_allclose(op(v).numpy(), H @ v.numpy(), rtol=1e-9, atol=1e-11)
+            if form == "graph":
+                with HessianOperator(model, batches[:2], batch_indices=[0, 1], form="graph", sub_batch=None) as whole:
+                    assert whole.pieces == [[(0, 6)], [(0, 5)]]
+                    torch.testing.assert_close(op.free_gradient(), whole.free_gradient(), rtol=1e-12, atol=1e-14)
+
+
+def test_sub_batched_eigenvalues_match_dense(cases):
+    model, batches, dense = cases[True]
+    res = top_eigenvalues(model, batches, k=3, which="LM", tol=1e-9, seed=2, sub_batch=2)
+    assert res.converged.all() and res.config["sub_batch"] == 2
+    for i in range(3):
+        assert rel(res.eigenvalues[i], reference(dense[i], 3, "LM")) < 1e-6
+
+
+def test_sub_batch_resolution():
+    from landscape_tools._hvp import CPU_SUB_BATCH, resolve_sub_batch
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_sub_batch("auto", cpu) == CPU_SUB_BATCH == 32 and resolve_sub_batch("auto", gpu) is None
+    assert resolve_sub_batch(None, cpu) is None and resolve_sub_batch(7, gpu) == 7
+    for bad, message in ((0, "sub-batch 0 must be a positive number of samples"),
+                         ("half", "sub-batch 'half' is neither 'auto' nor a number of samples")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_sub_batch(bad, cpu)
+
+
+def test_basis_rows_are_allocated_as_they_are_used(monkeypatch):
+    B = _lanczos._Basis(20, 5, torch.float64, "cpu")
+    for i in range(17):
+        B[i] = torch.full((5,), float(i), dtype=torch.float64)
+    assert [b.shape[0] for b in B.blocks] == [8, 8, 4] and [b.shape[0] for b in B.head(10)] == [8, 2]
+    torch.testing.assert_close(B.columns(17, 1, 3), torch.arange(17.0, dtype=torch.float64)[:, None].repeat(1, 2))
+    B.set_columns(10, 2, 5, torch.zeros(10, 3, dtype=torch.float64))
+    assert float(B[9][2:].abs().sum()) == 0.0 and float(B[9][:2].sum()) == 18.0 and float(B[10][2]) == 10.0
+    with pytest.raises(IndexError):
+        B[20] = torch.zeros(5, dtype=torch.float64)
+    # a solve that converges early holds only the rows it used; one that restarts fills the basis
+    made = []
+
+    class Recorded(_lanczos._Basis):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(_lanczos, "_Basis", Recorded)
+    values = np.concatenate([[10.0, -1.0], np.linspace(-0.5, 0.5, 198)])
+    op = spectrum_operator(values, seed=3)
+    fast = _lanczos.thick_restart_lanczos(op, 200, 1, tol=1e-4, seed=1, ncv=30)
+    assert fast.converged.all() and fast.hvps <= 8 and sum(b.shape[0] for b in made[-1].blocks) == 8
+    slow = _lanczos.thick_restart_lanczos(op, 200, 2, tol=1e-10, seed=1, ncv=13, return_vectors=True)
+    assert slow.converged.all() and slow.hvps > 13 and [b.shape[0] for b in made[-1].blocks] == [8, 5]
+    np.testing.assert_allclose(slow.values, [10.0, -1.0], rtol=1e-10)
+    A = op(torch.eye(200, dtype=torch.float64))
+    for lam, v in zip(slow.values, slow.vectors):
+        assert float(torch.linalg.vector_norm(A @ v - lam * v)) / abs(lam) <= 1e-9

@@ -40,9 +40,11 @@ class PlotCommand(click.Command):
 @click.option("--models", default=None, metavar="LABEL,...",
               help="Only these model labels, in any of the files (default: all).")
 @click.option("--title", default=None, help="Figure title (default: describes the data).")
+@click.option("--dpi", type=int, default=130, show_default=True,
+              help="Resolution of a .png figure in dots per inch (300 for print).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FIG.png",
               help="Figure file: .png, .pdf or .svg (replaced if it exists).")
-def command(files, kind, models, title, output):
+def command(files, kind, models, title, dpi, output):
     """Draw one or more result files of the same kind into one figure.
 
     Works from the files alone: every number is read back, nothing is recomputed. The models of
@@ -55,6 +57,7 @@ def command(files, kind, models, title, output):
       lt plot evaluate.h5 -o curves.png
       lt plot evaluate.h5 --kind reliability --models smooth -o reliability.pdf
       lt plot plain.h5 smooth.h5 -o hessian.svg
+      lt plot surface.h5 --kind heatmap --dpi 300 -o surface.png
     """
     from landscape_tools.errors import ConfigError
     from landscape_tools.plotting import render
@@ -66,5 +69,5 @@ def command(files, kind, models, title, output):
             raise ConfigError(f"--models {models!r} has an empty label; give labels separated by commas, "
                               f"e.g. --models plain,smooth")
     options = {"title": title} if title else {}
-    out = render(list(files), output, kind=kind, models=labels, **options)
+    out = render(list(files), output, kind=kind, models=labels, dpi=dpi, **options)
     common.info_line(f"figure written to {out}")

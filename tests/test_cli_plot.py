@@ -61,6 +61,20 @@ def test_plot_evaluate_curves(files, suffix):
         assert "plain (a)" in text and "plain (b)" in text and "deterministic (no dropout)" in text
 
 
+def test_dpi_sets_the_png_resolution(files):
+    """--dpi scales the pixel size of a png in proportion (the default is 130)."""
+    import matplotlib.image as mpimg
+    root, a, _, _ = files
+    sizes = {}
+    for dpi in ("65", None):
+        out = root / f"dpi{dpi}.png"
+        res = run("plot", a, *(("--dpi", dpi) if dpi else ()), "-o", out)
+        assert res.exit_code == 0, res.output
+        sizes[dpi] = mpimg.imread(out).shape[:2]
+    (h_low, w_low), (h, w) = sizes["65"], sizes[None]
+    assert abs(w / w_low - 2.0) < 0.05 and abs(h / h_low - 2.0) < 0.05
+
+
 def test_plot_evaluate_reliability_and_models(files):
     root, a, _, _ = files
     out = root / "rel.svg"
@@ -103,6 +117,8 @@ def test_plot_errors(files, monkeypatch):
         (["plot", a, "-o", root / "missing" / "x.png"],
          f"Error: folder {root / 'missing'} for the figure x.png does not exist; create it first"),
         (["plot", root / "nope.h5", "-o", root / "x.png"], f"Error: result file {root / 'nope.h5'} does not exist"),
+        (["plot", a, "--dpi", "5", "-o", root / "x.png"],
+         "Error: --dpi 5 is outside 20..1200 (130 is the default; 300 suits print)"),
     ]
     foreign = root / "foreign.h5"
     import h5py

@@ -65,8 +65,12 @@ def available_kinds(result_kind: str) -> tuple[str, ...]:
     return tuple(drawer(result_kind).KINDS)
 
 
+#: raster resolution of png figures unless asked otherwise
+DEFAULT_DPI = 130
+
+
 def render(paths: Sequence[str], output: str, kind: str | None = None, models: Sequence[str] | None = None,
-           **options) -> Path:
+           dpi: int = DEFAULT_DPI, **options) -> Path:
     """Draw result files into ``output``.
 
     Args:
@@ -74,6 +78,7 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
         output: figure path ending in .png, .pdf or .svg.
         kind: variant (e.g. ``contour``, ``heatmap``, ``3d`` for surfaces); default per result kind.
         models: only these model labels (default: all, in file order).
+        dpi: dots per inch of a png (pdf / svg are vector figures; their embedded images use it too).
         options: passed to the drawer.
 
     Raises:
@@ -82,6 +87,8 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
     from .. import store
 
     out = check_figure_path(output)
+    if not 20 <= int(dpi) <= 1200:
+        raise ConfigError(f"--dpi {dpi} is outside 20..1200 (130 is the default; 300 suits print)")
     results = [store.read_result(p) for p in paths]
     kinds = {r.kind for r in results}
     if len(kinds) != 1:
@@ -102,7 +109,7 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
     fig = module.draw(results, variant, **options)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        fig.savefig(tmp, dpi=int(dpi), bbox_inches="tight")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -188,7 +188,11 @@ def check_interrupted() -> None:
 
 class ProgressBar:
     """``progress(done, total, message)`` drawn on stderr: one redrawn line on a terminal, and
-    occasional plain lines (at most every ``interval`` seconds) in a batch log."""
+    occasional plain lines (at most every ``interval`` seconds) in a batch log.
+
+    The time left is estimated from the pace since the first report of finished work, so a slow
+    first unit (a ``--compile`` compilation, a retained graph being built) or units found done by
+    a resumed run do not inflate it; until a second unit finishes it is the plain average."""
 
     def __init__(self, title: str, stream=None, interval: float = 10.0, quiet: bool = False):
         self.title, self.stream, self.interval, self.quiet = title, stream or sys.stderr, interval, quiet
@@ -196,12 +200,15 @@ class ProgressBar:
         self.start = time.monotonic()
         self.last = -1e9
         self.last_done = None
+        self.first: tuple[float, int] | None = None   # (time, done) of the first report with done > 0
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         check_interrupted()
         if self.quiet:
             return
         now = time.monotonic()
+        if self.first is None and done > 0:
+            self.first = (now, done)
         final = total > 0 and done >= total
         if not final and now - self.last < (0.2 if self.tty else self.interval):
             return
@@ -210,7 +217,9 @@ class ProgressBar:
         pct = f"{100.0 * done / total:5.1f}%" if total else ""
         eta = ""
         if total and 0 < done < total:
-            eta = f" eta {_fmt_seconds(elapsed * (total - done) / done)}"
+            since, at = self.first
+            pace = (now - since) / (done - at) if done > at else elapsed / done
+            eta = f" eta {_fmt_seconds(pace * (total - done))}"
         line = f"{self.title}: {done}/{total} {pct} {_fmt_seconds(elapsed)}{eta} {message}".rstrip()
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if final else ""))

@@ -23,6 +23,7 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 WHICH = ("LM", "LA", "SA")
 _CHUNK = 1 << 14   # columns of the basis widened / rotated at a time
 _ROWS = 2          # rows of a float32 basis widened to float64 at a time
+_BLOCK = 8         # basis rows allocated at a time
 
 
 def order(values: np.ndarray, which: str) -> np.ndarray:
@@ -62,28 +63,81 @@ def _random_unit(n: int, seed: int, device, kind: str = "gaussian") -> torch.Ten
     return v / torch.linalg.vector_norm(v)
 
 
-def _project(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``basis @ w`` in float64; a float32 basis is widened a few rows at a time (never all at once)."""
-    if basis.dtype == torch.float64:
-        return basis @ w
-    h = torch.empty(basis.shape[0], dtype=torch.float64, device=w.device)
-    for i in range(0, basis.shape[0], _ROWS):
-        h[i:i + _ROWS] = basis[i:i + _ROWS].to(torch.float64) @ w
-    return h
+class _Basis:
+    """Up to ``capacity`` basis rows of length ``n``, allocated ``_BLOCK`` rows at a time as they are
+    first written: a solve that converges before filling the basis never holds its unused rows, and
+    growing never copies what is already stored."""
+
+    def __init__(self, capacity: int, n: int, dtype: torch.dtype, device):
+        self.capacity, self.n, self.dtype, self.device = int(capacity), int(n), dtype, device
+        self.blocks: list[torch.Tensor] = []
+
+    def __setitem__(self, i: int, row: torch.Tensor) -> None:
+        if not 0 <= i < self.capacity:
+            raise IndexError(f"basis row {i} outside 0..{self.capacity - 1}")
+        while len(self.blocks) * _BLOCK <= i:
+            rows = min(_BLOCK, self.capacity - len(self.blocks) * _BLOCK)
+            self.blocks.append(torch.empty((rows, self.n), dtype=self.dtype, device=self.device))
+        self.blocks[i // _BLOCK][i % _BLOCK] = row
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i // _BLOCK][i % _BLOCK]
+
+    def head(self, size: int) -> list[torch.Tensor]:
+        """Rows ``0 .. size-1`` as a list of row blocks (views)."""
+        out, left = [], int(size)
+        for block in self.blocks:
+            if left <= 0:
+                break
+            out.append(block[:left])
+            left -= block.shape[0]
+        return out
+
+    def columns(self, size: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``0 .. size-1``, columns ``start .. stop-1``, in float64."""
+        return torch.cat([b[:, start:stop].to(torch.float64) for b in self.head(size)])
+
+    def set_columns(self, rows: int, start: int, stop: int, values: torch.Tensor) -> None:
+        """Rows ``0 .. rows-1``, columns ``start .. stop-1`` := ``values``."""
+        done = 0
+        for block in self.head(rows):
+            r = block.shape[0]
+            block[:, start:stop] = values[done:done + r]
+            done += r
 
 
-def _subtract(w: torch.Tensor, basis: torch.Tensor, h: torch.Tensor) -> None:
+def _row_blocks(basis) -> list[torch.Tensor]:
+    return [basis] if isinstance(basis, torch.Tensor) else basis
+
+
+def _project(basis, w: torch.Tensor) -> torch.Tensor:
+    """``basis @ w`` in float64 for a (rows, n) tensor or a list of row blocks; a float32 basis is
+    widened a few rows at a time (never all at once)."""
+    parts = []
+    for block in _row_blocks(basis):
+        if block.dtype == torch.float64:
+            parts.append(block @ w)
+            continue
+        for i in range(0, block.shape[0], _ROWS):
+            parts.append(block[i:i + _ROWS].to(torch.float64) @ w)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=w.device)
+
+
+def _subtract(w: torch.Tensor, basis, h: torch.Tensor) -> None:
     """``w -= basis.T @ h`` in float64, widening a float32 basis a few rows at a time."""
-    if basis.dtype == torch.float64:
-        w.sub_(basis.T @ h)
-        return
-    for i in range(0, basis.shape[0], _ROWS):
-        w.sub_(basis[i:i + _ROWS].to(torch.float64).T @ h[i:i + _ROWS])
+    done = 0
+    for block in _row_blocks(basis):
+        step = block.shape[0] if block.dtype == torch.float64 else _ROWS
+        for i in range(0, block.shape[0], step):
+            rows = block[i:i + step]
+            w.sub_(rows.to(torch.float64).T @ h[done + i:done + i + rows.shape[0]])
+        done += block.shape[0]
 
 
-def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Two passes of classical Gram-Schmidt against the rows of ``basis``; returns the coefficients."""
-    if basis.shape[0] == 0:
+def _orthogonalise(w: torch.Tensor, basis) -> torch.Tensor:
+    """Two passes of classical Gram-Schmidt against the rows of ``basis`` (a tensor or a list of row
+    blocks); returns the coefficients."""
+    if sum(b.shape[0] for b in _row_blocks(basis)) == 0:
         return torch.zeros(0, dtype=torch.float64, device=w.device)
     h = _project(basis, w)
     _subtract(w, basis, h)
@@ -92,11 +146,11 @@ def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return h + h2
 
 
-def _combine(Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``Y.T @ V`` in float64 (Y float64 (size, r), V the basis rows), column chunk by column chunk."""
-    out = torch.empty((Y.shape[1], V.shape[1]), dtype=torch.float64, device=V.device)
-    for c in range(0, V.shape[1], _CHUNK):
-        out[:, c:c + _CHUNK] = Y.T @ V[:, c:c + _CHUNK].to(torch.float64)
+def _combine(Y: torch.Tensor, V: _Basis, size: int) -> torch.Tensor:
+    """``Y.T @ V[:size]`` in float64 (Y float64 (size, r)), column chunk by column chunk."""
+    out = torch.empty((Y.shape[1], V.n), dtype=torch.float64, device=Y.device)
+    for c in range(0, V.n, _CHUNK):
+        out[:, c:c + _CHUNK] = Y.T @ V.columns(size, c, c + _CHUNK)
     return out
 
 
@@ -116,7 +170,8 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         which: ``LM`` (largest magnitude, signed), ``LA`` (largest algebraic), ``SA`` (smallest).
         tol: relative residual each wanted pair must reach.
         max_hvps: budget of operator applications (pairs not converged by then are flagged).
-        ncv: Krylov basis size before a restart (default ``max(2k + 10, 30)``; memory ``ncv * n`` float64).
+        ncv: Krylov basis size before a restart (default ``max(2k + 10, 30)``; memory up to ``ncv * n``
+            values of ``basis_dtype``, allocated 8 rows at a time as the basis grows).
         seed: seed of the start vector.
         device: where the basis lives (default: the operator's output device).
         return_vectors: also return the Ritz vectors ((k, n) float64).
@@ -144,7 +199,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         v = _random_unit(n, seed, "cpu")
         pending = op(v.to(device) if device is not None else v)
     device = pending.device if device is None else device
-    V = torch.empty((m, n), dtype=basis_dtype, device=device)
+    V = _Basis(m, n, basis_dtype, device)
     V[0] = v.to(device)
     v = None
     T = np.zeros((m, m))
@@ -160,7 +215,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
             pending = None
             hvps += 1
             w = w.to(torch.float64).clone()
-            h = _orthogonalise(w, V[:size]).cpu().numpy()
+            h = _orthogonalise(w, V.head(size)).cpu().numpy()
             T[:size, j] = h
             T[j, :size] = h
             beta = float(torch.linalg.vector_norm(w))
@@ -177,7 +232,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
             if beta <= 1e-10 * max(norm_est, 1e-300):
                 # invariant subspace found: continue from a fresh direction orthogonal to it
                 w = _random_unit(n, seed + 7919 * (hvps + 1), "cpu").to(device)
-                _orthogonalise(w, V[:size])
+                _orthogonalise(w, V.head(size))
                 w /= torch.linalg.vector_norm(w)
                 beta_couple = 0.0
             else:
@@ -197,7 +252,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         kept = order(theta, which)[:keep]
         Y = torch.from_numpy(np.ascontiguousarray(S[:, kept])).to(device)
         for c in range(0, n, _CHUNK):
-            V[:keep, c:c + _CHUNK] = Y.T @ V[:size, c:c + _CHUNK].to(torch.float64)
+            V.set_columns(keep, c, c + _CHUNK, Y.T @ V.columns(size, c, c + _CHUNK))
         last = S[size - 1, kept]
         T[:] = 0.0
         T[:keep, :keep] = np.diag(theta[kept])
@@ -209,7 +264,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     vectors = None
     if return_vectors:
         Y = torch.from_numpy(np.ascontiguousarray(S[:, sel])).to(device)
-        vectors = _combine(Y, V[:size])
+        vectors = _combine(Y, V, size)
     if size == n:
         rel = np.minimum(rel, tol)  # the basis spans the whole space: Ritz pairs are exact
     return EigenPairs(values=theta[sel].copy(), residuals=rel, converged=rel <= tol, hvps=hvps, vectors=vectors)

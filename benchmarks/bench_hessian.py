@@ -280,14 +280,21 @@ def main(argv=None) -> int:
     ref, ref_hvps, _ = ours(model, x, y, 5, 1e-8)     # also warms up every code path
     t_ref = time.perf_counter() - t
     best, results = {}, {}
-    for _ in range(max(1, args.rounds)):
+    print(f"reference: {t_ref:.1f} s, {ref_hvps} products", file=sys.stderr, flush=True)
+    for round_ in range(max(1, args.rounds)):
         for name, _k, fn in solvers:
             t = time.perf_counter()
             value = fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+            took = time.perf_counter() - t
+            best[name] = min(best.get(name, float("inf")), took)
             results.setdefault(name, value)
+            print(f"round {round_ + 1}: {name}: {took:.1f} s, {value[1]} products", file=sys.stderr, flush=True)
     # memory: each solver once more, its peak live heap bytes sampled after every operation
-    peaks = {name: peak_memory(fn) for name, _k, fn in solvers}
+    peaks = {}
+    for name, _k, fn in solvers:
+        peaks[name] = peak_memory(fn)
+        shown = "n/a" if peaks[name] is None else f"{peaks[name] / 2**20:.0f} MiB"
+        print(f"memory: {name}: {shown}", file=sys.stderr, flush=True)
     rows = [("reference: ours lanczos tol 1e-8", 5, t_ref, ref_hvps, ref, rel_err(ref, ref), None)]
     for name, k, _fn in solvers:
         v, h, _ = results[name]

@@ -333,12 +333,15 @@ def test_shared_operator_equals_dense_hessian_of_the_mean_loss():
     op.close()
     # two ranks (batches 0, 2 and 1): their parts add up to the whole (weight decay added after the sum,
     # which here is each rank's own part: subtract it once)
-    parts = []
-    for rank, share in enumerate(([0, 2], [1])):
-        with H.SharedDataOperator(net, batches, share, lambda t: t.clone(), rank=rank, world_size=2, mc_seed=5,
-                                  weight_decay=0.02) as op:
-            parts.append(op(v).numpy() - 0.02 * v.numpy())
-    np.testing.assert_allclose(parts[0] + parts[1] + 0.02 * v.numpy(), dense @ v.numpy(), rtol=1e-10, atol=1e-12)
+    # (also in sub-batches of 3 samples: pieces 3+1, 3+1 and 3, each with its rows of the batch's mask)
+    for sub_batch in (None, 3):
+        parts = []
+        for rank, share in enumerate(([0, 2], [1])):
+            with H.SharedDataOperator(net, batches, share, lambda t: t.clone(), rank=rank, world_size=2, mc_seed=5,
+                                      weight_decay=0.02, sub_batch=sub_batch) as op:
+                parts.append(op(v).numpy() - 0.02 * v.numpy())
+        np.testing.assert_allclose(parts[0] + parts[1] + 0.02 * v.numpy(), dense @ v.numpy(), rtol=1e-10,
+                                   atol=1e-12)
     # a rank without batches contributes nothing (and never evaluates the model)
     with H.SharedDataOperator(net, batches, [], lambda t: t.clone(), rank=2, world_size=3, mc_seed=5) as op:
         assert torch.count_nonzero(op(v)) == 0

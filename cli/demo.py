@@ -21,10 +21,10 @@ def command(out_dir, quick, overwrite, device, seed):
     DIR receives mcdo.pt and smooth.pt (native checkpoints), evaluate.h5, hessian.h5, surface.h5
     and featvar.h5 (one group per model, the same files the commands write), six png figures, and
     report.md: the key numbers side by side and, for each claim of Park & Kim (2022), whether it
-    showed up on this data. The same --seed gives the same numbers. About 6 minutes on 2 shared
-    CPU cores. A folder holding a finished demo (report.md) is refused without --overwrite; the
-    outputs of an interrupted demo with the same options are reused, so running the same command
-    again continues where it stopped.
+    showed up on this data. The same --seed gives the same numbers. About 2.5 minutes on 2 idle
+    CPU cores (6 when they are shared with other jobs). A folder holding a finished demo
+    (report.md) is refused without --overwrite; the outputs of an interrupted demo with the same
+    options are reused, so running the same command again continues where it stopped.
 
     \b
     Example:

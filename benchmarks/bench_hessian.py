@@ -21,8 +21,8 @@ a row on whole batches shows what that saves.
 PyHessian is needed only here: `.venv/bin/pip install --no-deps pyhessian`.  Without it the
 script says so and compares against the reference only.
 
-Usage: python benchmarks/bench_hessian.py [--init trained|fresh|random] [--rounds 2] [--batch 128] [--seed 0]
-       [--skip-pyhessian]
+Usage: python benchmarks/bench_hessian.py [--init trained|fresh|random] [--rounds 2] [--starts 3] [--batch 128]
+       [--seed 0] [--skip-pyhessian]
 """
 from __future__ import annotations
 
@@ -229,16 +229,26 @@ def pyhessian_run(model, x, y, k, seed=0):
     return values, counter["n"], None
 
 
-def solver_table(model, x, y, have_pyhessian: bool, seed: int = 0):
-    """``[(name, k, fn)]``: the solvers compared, in the order they run."""
+def pyhessian_name(k: int, start: int) -> str:
+    return f"PyHessian top-{k} (power, defaults, start {start})"
+
+
+def solver_table(model, x, y, have_pyhessian: bool, seed: int = 0, starts: int = 3):
+    """``[(name, k, fn)]``: the solvers compared, in the order they run.  PyHessian runs from
+    ``starts`` random start vectors (seeds ``seed``, ``seed + 1``, ...): how many products it needs
+    depends on the start."""
     solvers = []
     if have_pyhessian:
-        solvers.append(("PyHessian top-5 (power, defaults)", 5, lambda: pyhessian_run(model, x, y, 5, seed)))
+        for i in range(starts):
+            solvers.append((pyhessian_name(5, i), 5, lambda i=i: pyhessian_run(model, x, y, 5, seed + i)))
     solvers.append(("ours top-5 (lanczos, tol 1e-4)", 5, lambda: ours(model, x, y, 5, 1e-4)))
+    # the target asks for every eigenvalue within 1e-3: a residual of 1e-3 gives ~1e-6 here
+    solvers.append(("ours top-5 (lanczos, tol 1e-3)", 5, lambda: ours(model, x, y, 5, 1e-3)))
     # what processing the batch in pieces (--sub-batch, 32 samples on a CPU) saves: the same solve on whole batches
     solvers.append(("ours top-5 (lanczos, tol 1e-4, whole batch)", 5, lambda: ours(model, x, y, 5, 1e-4, None)))
     if have_pyhessian:
-        solvers.append(("PyHessian top-1 (power, defaults)", 1, lambda: pyhessian_run(model, x, y, 1, seed)))
+        for i in range(starts):
+            solvers.append((pyhessian_name(1, i), 1, lambda i=i: pyhessian_run(model, x, y, 1, seed + i)))
     solvers.append(("ours top-1 (lanczos, tol 1e-4)", 1, lambda: ours(model, x, y, 1, 1e-4)))
     # eigenvalue error ~ residual^2 * |lambda| / gap: a residual of 1e-2 already beats PyHessian's accuracy
     solvers.append(("ours top-1 (lanczos, tol 1e-2)", 1, lambda: ours(model, x, y, 1, 1e-2)))
@@ -261,6 +271,9 @@ def main(argv=None) -> int:
                          "batch (the ANCHORS.md setting); or random weights with BN statistics from the batch")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs for --init trained")
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds (the best time of each solver is kept)")
+    ap.add_argument("--starts", type=int, default=3,
+                    help="PyHessian's random start vectors (seeds --seed, --seed + 1, ...); it is compared by its "
+                         "median time")
     args = ap.parse_args(argv)
 
     have_pyhessian = False
@@ -283,7 +296,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; time = best of {args.rounds} rounds, "
           f"memory: peak live heap bytes of one more run of each solver")
 
-    solvers = solver_table(model, x, y, have_pyhessian, args.seed)
+    solvers = solver_table(model, x, y, have_pyhessian, args.seed, max(1, args.starts))
 
     # timing: the normal allocator (the memory phase's fixed mmap threshold slows every allocation),
     # solvers interleaved round by round, the best time of each kept (robust to other processes' load)
@@ -303,9 +316,13 @@ def main(argv=None) -> int:
             if took < best.get(name, float("inf")):
                 best[name], results[name] = took, value      # the values of the timed run itself
             print(f"round {round_ + 1}: {name}: {took:.1f} s, {value[1]} products", file=sys.stderr, flush=True)
-    # memory: each solver once more, its peak live heap bytes sampled after every operation
+    # memory: each solver once more, its peak live heap bytes sampled after every operation (PyHessian
+    # from its first start only: the start changes how long it iterates, not what it holds)
     peaks = {}
     for name, _k, fn in solvers:
+        if name.startswith("PyHessian") and not name.endswith("start 0)"):
+            peaks[name] = None
+            continue
         peaks[name] = peak_memory(fn)
         shown = "n/a" if peaks[name] is None else f"{peaks[name] / 2**20:.0f} MiB"
         print(f"memory: {name}: {shown}", file=sys.stderr, flush=True)
@@ -327,18 +344,26 @@ def main(argv=None) -> int:
           + ", ".join(f"{val:.6f}" for val in ref))
     if have_pyhessian:
         by = {r[0]: r for r in rows}
-        p5, o5 = by["PyHessian top-5 (power, defaults)"], by["ours top-5 (lanczos, tol 1e-4)"]
-        p1, o1 = by["PyHessian top-1 (power, defaults)"], by["ours top-1 (lanczos, tol 1e-4)"]
-        print(f"top-5: ours {p5[2] / o5[2]:.1f}x faster than PyHessian; ours max error {np.max(o5[5]):.1e} "
-              f"(target <= 1e-3), PyHessian {np.max(p5[5]):.1e}")
-        print(f"top-1: ours {p1[2] / o1[2]:.1f}x faster than PyHessian; error ours {np.max(o1[5]):.1e}, "
-              f"PyHessian {np.max(p1[5]):.1e}")
-        q1 = by["ours top-1 (lanczos, tol 1e-2)"]
-        print(f"top-1 at tol 1e-2: ours {p1[2] / q1[2]:.1f}x faster than PyHessian; error ours {np.max(q1[5]):.1e} "
-              f"({'equal or better' if np.max(q1[5]) <= np.max(p1[5]) else 'WORSE'} than PyHessian's)")
-        if o5[6] is not None and p5[6] is not None:
-            print(f"peak memory: ours top-5 {o5[6] / 2**20:.0f} MiB vs PyHessian top-5 {p5[6] / 2**20:.0f} MiB; "
-                  f"ours top-1 {o1[6] / 2**20:.0f} MiB vs PyHessian top-1 {p1[6] / 2**20:.0f} MiB")
+        starts = max(1, args.starts)
+        summary = []
+        for k, ours_rows in ((5, ("tol 1e-4", "tol 1e-3")), (1, ("tol 1e-4", "tol 1e-2"))):
+            ph = [by[pyhessian_name(k, i)] for i in range(starts)]
+            ph_time = float(np.median([r[2] for r in ph]))
+            ph_errors = [float(np.max(r[5])) for r in ph]
+            print(f"top-{k}: PyHessian median time {ph_time:.1f} s over {starts} start(s) "
+                  f"({', '.join(str(r[3]) for r in ph)} products; max errors {', '.join(f'{e:.1e}' for e in ph_errors)})")
+            for which in ours_rows:
+                o = by[f"ours top-{k} (lanczos, {which})"]
+                err = float(np.max(o[5]))
+                verdict = ("within 1e-3 of the reference" if err <= 1e-3 else "NOT within 1e-3") if k == 5 else (
+                    "equal or better than PyHessian's best" if err <= min(ph_errors) else "WORSE than PyHessian's best")
+                print(f"  ours at {which}: {ph_time / o[2]:.1f}x faster than PyHessian's median, "
+                      f"{min(r[2] for r in ph) / o[2]:.1f}x its fastest start; error {err:.1e} ({verdict})")
+            mem_ph, mem_ours = by[pyhessian_name(k, 0)][6], by[f"ours top-{k} (lanczos, tol 1e-4)"][6]
+            if mem_ph is not None and mem_ours is not None:
+                summary.append(f"top-{k} ours {mem_ours / 2**20:.0f} MiB vs PyHessian {mem_ph / 2**20:.0f} MiB")
+        if summary:
+            print("peak memory: " + "; ".join(summary))
     return 0
 
 

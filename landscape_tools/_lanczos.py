@@ -110,28 +110,27 @@ def _row_blocks(basis) -> list[torch.Tensor]:
     return [basis] if isinstance(basis, torch.Tensor) else basis
 
 
-def _project(basis, w: torch.Tensor) -> torch.Tensor:
-    """``basis @ w`` in float64 for a (rows, n) tensor or a list of row blocks; a float32 basis is
-    widened a few rows at a time (never all at once)."""
-    parts = []
-    for block in _row_blocks(basis):
-        if block.dtype == torch.float64:
-            parts.append(block @ w)
-            continue
-        for i in range(0, block.shape[0], _ROWS):
-            parts.append(block[i:i + _ROWS].to(torch.float64) @ w)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=w.device)
-
-
-def _subtract(w: torch.Tensor, basis, h: torch.Tensor) -> None:
-    """``w -= basis.T @ h`` in float64, widening a float32 basis a few rows at a time."""
+def _row_slices(basis):
+    """``(offset, rows)`` over a (rows, n) tensor or a list of row blocks, as float64: a float64
+    block whole, a float32 one widened a few rows at a time (never all at once)."""
     done = 0
     for block in _row_blocks(basis):
         step = block.shape[0] if block.dtype == torch.float64 else _ROWS
         for i in range(0, block.shape[0], step):
-            rows = block[i:i + step]
-            w.sub_(rows.to(torch.float64).T @ h[done + i:done + i + rows.shape[0]])
+            yield done + i, block[i:i + step].to(torch.float64)
         done += block.shape[0]
+
+
+def _project(basis, w: torch.Tensor) -> torch.Tensor:
+    """``basis @ w`` in float64."""
+    parts = [rows @ w for _, rows in _row_slices(basis)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=w.device)
+
+
+def _subtract(w: torch.Tensor, basis, h: torch.Tensor) -> None:
+    """``w -= basis.T @ h`` in float64."""
+    for at, rows in _row_slices(basis):
+        w.sub_(rows.T @ h[at:at + rows.shape[0]])
 
 
 def _orthogonalise(w: torch.Tensor, basis) -> torch.Tensor:

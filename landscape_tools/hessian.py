@@ -440,7 +440,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
               "form": form, "ncv": ncv, "trace_probes": int(trace_probes) if trace else 0,
               "density_runs": int(density_runs) if density else 0,
               "density_steps": int(density_steps) if density else 0, "precision": precision,
-              "sub_batch": "whole" if sub_batch is None else sub_batch}
+              "sub_batch": _sub_batch_attr(sub_batch)}
     out = HessianSpectrum(
         eigenvalues=np.full((rows, k), np.nan), residuals=np.full((rows, k), np.nan),
         converged=np.zeros((rows, k), dtype=bool), hvp_count=np.full(rows, -1, dtype=np.int64),
@@ -503,6 +503,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             on_row(r, out)
     report(progress, len(todo), len(todo), f"{name}done")
     return out
+
+
+def _sub_batch_attr(sub_batch: int | None):
+    """A resolved sub-batch as stored in results: samples per piece, or ``"whole"``."""
+    return "whole" if sub_batch is None else sub_batch
 
 
 def _basis_dtype(op, tol: float) -> torch.dtype:
@@ -698,7 +703,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
                       "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
                       "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
                       "seed": int(seed), "precision": precision,
-                      "sub_batch": "whole" if options["sub_batch"] is None else options["sub_batch"],
+                      "sub_batch": _sub_batch_attr(options["sub_batch"]),
                       "data": _short(data_description)})
         layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
                                           trace_probes, density, density_runs, density_steps)

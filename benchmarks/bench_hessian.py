@@ -298,8 +298,7 @@ def main(argv=None) -> int:
 
     solvers = solver_table(model, x, y, have_pyhessian, args.seed, max(1, args.starts))
 
-    # timing: the normal allocator (the memory phase's fixed mmap threshold slows every allocation),
-    # solvers interleaved round by round, the best time of each kept (robust to other processes' load)
+    # timing: solvers interleaved round by round, the best time of each kept (robust to other processes' load)
     t = time.perf_counter()
     ref, ref_hvps, _ = ours(model, x, y, 5, 1e-8)     # also warms up every code path
     t_ref = time.perf_counter() - t

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from landscape_tools.plotting import DEFAULT_DPI
+
 from . import common
 
 
@@ -40,7 +42,7 @@ class PlotCommand(click.Command):
 @click.option("--models", default=None, metavar="LABEL,...",
               help="Only these model labels, in any of the files (default: all).")
 @click.option("--title", default=None, help="Figure title (default: describes the data).")
-@click.option("--dpi", type=int, default=130, show_default=True,
+@click.option("--dpi", type=int, default=DEFAULT_DPI, show_default=True,
               help="Resolution of a .png figure in dots per inch (300 for print).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FIG.png",
               help="Figure file: .png, .pdf or .svg (replaced if it exists).")

@@ -88,7 +88,7 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
 
     out = check_figure_path(output)
     if not 20 <= int(dpi) <= 1200:
-        raise ConfigError(f"--dpi {dpi} is outside 20..1200 (130 is the default; 300 suits print)")
+        raise ConfigError(f"--dpi {dpi} is outside 20..1200 ({DEFAULT_DPI} is the default; 300 suits print)")
     results = [store.read_result(p) for p in paths]
     kinds = {r.kind for r in results}
     if len(kinds) != 1:

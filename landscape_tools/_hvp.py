@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from .errors import ConfigError, NumericalError
 
 FORMS = ("graph", "double", "func")
-#: samples of the first batch the quick determinism check uses
-CHECK_SAMPLES = 16
 #: samples per piece of a batch on a CPU (see the module docstring)
 CPU_SUB_BATCH = 32
 
@@ -262,58 +260,32 @@ class HessianOperator:
 
     __call__ = matvec
 
-    def check_determinism(self, seed: int = 0, label: str = "") -> tuple[float, torch.Tensor, torch.Tensor]:
-        """Apply the operator twice to one random unit vector, once through a fresh forward pass.
+    def checked_matvec(self, v: torch.Tensor, label: str = "") -> tuple[float, torch.Tensor]:
+        """``H v`` formed twice, the second time through a fresh forward pass, and compared: the
+        determinism check of the operator that is solved (its form, its sub-batch pieces, its
+        dropout masks, every batch it sums over), at the cost of one extra product.
+
+        The ``graph`` form drops its retained graph after the first product and rebuilds it for the
+        second (the rebuilt graph is the one kept for the solve), so the two graphs never coexist and
+        the check adds nothing to the peak memory; the other forms run a fresh forward pass in every
+        product anyway.  Whatever draws fresh random numbers or changes state in a forward pass, in
+        any sample of any batch, makes the two products differ.
 
         Returns:
-            ``(relative difference, v, H v)``: a solver may start from ``v`` and reuse ``H v``.
+            ``(relative difference, H v)``; ``H v`` counts as one product of the operator.
 
         Raises:
-            NumericalError: they differ beyond floating-point noise.
+            NumericalError: the two products differ beyond floating-point noise.
         """
-        gen = torch.Generator().manual_seed(int(seed) + 12_345)
-        v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
-        v = (v / torch.linalg.vector_norm(v)).to(self.device)
         count = self.count
-        # the fresh-graph product first: a retained graph is built only afterwards, so the two
-        # graphs never coexist and the check adds nothing to the peak memory
-        a = self.matvec(v, form="double" if self.form == "graph" else None)
+        a = self.matvec(v)
+        if self.form == "graph":
+            self._grads = None
         b = self.matvec(v)
-        self.count = count
-        diff = float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(a)), 1e-300))
+        self.count = count + 1
+        diff = float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-300))
         self._raise_if_different(diff, label)
-        return diff, v, b
-
-    def quick_check(self, seed: int = 0, label: str = "", samples: int = CHECK_SAMPLES) -> float:
-        """The determinism check at a fraction of its cost: two products of one random vector, each
-        through a fresh forward pass, on the Hessian of the first ``samples`` samples of the first
-        batch (with that batch's dropout mask seed).
-
-        Whatever draws fresh random numbers or changes state in a forward pass does so for any
-        batch size, so a small batch finds it; the products cost ``samples / batch size`` of a full
-        one each, instead of a full fresh product on top of the solver's.
-
-        Returns:
-            the relative difference of the two products.
-
-        Raises:
-            NumericalError: they differ beyond floating-point noise.
-        """
-        x, y = self.batches[0]
-        n = max(1, min(int(samples), int(x.shape[0])))
-        small = HessianOperator(self.model, [(x[:n], y[:n])], batch_indices=self.batch_indices[:1],
-                                params=self.names, weight_decay=0.0, mc_seed=self.mc_seed, form="double",
-                                sub_batch=None)
-        try:
-            gen = torch.Generator().manual_seed(int(seed) + 12_345)
-            v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
-            v = (v / torch.linalg.vector_norm(v)).to(self.device)
-            a, b = small.matvec(v), small.matvec(v)
-        finally:
-            small.close()  # the model stays in eval mode: this operator put it there first
-        diff = float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(a)), 1e-300))
-        self._raise_if_different(diff, label)
-        return diff
+        return diff, b
 
     def _raise_if_different(self, diff: float, label: str) -> None:
         limit = 1e-10 if self.dtype == torch.float64 else 1e-4

@@ -55,9 +55,9 @@ class HessianSpectrum:
         eigenvalues: (rows, k) float64, signed, in ``which`` order.
         residuals: (rows, k) ``||Hv - lambda v|| / |lambda|``.
         converged: (rows, k) bool, residual <= tol.
-        hvp_count: (rows,) Hessian-vector products the solver used (for Lanczos including the
-            determinism check's product it starts from; the check's fresh-graph product and trace /
-            density products not included).
+        hvp_count: (rows,) Hessian-vector products the solver used, including its start vector's
+            (the determinism check's second product of that vector, and trace / density products, not
+            included).
         batch_sizes: (n_batches,) samples per batch used (for ``dataset``: every batch averaged).
         trace: dict of arrays (``samples``, ``estimate``, ``stderr``, ``hutchpp``, ``hutchpp_stderr``)
             or None.
@@ -298,33 +298,10 @@ class SharedDataOperator:
 
     __call__ = matvec
 
-    def check_determinism(self, seed: int = 0, label: str = "") -> tuple[float, torch.Tensor, torch.Tensor]:
-        """:meth:`HessianOperator.check_determinism` on the summed operator (see there)."""
-        return self._target.check_determinism(seed=seed, label=label)
-
-    def quick_check(self, seed: int = 0, label: str = "") -> float:
-        """:meth:`HessianOperator.quick_check` on each process's first batch, then a vote: every
-        process raises together (its own error, or :class:`PeerFailed`) so nobody waits for a
-        product another process will never form.
-
-        Returns:
-            this process's relative difference (0 for a process without batches).
-        """
-        error, diff = None, 0.0
-        if not self.empty:
-            try:
-                diff = self._target.quick_check(seed=seed, label=label)
-            except Exception as exc:  # noqa: BLE001 - re-raised after the vote
-                error = exc
-        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
-        flags[self.rank] = 1.0 if error is not None else 0.0
-        failed = [int(r) for r in torch.nonzero(self.reduce(flags) > 0).flatten()]
-        if error is not None:
-            raise error
-        if failed:
-            raise PeerFailed(f"process(es) {', '.join(map(str, failed))} of {self.world_size} failed the "
-                             f"determinism check of the Hessian (see their messages)")
-        return diff
+    def checked_matvec(self, v: torch.Tensor, label: str = "") -> tuple[float, torch.Tensor]:
+        """:meth:`HessianOperator.checked_matvec` of the summed operator: both products go through
+        the sum, so every process sees the same difference and passes or fails the check together."""
+        return self._target.checked_matvec(v, label=label)
 
     def close(self) -> None:
         self._target.__dict__.pop("matvec", None)
@@ -463,16 +440,16 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
               _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form, precision,
                              sub_batch))
         try:
-            # two fresh products on a 16-sample piece of the first batch: a fraction of one full product
-            op.quick_check(seed=_row_seed(seed, r, 1), label=label)
             common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
                       "return_vectors": return_vectors}
+            # the start vector's product is formed twice (the determinism check of this very
+            # operator) inside the solver, which alone holds the vectors
+            start = lambda: _checked_start(op, dim, which, _row_seed(seed, r, 2), label)  # noqa: E731
             if method == "lanczos":
-                # the start vector and its product are made inside the solver, which alone holds them
-                pairs = _lanczos.thick_restart_lanczos(
-                    op, dim, k, max_hvps=max_iter, ncv=ncv, basis_dtype=_basis_dtype(op, tol),
-                    start=lambda: _gradient_start(op, dim, which, _row_seed(seed, r, 2)), **common)
+                pairs = _lanczos.thick_restart_lanczos(op, dim, k, max_hvps=max_iter, ncv=ncv,
+                                                       basis_dtype=_basis_dtype(op, tol), start=start, **common)
             else:
+                start()  # TEMPORARY until deflated_power takes start=
                 pairs = _lanczos.deflated_power(op, dim, k, max_iter=max_iter, **common)
             out.eigenvalues[r] = pairs.values
             out.residuals[r] = pairs.residuals
@@ -517,25 +494,24 @@ def _basis_dtype(op, tol: float) -> torch.dtype:
     return torch.float32 if getattr(op, "dtype", torch.float64) == torch.float32 and tol >= 1e-6 else torch.float64
 
 
-def _gradient_start(op, dim: int, which: str, seed: int):
-    """Lanczos's start ``(v, H v)`` for the top of the spectrum (LM, LA): the unit gradient plus a
-    seeded unit random vector, normalised.  The gradient of a trained net lies mostly in the top
-    eigenspace (gradient descent happens in a tiny subspace, Gur-Ari et al. 2018), so the top pairs
-    converge in fewer products; the random half keeps every other direction in the Krylov space.
-    ``None`` (a random start) for SA, for operators whose gradient is not free, or a zero gradient."""
-    if which == "SA":
-        return None
-    free = getattr(op, "free_gradient", None)
-    g = free() if free is not None else None
-    if g is None:
-        return None
-    norm = float(torch.linalg.vector_norm(g))
-    if not np.isfinite(norm) or norm == 0.0:
-        return None
-    v = _lanczos._random_unit(dim, seed, "cpu").to(g.device).add_(g, alpha=1.0 / norm)
-    del g  # freed before the product: nothing extra alive at its memory peak
-    v /= torch.linalg.vector_norm(v)
-    return v, op(v)
+def _checked_start(op, dim: int, which: str, seed: int, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """The solvers' start ``(v, H v)``, ``H v`` formed twice and compared (the determinism check).
+
+    For the top of the spectrum (LM, LA) ``v`` is the unit gradient plus a seeded unit random
+    vector, normalised: the gradient of a trained net lies mostly in the top eigenspace (gradient
+    descent happens in a tiny subspace, Gur-Ari et al. 2018), so the top pairs converge in fewer
+    products, and the random half keeps every other direction in the Krylov space.  For SA, for
+    operators whose gradient is not free, or a zero gradient, ``v`` is the seeded random unit vector.
+    """
+    v = _lanczos._random_unit(dim, seed, "cpu").to(op.device)
+    g = None if which == "SA" or getattr(op, "free_gradient", None) is None else op.free_gradient()
+    if g is not None:
+        norm = float(torch.linalg.vector_norm(g))
+        if np.isfinite(norm) and norm > 0.0:
+            v.add_(g.to(v), alpha=1.0 / norm)
+            v /= torch.linalg.vector_norm(v)
+        del g  # freed before the products: nothing extra alive at their memory peak
+    return v, op.checked_matvec(v, label=label)[1]
 
 
 def _density_on_grid(nodes: np.ndarray, weights: np.ndarray, points: int = DENSITY_GRID,

@@ -272,21 +272,72 @@ def test_determinism_check_fires(form):
     x, y = torch.randn(5, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
     with pytest.raises(NumericalError, match=r"is not a fixed matrix: two products with the same vector differ by"):
         top_eigenvalues(model, [(x, y)], k=2, form=form)
-    with HessianOperator(Tiny(mc=True).double(), [(x, y)]) as op:  # the seeded mask passes
-        assert op.check_determinism()[0] < 1e-12
+    v = torch.ones(123, dtype=torch.float64) / 123 ** 0.5
+    with HessianOperator(Tiny(mc=True).double(), [(x, y)], form=form) as op:  # the seeded mask passes
+        diff, hv = op.checked_matvec(v)
+        assert diff < 1e-12 and op.count == 1  # one of the two products is the solver's
+        torch.testing.assert_close(hv, op(v), rtol=1e-12, atol=1e-14)
+
+
+class NoisyLate(Tiny):
+    """Fresh noise only in the samples after the 16th of whatever it is given (nothing in the first 16)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        noise = torch.zeros_like(out)
+        noise[16:] = 0.1 * torch.randn(max(x.shape[0] - 16, 0), 3, dtype=x.dtype)
+        return out + noise
+
+
+class NoisyMarked(Tiny):
+    """Fresh noise only in the samples whose first pixel is exactly 1 (the second batch below)."""
+
+    def forward(self, x):
+        marked = (x[:, 0, 0, 0] == 1.0).to(x.dtype)[:, None]
+        return super().forward(x) + 0.1 * marked * torch.randn(x.shape[0], 3, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("form", ["graph", "double", "func"])
+def test_determinism_check_sees_every_sample_of_the_solved_operator(form):
+    """The check applies the operator that is solved (its pieces, its masks, all its samples)."""
+    x, y = torch.randn(24, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (24,))
+    with pytest.raises(NumericalError, match=r"is not a fixed matrix"):   # noise in samples 17..24 only
+        top_eigenvalues(NoisyLate().double(), [(x, y)], k=1, form=form, sub_batch=None)
+    # the same model is deterministic on the first 16 samples: nothing to report there
+    res = top_eigenvalues(NoisyLate().double(), [(x[:16], y[:16])], k=1, form=form, sub_batch=None)
+    assert res.converged.all()
+
+
+@pytest.mark.parametrize("sub_batch", [None, 3])
+def test_determinism_check_sees_the_second_batch_in_dataset_scope(sub_batch):
+    x, y = torch.randn(12, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    x[:, 0, 0, 0] = 0.0
+    x[6:, 0, 0, 0] = 1.0           # the second batch alone is marked
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    with pytest.raises(NumericalError, match=r"\(batch 0, 1\) is not a fixed matrix"):
+        top_eigenvalues(NoisyMarked().double(), batches, k=1, scope="dataset", sub_batch=sub_batch)
+    # per batch, the first Hessian passes and the second is caught
+    rows = []
+    with pytest.raises(NumericalError, match=r"\(batch 1\) is not a fixed matrix"):
+        top_eigenvalues(NoisyMarked().double(), batches, k=1, sub_batch=sub_batch, on_row=lambda r, _: rows.append(r))
+    assert rows == [0]
 
 
 @pytest.mark.parametrize("form", ["graph", "double"])
-def test_quick_determinism_check_on_a_sub_batch(form):
-    x, y = torch.randn(40, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (40,))
-    with HessianOperator(Noisy().double(), [(x, y)], form=form) as op:
-        with pytest.raises(NumericalError, match=r"is not a fixed matrix: two products with the same vector differ by"):
-            op.quick_check(samples=4)
-    model = Tiny(mc=True).double()
-    with HessianOperator(model, [(x, y)], form=form) as op:  # the seeded mask passes, in eval mode
-        assert op.quick_check(samples=4) < 1e-12
-        assert not model.training and op.count == 0  # the check's products are not the operator's
-        assert op._grads is None  # and it built no graph of the full batch
+def test_determinism_check_costs_one_extra_product_per_hessian(form, monkeypatch):
+    model, batches = make(mc=True)
+    calls = []
+    original = HessianOperator.matvec
+
+    def counting(self, v, form=None):
+        calls.append(1)
+        return original(self, v, form)
+
+    monkeypatch.setattr(HessianOperator, "matvec", counting)
+    monkeypatch.setattr(HessianOperator, "__call__", counting)
+    res = top_eigenvalues(model, batches, k=2, form=form, sub_batch=2)
+    # each row: the solver's products (start included) plus exactly one for the check
+    assert len(calls) == int(res.hvp_count.sum()) + len(batches)
 
 
 def test_bad_input_errors(cases):
@@ -316,32 +367,26 @@ def test_skip_and_on_row(cases):
     np.testing.assert_array_equal(part.eigenvalues[[0, 2]], full.eigenvalues[[0, 2]])
 
 
-def test_shared_operator_quick_check_votes_across_processes():
+def test_shared_operator_check_goes_through_the_sum():
     from landscape_tools import hessian as H
     model, batches = make()
     sent = []
 
-    def peer_fails(t):          # this is rank 0 of 2; rank 1 reports a failed check
+    def other_rank_adds_the_same(t):   # this is rank 0 of 2; rank 1 holds the same batches
         sent.append(t.clone())
-        t = t.clone()
-        t[1] += 1.0
-        return t
+        return t * 2
 
-    with H.SharedDataOperator(model, batches, [0, 2], peer_fails, rank=0, world_size=2) as op:
-        with pytest.raises(H.PeerFailed, match=r"process\(es\) 1 of 2 failed the determinism check"):
-            op.quick_check(seed=3)
-        assert len(sent) == 1 and sent[0].tolist() == [0.0, 0.0] and op.count == 0
-    # a process whose own check fails still votes (so the others stop), then raises its own error
+    with H.SharedDataOperator(model, batches, [0, 2], other_rank_adds_the_same, rank=0, world_size=2) as op:
+        v = torch.ones(op.dim, dtype=torch.float64) / op.dim ** 0.5
+        diff, hv = op.checked_matvec(v)
+        # both products are sums over the processes, so every process sees the same difference
+        assert diff < 1e-12 and len(sent) == 2 and torch.equal(sent[0], sent[1])
+        torch.testing.assert_close(hv, sent[0][:op.dim] * 2)
+    # noise in one process's batch makes the *summed* products differ: every process raises together
     x, y = torch.randn(8, 1, 3, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
-    sent.clear()
-    with H.SharedDataOperator(Noisy().double(), [(x, y)], [0], lambda t: sent.append(t.clone()) or t,
-                              rank=1, world_size=2) as op:
+    with H.SharedDataOperator(Noisy().double(), [(x, y)], [0], lambda t: t * 2, rank=1, world_size=2) as op:
         with pytest.raises(NumericalError, match="is not a fixed matrix"):
-            op.quick_check()
-    assert sent[0].tolist() == [0.0, 1.0]
-    # a process without batches votes without checking
-    with H.SharedDataOperator(model, batches, [], lambda t: t, rank=1, world_size=2) as op:
-        assert op.quick_check() == 0.0
+            op.checked_matvec(torch.ones(op.dim, dtype=torch.float64) / op.dim ** 0.5)
 
 
 # ----------------------------------------------------------------------------- start vector, basis storage
@@ -361,14 +406,15 @@ def test_free_gradient_is_the_dense_gradient_of_the_weighted_loss(cases):
         assert op.free_gradient() is None  # not free in that form: the solver starts at random
 
 
-def test_gradient_start_mixes_gradient_and_random_and_counts_its_product(cases):
-    from landscape_tools.hessian import _gradient_start
+def test_checked_start_mixes_gradient_and_random_and_counts_one_product(cases):
+    from landscape_tools.hessian import _checked_start
     model, batches, dense = cases[True]
     with HessianOperator(model, batches[:1], form="graph") as op:
-        assert _gradient_start(op, op.dim, "SA", 1) is None
-        v, hv = _gradient_start(op, op.dim, "LM", 1)
+        v, hv = _checked_start(op, op.dim, "SA", 1)   # SA: the seeded random start
+        torch.testing.assert_close(v, _lanczos._random_unit(op.dim, 1, "cpu"))
+        v, hv = _checked_start(op, op.dim, "LM", 1)
         g = op.free_gradient()
-        assert abs(float(torch.linalg.vector_norm(v)) - 1) < 1e-12 and op.count == 1
+        assert abs(float(torch.linalg.vector_norm(v)) - 1) < 1e-12 and op.count == 2
         np.testing.assert_allclose(hv.numpy(), dense[0] @ v.numpy(), rtol=1e-9, atol=1e-12)
         cos = float(v @ g) / float(torch.linalg.vector_norm(g))
         assert 0.5 < cos < 0.9  # half gradient, half random (nearly orthogonal to it)

@@ -102,8 +102,23 @@ def load_models(paths: Sequence[str], arch: str | None, model_factory: str | Non
         seen.add(info.label)
         if device is not None:
             model = model.to(device)
+        report_mc_sampling(model, info.label)
         out.append((model, info))
     return out
+
+
+def report_mc_sampling(model, label: str) -> None:
+    """Say on stderr (first process only under torchrun) which dropout modules MC sampling switches on
+    in ``model``, or that it has none: ``lt evaluate: LABEL: MC sampling switches on ...``."""
+    import os
+
+    from landscape_tools.models import describe_sampling
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    ctx = click.get_current_context(silent=True)
+    prefix = f"lt {ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+    info_line(f"{prefix}{label}: {describe_sampling(model)}")
 
 
 def model_in_channels(model) -> int | None:

@@ -295,8 +295,10 @@ class EnsembleCurve:
 
 
 def has_active_dropout(model: nn.Module) -> bool:
-    """True when the model has a dropout module (ours or torch's) with p > 0, i.e. MC sampling varies."""
-    return any(float(getattr(m, "p", 0.0)) > 0.0 for _, m in dropout_modules(model))
+    """True when MC sampling switches on a dropout module with p > 0 (see
+    :func:`~landscape_tools.models.sampling_dropout_modules`: a zoo ``_dnn`` model has none), i.e.
+    MC samples vary."""
+    return any(float(getattr(m, "p", 0.0)) > 0.0 for _, m in sampling_dropout_modules(model))
 
 
 def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -305,12 +307,13 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                    ctx=None) -> EnsembleCurve:
     """Predictive metrics of the N-sample MC-dropout ensemble for every N in ``ns``.
 
-    The model runs in eval mode (BatchNorm on running statistics) with every dropout switched on by
-    :func:`landscape_tools.models.mc_dropout`; its train/eval mode is restored afterwards.  MC
-    sample ``s`` of batch ``b`` draws the masks of :func:`mc_seed` ``(seed, b, s)``; the running sum
-    of softmax probabilities (float64) over samples ``1..max(ns)`` is scored when the count reaches
-    each N, so the sweep costs ``max(ns)`` forward passes per batch.  A model without dropout gives
-    the same prediction for every N: it is run once per batch and that prediction scored for all N.
+    The model runs in eval mode (BatchNorm on running statistics) with its MC dropout switched on by
+    :func:`landscape_tools.models.mc_dropout` (none for a zoo ``_dnn`` model); its train/eval mode is
+    restored afterwards.  MC sample ``s`` of batch ``b`` draws the masks of :func:`mc_seed`
+    ``(seed, b, s)``; the running sum of softmax probabilities (float64) over samples ``1..max(ns)``
+    is scored when the count reaches each N, so the sweep costs ``max(ns)`` forward passes per batch.
+    A model without MC dropout gives the same prediction for every N: it is run once per batch and
+    that prediction scored for all N.
 
     Every batch is scored into its own :class:`MetricAccumulator` and the batches are merged in batch
     order, so the result does not depend on which process computed which batch: under torchrun
@@ -402,7 +405,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     results = [accs[n].metrics() for n in sizes]
     note = ""
     if not active:
-        note = ("the model has no dropout (or only p = 0): every MC sample is the same deterministic prediction, "
+        note = ("the model has no MC dropout (or only p = 0): every MC sample is the same deterministic prediction, "
                 "so all ensemble sizes give identical metrics (one forward pass per batch was run)")
 
     def stack(key):

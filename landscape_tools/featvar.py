@@ -492,7 +492,7 @@ class FeatureVariance:
             if self.source.kind == "dropout":
                 active = [n for n, m in sampling_dropout_modules(model) if float(getattr(m, "p", 0.0)) > 0.0]
                 if not active:
-                    raise ConfigError(f"{getattr(model, 'arch_name', type(model).__name__)} has no dropout, so "
+                    raise ConfigError(f"{getattr(model, 'arch_name', type(model).__name__)} has no MC dropout, so "
                                       f"--source dropout gives zero variance; use --source noise:SIGMA (Gaussian "
                                       f"input noise, e.g. noise:0.1) or --over spatial")
         else:

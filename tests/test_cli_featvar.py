@@ -110,7 +110,7 @@ def test_deterministic_model_needs_noise_and_existing_output_is_kept(files):
     out = root / "dnn.h5"
     res = run("featvar", paths["resnet_dnn_18"], "-o", out)
     assert res.exit_code == 1
-    assert ("Error: resnet_dnn_18 has no dropout, so --source dropout gives zero variance; use --source noise:SIGMA "
+    assert ("Error: resnet_dnn_18 has no MC dropout, so --source dropout gives zero variance; use --source noise:SIGMA "
             "(Gaussian input noise, e.g. noise:0.1) or --over spatial") in res.output
     assert not out.exists() and not store.partial_path(out).exists()
     out.write_bytes(b"keep")

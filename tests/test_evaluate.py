@@ -168,7 +168,7 @@ def test_model_without_dropout_identical_for_all_n():
     curve = ensemble_curve(model, batches, (1, 2, 10), seed=0)
     handle.remove()
     assert not curve.mc_active and curve.forward_passes == 1 and len(calls) == len(batches)
-    assert "no dropout" in curve.note
+    assert "no MC dropout" in curve.note
     for key in ("nll", "accuracy", "ece", "brier"):
         values = getattr(curve, key)
         assert np.all(values == values[0]), key

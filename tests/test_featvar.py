@@ -98,7 +98,7 @@ def test_noise_source_equals_reference_with_dropout_off():
 
 def test_deterministic_model_with_dropout_source_is_refused():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).double()
-    with pytest.raises(ConfigError, match=r"has no dropout, so --source dropout gives zero variance; use --source noise:SIGMA"):
+    with pytest.raises(ConfigError, match=r"has no MC dropout, so --source dropout gives zero variance; use --source noise:SIGMA"):
         featvar.feature_variance(net, [data(2)], mc=4)
 
 

@@ -229,3 +229,85 @@ def test_mask_rows_give_the_whole_batch_mask_piece_by_piece():
     with pytest.raises(ValueError, match="not inside a batch of 7"):
         with mask_rows(5, 3, 7):
             pass
+
+
+# ----------------------------------------------------------------------------- which modules are sampled
+def _mc_names(model):
+    return [name for name, m in model.named_modules() if isinstance(m, MCDropout)]
+
+
+def test_zoo_models_sample_exactly_their_mcdropout_layers():
+    """All 60 zoo names: MC sampling switches on exactly the MCDropout modules, none for ``_dnn``
+    (VGG / AlexNet keep their classifier nn.Dropout off in eval mode, as the reference code has it)."""
+    from landscape_tools.models import list_models, sampling_dropout_modules
+
+    names = list_models()
+    assert len(names) == 60
+    for name in names:
+        model = build_model(name, width=1).eval()
+        sampled = [n for n, _ in sampling_dropout_modules(model)]
+        assert sampled == _mc_names(model), name
+        assert bool(sampled) == ("_mcdo" in name), name
+        with mc_dropout(model, True):
+            assert has_stochastic_dropout(model) == ("_mcdo" in name), name
+            assert all("forward" not in m.__dict__ for _, m in dropout_modules(model)), name
+
+
+def test_dnn_zoo_model_is_deterministic_under_mc_dropout():
+    torch.manual_seed(0)
+    model = build_model("vgg_dnn_11", num_classes=3, width=1).double().eval()
+    assert [type(m) for _, m in dropout_modules(model)] == [nn.Dropout, nn.Dropout]     # the classifier's
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        plain = model(x)
+        for seed in (None, 1, 2):
+            with mc_dropout(model, True, seed=seed):
+                assert torch.equal(model(x), plain)
+
+
+def test_zoo_marker_survives_checkpoint_loading(tmp_path):
+    from landscape_tools.checkpoints import load_checkpoint, save_checkpoint
+    from landscape_tools.models import sampling_dropout_modules
+
+    for name in ("alexnet_dnn", "alexnet_mcdo"):
+        model = build_model(name, num_classes=3, width=1)
+        native, bare, reference, pickled = (tmp_path / f"{name}.{kind}.pt" for kind in ("native", "bare", "ref", "pkl"))
+        save_checkpoint(native, model, name, model.arch_kwargs, {})
+        torch.save(model.state_dict(), bare)
+        torch.save({"name": name, "state_dict": model.state_dict()}, reference)
+        torch.save(model, pickled)
+        loaded = [load_checkpoint(native)[0], load_checkpoint(bare, arch=name)[0], load_checkpoint(reference)[0],
+                  load_checkpoint(pickled, trust_pickle=True)[0]]
+        for net in loaded:
+            assert [n for n, _ in sampling_dropout_modules(net)] == _mc_names(model) == _mc_names(net), name
+        assert len(_mc_names(model)) == (5 if name == "alexnet_mcdo" else 0)
+
+
+def test_user_models_outside_the_zoo_sample_their_torch_dropout():
+    from landscape_tools.models import sampling_dropout_modules
+
+    net = UserNet()
+    assert [n for n, _ in sampling_dropout_modules(net)] == ["drop"]
+    channel = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout2d(0.2), nn.Flatten(), nn.Dropout(0.1))
+    assert [n for n, _ in sampling_dropout_modules(channel)] == ["1", "3"]
+    # a user model wrapping a zoo DNN: its own dropout is sampled, the zoo model's classifier dropout is not
+    wrapped = nn.Sequential(build_model("vgg_dnn_11", width=1), nn.Dropout(0.2))
+    assert [n for n, _ in sampling_dropout_modules(wrapped)] == ["1"]
+    # a user model with our MCDropout: only those, as for zoo models
+    mixed = nn.Sequential(nn.Linear(2, 2), MCDropout(0.2), nn.Dropout(0.5))
+    assert [n for n, _ in sampling_dropout_modules(mixed)] == ["1"]
+
+
+def test_describe_sampling_names_the_modules():
+    from landscape_tools.models import describe_sampling
+
+    text = describe_sampling(build_model("alexnet_mcdo", width=1))
+    assert text == ("MC sampling switches on 5 dropout modules: layer0.0.dropout, layer1.1.dropout, layer2.1.dropout, "
+                    "layer2.2.dropout, layer2.3.dropout (MCDropout p=0.1); not sampled, off in eval mode: "
+                    "classifier.2.dropout1, classifier.2.dropout2 (Dropout p=0.5)")
+    assert describe_sampling(build_model("vgg_dnn_11", width=1)).startswith(
+        "no MC dropout: no dropout module is sampled, every forward pass in eval mode is deterministic; not sampled")
+    assert describe_sampling(UserNet()) == "MC sampling switches on 1 dropout module: drop (Dropout p=0.5)"
+    assert describe_sampling(build_model("resnet_mcdo_152", width=1)).startswith(
+        "MC sampling switches on 50 dropout modules: layer1.0.dropout, layer1.1.dropout, layer1.2.dropout, "
+        "layer2.0.dropout, layer2.1.dropout, layer2.2.dropout and 44 more (MCDropout p=0.3)")

@@ -10,13 +10,13 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .mc import (MCDropout, dropout_modules, has_stochastic_dropout, mask_rows, mc_dropout, replaced_forwards,
-                 sampling_dropout_modules)
+from .mc import (MCDropout, describe_sampling, dropout_modules, has_stochastic_dropout, is_mc_layers_only, mask_rows,
+                 mc_dropout, replaced_forwards, sampling_dropout_modules)
 from .smoothing import PROB_KINDS, Smoothing, make_blur
 from .zoo import BUILDERS, FAMILY_DEPTHS, SmoothingConfig, ZooNet, ZooSpec
 
 __all__ = ["build_model", "list_models", "parse_name", "MCDropout", "mc_dropout", "mask_rows", "dropout_modules", "replaced_forwards",
-           "has_stochastic_dropout", "sampling_dropout_modules", "Smoothing", "make_blur", "PROB_KINDS", "ZooNet", "ZooSpec",
+           "has_stochastic_dropout", "sampling_dropout_modules", "describe_sampling", "is_mc_layers_only", "Smoothing", "make_blur", "PROB_KINDS", "ZooNet", "ZooSpec",
            "UnknownArchitecture", "ARCH_KWARGS"]
 
 _NAME = re.compile(r"^(resnet|preresnet|vgg|alexnet)_(dnn|mcdo)(_smoothing)?(?:_(\d+))?$")

@@ -1,9 +1,10 @@
 """MC dropout: dropout that stays active in eval mode, and a switch for every dropout in a model.
 
 The paper's MC-dropout models apply dropout at prediction time too: a forward pass in eval mode
-(BatchNorm on running statistics) is one Monte-Carlo sample.  :func:`mc_dropout` turns all of a
-model's dropout on or off for the duration of a ``with`` block -- our :class:`MCDropout` layers and
-ordinary ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` modules of any user model alike -- and with a seed
+(BatchNorm on running statistics) is one Monte-Carlo sample.  :func:`mc_dropout` turns a model's
+MC dropout on (see :func:`sampling_dropout_modules`: a zoo model's :class:`MCDropout` layers, none
+for a zoo ``_dnn`` model, the ordinary ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` modules of a user
+model) or every dropout off for the duration of a ``with`` block, and with a seed
 makes every forward pass inside the block draw the same masks (needed for a deterministic
 Hessian operator).  On exit the model is exactly as it was.
 """
@@ -100,13 +101,60 @@ def dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def is_mc_layers_only(module: nn.Module) -> bool:
+    """True for a module whose MC sampling is exactly its :class:`MCDropout` layers: every zoo model
+    (``ZooNet`` sets the class attribute ``lt_mc_layers_only``, so it survives checkpoint loading,
+    pickling and copies)."""
+    return getattr(type(module), "lt_mc_layers_only", False) is True
+
+
 def sampling_dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The dropout modules MC sampling switches on: a zoo model's :class:`MCDropout` layers when it has
-    any (its ordinary ``nn.Dropout`` in the classifier stays as the reference code has it: off in eval
-    mode), otherwise every dropout module of the model."""
+    """The dropout modules MC sampling switches on, in registration order.
+
+    * A model with :class:`MCDropout` layers: exactly those.  A zoo ``_mcdo`` model's ordinary
+      ``nn.Dropout`` in the classifier stays as the reference code has it: off in eval mode.
+    * A zoo model without them (``_dnn``): none; its classifier ``nn.Dropout`` stays off, so every
+      forward pass in eval mode is deterministic, as the paper's DNN baseline is.
+    * Any other model (outside the zoo): every dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``)
+      that is not inside a zoo model it wraps.
+    """
     modules = dropout_modules(model)
     ours = [(name, m) for name, m in modules if isinstance(m, MCDropout)]
-    return ours or modules
+    if ours:
+        return ours
+    zoo = [name for name, m in model.named_modules() if is_mc_layers_only(m)]
+    if "" in zoo:
+        return []
+    return [(name, m) for name, m in modules if not any(name.startswith(prefix + ".") for prefix in zoo)]
+
+
+def describe_sampling(model: nn.Module, max_names: int = 6) -> str:
+    """One line on which dropout modules MC sampling switches on (names, kind and p), or that none
+    is, naming the dropout modules that stay as they are (off in eval mode)."""
+    def names(pairs):
+        shown = [name or "(the model itself)" for name, _ in pairs[:max_names]]
+        more = len(pairs) - len(shown)
+        return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+    def kinds(pairs):
+        seen = []
+        for _, m in pairs:
+            kind = f"{type(m).__name__} p={float(getattr(m, 'p', 0.0)):g}"
+            if kind not in seen:
+                seen.append(kind)
+        return "; ".join(seen)
+
+    sampled = sampling_dropout_modules(model)
+    active = [(n, m) for n, m in sampled if float(getattr(m, "p", 0.0)) > 0.0]
+    left = [(n, m) for n, m in dropout_modules(model) if all(m is not s for _, s in sampled)]
+    if active:
+        line = (f"MC sampling switches on {len(active)} dropout module{'s' if len(active) != 1 else ''}: "
+                f"{names(active)} ({kinds(active)})")
+    else:
+        line = "no MC dropout: no dropout module is sampled, every forward pass in eval mode is deterministic"
+    if left:
+        line += f"; not sampled, off in eval mode: {names(left)} ({kinds(left)})"
+    return line
 
 
 def has_stochastic_dropout(model: nn.Module) -> bool:
@@ -158,10 +206,11 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
     """Turn every dropout of ``model`` on (``enabled=True``) or off, restoring it on exit.
 
     Args:
-        model: any ``nn.Module``. On: the model's :class:`MCDropout` layers when it has any (as in the
-            reference code, a zoo model's classifier ``nn.Dropout`` keeps its train/eval behaviour),
-            else its ordinary ``nn.Dropout`` / ``Dropout1d/2d/3d`` modules, whatever the train/eval
-            mode. Off: every dropout module of the model.
+        model: any ``nn.Module``. On: the modules of :func:`sampling_dropout_modules`, whatever the
+            train/eval mode: the model's :class:`MCDropout` layers when it has any; none for a zoo
+            ``_dnn`` model (as in the reference code, a zoo model's classifier ``nn.Dropout`` keeps its
+            train/eval behaviour); else, for a model outside the zoo, its ordinary ``nn.Dropout`` /
+            ``Dropout1d/2d/3d`` modules. Off: every dropout module of the model.
         enabled: True: dropout is applied (MC sampling); False: every dropout is the identity.
         seed: with ``enabled``, every forward pass inside the block draws the *same* masks
             (each dropout module gets its own stream derived from ``seed`` and its position);

@@ -212,6 +212,10 @@ class ZooNet(nn.Module):
     """A stem ``layer0``, stages ``layer1..`` each followed by ``smoothK``, and ``classifier``."""
 
     zoo_spec: ZooSpec
+    #: MC sampling switches on exactly this model's MCDropout layers (none for ``_dnn``), never the
+    #: classifier's ordinary nn.Dropout (see ``mc.sampling_dropout_modules``); a class attribute, so
+    #: every zoo model has it however it was built or loaded
+    lt_mc_layers_only = True
 
     def __init__(self, first_stage: int, n_stages: int):
         super().__init__()

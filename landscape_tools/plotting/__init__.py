@@ -1,7 +1,7 @@
 """Result file(s) -> matplotlib figure.  The only package that imports matplotlib (lazily).
 
-:func:`render` reads files with :mod:`landscape_tools.store`, picks the drawer registered for their
-``kind`` (and ``--kind`` variant), and saves png / pdf / svg.  Each analysis has its own module here
+:func:`figure` reads files with :mod:`landscape_tools.store`, picks the drawer registered for their
+``kind`` (and ``--kind`` variant) and returns the Figure; :func:`render` saves it as png / pdf / svg.  Each analysis has its own module here
 (``hessian``, ``surface``, ``featvar``, ``evaluate``) defining ``KINDS`` (variant names, the first the
 default) and ``draw(results, kind, **options) -> Figure`` taking a list of
 :class:`landscape_tools.store.Result`.
@@ -69,6 +69,44 @@ def available_kinds(result_kind: str) -> tuple[str, ...]:
 DEFAULT_DPI = 130
 
 
+def figure(paths: Sequence[str], kind: str | None = None, models: Sequence[str] | None = None, **options):
+    """Read result files and draw them into a matplotlib Figure, without saving it.
+
+    The same code path as :func:`render` (and so as `lt plot` and every `--plot`); tests inspect the
+    returned Figure to check what is drawn.  The caller closes it (``pyplot().close(fig)``).
+
+    Args:
+        paths, kind, models, options: as :func:`render`.
+
+    Raises:
+        ConfigError: unknown variant or label; mixed result kinds; an option the kind does not take.
+    """
+    from .. import store
+
+    results = [store.read_result(p) for p in paths]
+    kinds = {r.kind for r in results}
+    if len(kinds) != 1:
+        raise ConfigError(f"cannot draw results of different kinds together: {', '.join(sorted(kinds))}")
+    result_kind = kinds.pop()
+    module = drawer(result_kind)
+    variant = kind or module.KINDS[0]
+    if variant not in module.KINDS:
+        raise ConfigError(f"--kind {variant!r} is not available for {results[0].kind} results; "
+                          f"choose one of {', '.join(module.KINDS)}")
+    if options.get("log") is not None and result_kind != "surface":
+        raise ConfigError(f"--{'log' if options['log'] else 'no-log'} applies to surface figures only, "
+                          f"not to {result_kind} results (their log axes are fixed)")
+    if models:
+        known = [label for r in results for label in r.models]
+        unknown = [m for m in models if m not in known]
+        if unknown:
+            raise ConfigError(f"--models {', '.join(unknown)} not found; the files hold {', '.join(known)}")
+        for r in results:
+            r.models = {k: v for k, v in r.models.items() if k in models}
+    _matplotlib()
+    return module.draw(results, variant, **options)
+
+
 def render(paths: Sequence[str], output: str, kind: str | None = None, models: Sequence[str] | None = None,
            dpi: int = DEFAULT_DPI, **options) -> Path:
     """Draw result files into ``output``.
@@ -79,34 +117,16 @@ def render(paths: Sequence[str], output: str, kind: str | None = None, models: S
         kind: variant (e.g. ``contour``, ``heatmap``, ``3d`` for surfaces); default per result kind.
         models: only these model labels (default: all, in file order).
         dpi: dots per inch of a png (pdf / svg are vector figures; their embedded images use it too).
-        options: passed to the drawer.
+        options: passed to the drawer (e.g. ``title``; ``log`` for surfaces: True / False / None = auto).
 
     Raises:
         ConfigError: unknown format, variant or label; mixed result kinds.
     """
-    from .. import store
-
     out = check_figure_path(output)
     if not 20 <= int(dpi) <= 1200:
         raise ConfigError(f"--dpi {dpi} is outside 20..1200 ({DEFAULT_DPI} is the default; 300 suits print)")
-    results = [store.read_result(p) for p in paths]
-    kinds = {r.kind for r in results}
-    if len(kinds) != 1:
-        raise ConfigError(f"cannot draw results of different kinds together: {', '.join(sorted(kinds))}")
-    module = drawer(kinds.pop())
-    variant = kind or module.KINDS[0]
-    if variant not in module.KINDS:
-        raise ConfigError(f"--kind {variant!r} is not available for {results[0].kind} results; "
-                          f"choose one of {', '.join(module.KINDS)}")
-    if models:
-        known = [label for r in results for label in r.models]
-        unknown = [m for m in models if m not in known]
-        if unknown:
-            raise ConfigError(f"--models {', '.join(unknown)} not found; the files hold {', '.join(known)}")
-        for r in results:
-            r.models = {k: v for k, v in r.models.items() if k in models}
+    fig = figure(paths, kind=kind, models=models, **options)
     plt = _matplotlib()
-    fig = module.draw(results, variant, **options)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
         fig.savefig(tmp, dpi=int(dpi), bbox_inches="tight")

@@ -2,8 +2,10 @@
 
 One panel per model (across every file given), side by side, sharing one colour scale, so two
 models' landscapes compare at a glance.  Plane corners and PCA trajectories stored with the
-directions are drawn on 2-D panels.  1-D results are always drawn as lines (loss on the left axis,
-accuracy on the right); ``line`` on a 2-D result draws its ``y = 0`` row.
+directions are drawn on 2-D panels; a PCA trajectory's distance of each checkpoint from the plane
+gets a panel below.  1-D results are always drawn as lines (loss on the left axis, accuracy on the
+right); ``line`` on a 2-D result draws its ``y = 0`` row.  Levels (and the 1-D loss axis) are
+logarithmic when asked, or by default when the loss spans more than :data:`LOG_RATIO`.
 """
 from __future__ import annotations
 
@@ -44,7 +46,26 @@ def _is_trajectory(node) -> bool:
     return d is not None and "trajectory_coords" in d.data
 
 
-def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False, levels: int = 20,
+#: with ``log=None`` (the default of ``lt plot`` and ``--plot``), loss levels are logarithmic when the
+#: drawn loss is positive and its largest value is more than this many times its smallest
+LOG_RATIO = 100.0
+
+
+def _log_choice(log: bool | None, metric: str, lo: float, hi: float, where: str) -> bool:
+    """Resolve ``log`` (True / False / None = auto) for values spanning ``lo..hi``.
+
+    Raises:
+        ConfigError: log forced on values that are not all positive.
+    """
+    if log is None:
+        return metric == "loss" and lo > 0 and hi / lo > LOG_RATIO
+    if log and lo <= 0:
+        raise ConfigError(f"--log needs positive values, but the smallest {metric} {where} is {lo:.4g}: "
+                          f"draw it with linear levels (--no-log)")
+    return bool(log)
+
+
+def draw(results, kind: str = "contour", metric: str = "loss", log: bool | None = None, levels: int = 20,
          vmin: float | None = None, vmax: float | None = None, **_ignored):
     """Draw surface results.
 
@@ -52,15 +73,19 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False
         results: :class:`landscape_tools.store.Result` objects of kind ``surface``.
         kind: one of :data:`KINDS`.
         metric: ``loss`` or ``accuracy`` (2-D panels).
-        log: logarithmically spaced contour levels / colour scale (loss > 0).
+        log: True: logarithmically spaced contour levels / colour scale (geometric from the smallest to
+            the largest value; 3-D: log10 of the values; lines: a log loss axis); False: linear;
+            None (default): log for a loss whose largest drawn value exceeds :data:`LOG_RATIO` times
+            its smallest (all positive), linear otherwise.
         levels: number of contour levels.
         vmin, vmax: fix the shared colour scale (default: the finite range over all panels).
 
     Returns:
-        a matplotlib Figure.
+        a matplotlib Figure.  PCA trajectories (``--pca``) get a second row: each checkpoint's distance
+        from the plane.
 
     Raises:
-        ConfigError: unknown kind / metric, nothing computed yet.
+        ConfigError: unknown kind / metric, nothing computed yet, log forced on values <= 0.
     """
     from . import pyplot
     plt = pyplot()
@@ -72,7 +97,7 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False
     panels = _panels(results)
     one_d = all("y" not in node.data for _, node in panels)
     if one_d or kind == "line":
-        return _draw_lines(plt, panels)
+        return _draw_lines(plt, panels, log)
     if any("y" not in node.data for _, node in panels):
         raise ConfigError("cannot draw 1-D and 2-D surfaces in one figure: plot them separately")
     values = [_masked(node, metric) for _, node in panels]
@@ -81,11 +106,7 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False
         raise ConfigError("no point of these surfaces is computed (or finite) yet: nothing to draw")
     lo = float(finite.min()) if vmin is None else float(vmin)
     hi = float(finite.max()) if vmax is None else float(vmax)
-    if log and lo <= 0:
-        positive = finite[finite > 0]
-        if positive.size == 0:
-            raise ConfigError("log levels need positive values")
-        lo = float(positive.min())
+    log = _log_choice(log, metric, lo, hi, "on the surface" if vmin is None else "(vmin)")
     if hi <= lo:
         hi = lo + max(abs(lo) * 1e-6, 1e-12)
     if log:
@@ -99,9 +120,12 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False
 
     n = len(panels)
     proj = {"projection": "3d"} if kind == "3d" else {}
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.8, 4.2), squeeze=False, subplot_kw=proj)
+    with_distance = any(_distances(node) is not None for _, node in panels)
+    fig = plt.figure(figsize=(4.6 * n + 0.8, 4.2 + (1.8 if with_distance else 0.0)))
+    grid = fig.add_gridspec(2 if with_distance else 1, n, height_ratios=[4.2, 1.5] if with_distance else None)
+    axes = [fig.add_subplot(grid[0, i], **proj) for i in range(n)]
     mappable = None
-    for ax, (title, node), z in zip(axes[0], panels, values):
+    for i, (ax, (title, node), z) in enumerate(zip(axes, panels, values)):
         x, y = np.asarray(node.data["x"]), np.asarray(node.data["y"])
         X, Y = np.meshgrid(x, y, indexing="ij")          # loss[i, j] at (x[i], y[j])
         zm = np.ma.masked_invalid(z)
@@ -123,18 +147,46 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool = False
                 ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
             else:
                 mappable = ax.pcolormesh(X, Y, zm, cmap="viridis", norm=norm, shading="nearest")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
         if kind != "3d":
             _overlay(ax, node)
             ax.set_aspect("auto")
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
         missing = int((~np.isfinite(z)).sum())
         ax.set_title(title + (f"\n{missing} point(s) missing / non-finite" if missing else ""), fontsize=10)
+        if with_distance:
+            _draw_distance(fig.add_subplot(grid[1, i]), node)
     if mappable is not None and kind != "3d":
         from matplotlib.cm import ScalarMappable
         sm = ScalarMappable(norm=norm, cmap="viridis")
-        fig.colorbar(sm, ax=list(axes[0]), label=metric + (" (log scale)" if log else ""), shrink=0.9)
+        fig.colorbar(sm, ax=axes, label=metric + (" (log scale)" if log else ""), shrink=0.9)
     return fig
+
+
+def _distances(node):
+    """``(labels, distance)`` of a PCA trajectory's checkpoints from the plane, or None."""
+    d = node.groups.get("directions")
+    if d is None or "trajectory_distance" not in d.data:
+        return None
+    labels = [str(v) for v in d.data.get("trajectory_labels", range(len(d.data["trajectory_distance"])))]
+    return labels, np.asarray(d.data["trajectory_distance"], dtype=np.float64)
+
+
+def _draw_distance(ax, node) -> None:
+    """Each trajectory checkpoint's distance from the PCA plane, in training order."""
+    found = _distances(node)
+    if found is None:
+        ax.set_visible(False)
+        return
+    labels, dist = found
+    ax.plot(np.arange(len(dist)), dist, "-o", color="red", ms=3, lw=1, label="distance from the plane")
+    ax.set_xticks(np.arange(len(dist)))
+    ax.set_xticklabels(labels, rotation=45 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                       fontsize=7)
+    ax.set_xlabel("checkpoint (training order)")
+    ax.set_ylabel("distance from\nthe plane", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
 
 
 def _overlay(ax, node) -> None:
@@ -142,41 +194,60 @@ def _overlay(ax, node) -> None:
     if not pts:
         return
     if _is_trajectory(node):
-        xy = np.array([c for _, c in pts])
-        ax.plot(xy[:, 0], xy[:, 1], "-o", color="red", ms=3, lw=1, label="trajectory")
-        ax.annotate(pts[0][0], xy[0], fontsize=7, color="red")
-        ax.annotate(pts[-1][0], xy[-1], fontsize=7, color="red")
-        ax.plot([0], [0], "*", color="white", mec="black", ms=10, label="centre")
         d = node.groups["directions"]
+        # every checkpoint in training order (the points are keyed by label: repeated labels collapse)
+        xy = np.asarray(d.data["trajectory_coords"], dtype=np.float64)
+        names = [str(v) for v in d.data.get("trajectory_labels", [p[0] for p in pts])]
+        ax.plot(xy[:, 0], xy[:, 1], "-o", color="red", ms=3, lw=1, label="trajectory")
+        ax.annotate(names[0], xy[0], fontsize=7, color="red")
+        ax.annotate(names[-1], xy[-1], fontsize=7, color="red")
+        ax.plot([0], [0], "*", color="white", mec="black", ms=10, label="centre (MODEL)")
         if "explained_variance_ratio" in d.data:
             ev = np.asarray(d.data["explained_variance_ratio"], dtype=float)
             ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)")
             ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)")
+        ax.legend(fontsize=7, loc="best")
         return
     for label, (a, b) in pts:
         ax.plot([a], [b], "o", color="red", mec="white", ms=7)
         ax.annotate(label, (a, b), textcoords="offset points", xytext=(4, 4), fontsize=8, color="red")
 
 
-def _draw_lines(plt, panels):
-    n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), squeeze=False)
-    for ax, (title, node) in zip(axes[0], panels):
+def _rows(panels):
+    """``(title, node, x, loss, accuracy)`` of each panel; a 2-D result gives its ``y = 0`` row."""
+    out = []
+    for title, node in panels:
         x = np.asarray(node.data["x"])
         loss, acc = _masked(node, "loss"), _masked(node, "accuracy")
-        if loss.ndim == 2:                               # 2-D result: the y = 0 row
+        if loss.ndim == 2:
             j = int(np.argmin(np.abs(np.asarray(node.data["y"]))))
             loss, acc = loss[:, j], acc[:, j]
             title += f" (y = {float(node.data['y'][j]):.3g})"
+        out.append((title, node, x, loss, acc))
+    return out
+
+
+def _draw_lines(plt, panels, log: bool | None = None):
+    rows = _rows(panels)
+    finite = np.concatenate([r[3][np.isfinite(r[3])] for r in rows])
+    if finite.size == 0:
+        raise ConfigError("no point of these surfaces is computed (or finite) yet: nothing to draw")
+    log = _log_choice(log, "loss", float(finite.min()), float(finite.max()), "on the line")
+    n = len(rows)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), squeeze=False)
+    for ax, (title, node, x, loss, acc) in zip(axes[0], rows):
         ax.plot(x, loss, "-o", color="tab:blue", ms=3, label="loss")
         ax.set_xlabel("x")
-        ax.set_ylabel("loss (NLL)", color="tab:blue")
+        ax.set_ylabel("loss (NLL)" + (", log scale" if log else ""), color="tab:blue")
+        if log:
+            ax.set_yscale("log")
         twin = ax.twinx()
         twin.plot(x, acc, "--s", color="tab:orange", ms=3, label="accuracy")
         twin.set_ylabel("accuracy", color="tab:orange")
         for label, (a, _) in _points(node):
             ax.axvline(a, color="grey", lw=0.8, ls=":")
             ax.annotate(label, (a, ax.get_ylim()[1]), fontsize=8, color="grey", va="top")
+        ax.legend(ax.get_lines()[:1] + twin.get_lines()[:1], ["loss", "accuracy"], fontsize=7, loc="best")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

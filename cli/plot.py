@@ -42,11 +42,15 @@ class PlotCommand(click.Command):
 @click.option("--models", default=None, metavar="LABEL,...",
               help="Only these model labels, in any of the files (default: all).")
 @click.option("--title", default=None, help="Figure title (default: describes the data).")
+@click.option("--log/--no-log", "log", default=None,
+              help="Surfaces: logarithmic contour levels and colour scale (3-D: log10 height; lines: a log "
+                   "loss axis), or linear ones [default: log when the loss is positive and its largest value "
+                   "is more than 100 times its smallest]. --log on a loss <= 0 is an error.")
 @click.option("--dpi", type=int, default=DEFAULT_DPI, show_default=True,
               help="Resolution of a .png figure in dots per inch (300 for print).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FIG.png",
               help="Figure file: .png, .pdf or .svg (replaced if it exists).")
-def command(files, kind, models, title, dpi, output):
+def command(files, kind, models, title, log, dpi, output):
     """Draw one or more result files of the same kind into one figure.
 
     Works from the files alone: every number is read back, nothing is recomputed. The models of
@@ -60,6 +64,8 @@ def command(files, kind, models, title, dpi, output):
       lt plot evaluate.h5 --kind reliability --models smooth -o reliability.pdf
       lt plot plain.h5 smooth.h5 -o hessian.svg
       lt plot surface.h5 --kind heatmap --dpi 300 -o surface.png
+      lt plot surface.h5 --log -o surface-log.png          # geometric contour levels
+      lt plot surface.h5 --kind filled --no-log -o lin.png  # linear even when the loss spans decades
     """
     from landscape_tools.errors import ConfigError
     from landscape_tools.plotting import render
@@ -71,5 +77,7 @@ def command(files, kind, models, title, dpi, output):
             raise ConfigError(f"--models {models!r} has an empty label; give labels separated by commas, "
                               f"e.g. --models plain,smooth")
     options = {"title": title} if title else {}
+    if log is not None:
+        options["log"] = log
     out = render(list(files), output, kind=kind, models=labels, dpi=dpi, **options)
     common.info_line(f"figure written to {out}")

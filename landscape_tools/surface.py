@@ -45,7 +45,7 @@ from .precision import autocast, compile_model, full_precision, model_dtype, par
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
-           "evaluate_model", "surface_options"]
+           "evaluate_model", "surface_options", "recompute_bn_statistics"]
 
 BN_MODES = ("frozen", "recompute")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -201,6 +201,75 @@ def _mc_seed(seed: int, sample: int, batch: int) -> int:
     return (int(seed) * 1_000_003 + sample * 10_007 + batch * 101 + 1) % (2**61 - 1)
 
 
+def recompute_bn_statistics(model: nn.Module, inputs, precision: str = "fp32") -> int:
+    """Re-estimate every BatchNorm's running statistics on ``inputs`` (an iterable of input batches).
+
+    Each batch goes through the model with its BatchNorm layers in train mode (every layer normalises
+    the batch by the batch's own statistics, as in training and SWA's ``bn_update``), the rest in eval
+    mode and dropout off.  A BN layer's new ``running_mean`` / ``running_var`` are the mean and the
+    unbiased (1/(n-1)) variance of *all* its inputs over every batch, samples and positions pooled:
+    batches weighted by their size, the same numbers as ``x.mean`` / ``x.var`` over the concatenated
+    inputs of the layer (accumulated per channel in float64, batch by batch with the exact pairwise
+    update of mean and sum of squared deviations; the law of total variance).  ``num_batches_tracked``
+    counts the layer's calls.  A layer that sees no input keeps reset statistics (mean 0, variance 1); one
+    with ``track_running_stats=False`` has none to set.  The pass runs eagerly on ``model`` (never a
+    ``torch.compile`` wrapper, which would skip the hooks that read the layers' inputs), under
+    :func:`torch.autocast` for ``precision`` bf16 / fp16; the modes of every module are restored.
+
+    Returns:
+        the number of batches seen.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+    if not bns:
+        return 0
+    dtype = model_dtype(model)
+    sums: dict[int, list] = {}         # id(bn) -> [count, mean (C,), M2 (C,)] in float64
+
+    def hook(module, args):
+        x = args[0].detach()                       # (N, C, ...): channel dim 1, as BatchNorm requires
+        flat = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+        count = flat.shape[1]
+        mean = flat.mean(dim=1)
+        m2 = ((flat - mean[:, None]) ** 2).sum(dim=1)
+        state = sums.get(id(module))
+        if state is None:
+            sums[id(module)] = [count, mean, m2]
+            return
+        total = state[0] + count
+        delta = mean - state[1]
+        state[1] = state[1] + delta * (count / total)
+        state[2] = state[2] + m2 + delta ** 2 * (state[0] * count / total)
+        state[0] = total
+
+    flags = _training_flags(model)
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    batches = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, _BN_TYPES):
+                m.train()
+        with torch.no_grad(), mc_dropout(model, False):
+            for bx in inputs:
+                _logits(model, bx, precision, dtype)
+                batches += 1
+        with torch.no_grad():
+            for m in bns:
+                state = sums.get(id(m))
+                if state is None:
+                    continue
+                count, mean, m2 = state
+                m.running_mean.copy_(mean.to(m.running_mean.dtype))
+                m.running_var.copy_((m2 / max(count - 1, 1)).to(m.running_var.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        _restore_training(model, flags)
+    return batches
+
+
 def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
@@ -224,13 +293,16 @@ class SurfaceEvaluator:
         directions: :class:`Directions` (1-D: ``b`` must be 0).
         mc: MC-dropout samples per point (0: dropout off).
         bn: ``frozen`` (BatchNorm running statistics of the centre) or ``recompute`` (re-estimated at
-            every point on ``data``: cumulative average over its batches, train-mode BN, dropout off).
+            every point on ``data`` by :func:`recompute_bn_statistics`: each layer's mean and unbiased
+            variance of its inputs over the whole data, batches weighted by size, every batch passing
+            through train-mode BN, dropout off).
         seed: seed of the MC-dropout masks.
         precision: ``fp32`` (default: the model's own dtype, bit for bit), ``bf16`` or ``fp16``: every
             forward pass (the BN re-estimation passes of ``bn="recompute"`` too) runs under
             :func:`torch.autocast`; logits are cast back before the NLL, accuracy and MC average.
         compile: call the model through ``torch.compile`` (wrapped once, here; the wrapper shares the
-            parameters, so the in-place point updates reach it).
+            parameters, so the in-place point updates reach it).  The BN re-estimation pass of
+            ``bn="recompute"`` runs eagerly.
 
     Raises:
         ConfigError: directions of another model (fingerprint), unknown ``bn``, a precision the
@@ -317,15 +389,7 @@ class SurfaceEvaluator:
     def _recompute_bn(self) -> None:
         if not self.bns:
             return
-        for m in self.bns:
-            m.reset_running_stats()
-            m.momentum = None
-        self.model.eval()
-        for m in self.bns:
-            m.train()
-        with torch.no_grad(), mc_dropout(self.model, False):
-            for bx, _ in self.data.batches():
-                _logits(self.forward, bx, self.precision, self.dtype)
+        recompute_bn_statistics(self.model, (bx for bx, _ in self.data.batches()), self.precision)
         self.model.eval()
 
     def __call__(self, a: float, b: float = 0.0) -> tuple[float, float]:

@@ -140,26 +140,90 @@ def test_model_restored_after_an_exception_mid_grid(tmp_path):
     assert state_equal(model, before)
 
 
-def test_bn_recompute_equals_cumulative_batch_average_reference():
+def test_bn_recompute_uses_the_statistics_of_the_whole_data():
+    """13 samples in batches of 4, 4, 4, 1: the recomputed BN statistics are those of all 13 samples
+    (batches weighted by size), not an equal-weight average of the four batches' statistics."""
     model, data = tiny(), tiny_data(n=13, batch_size=4)
+    assert [len(by) for _, by in data.batches()] == [4, 4, 4, 1]
     d = S.random_directions(model, 2, seed=2)
     x, y = np.array([0.0, 0.6]), np.array([-0.4, 0.0])
     res = S.surface(model, data, d, x, y, bn="recompute")
     for i, a in enumerate(x):
         for j, b in enumerate(y):
             m = set_weights(model, d, a, b)
-            means, variances = [], []
-            for bx, _ in data.batches():
-                h = m.conv(bx)
-                means.append(h.mean(dim=(0, 2, 3)))
-                variances.append(h.var(dim=(0, 2, 3), unbiased=True))
             with torch.no_grad():
-                m.bn.running_mean.copy_(torch.stack(means).mean(0))
-                m.bn.running_var.copy_(torch.stack(variances).mean(0))
+                h = m.conv(data.x)                       # the BN's inputs, all 13 samples at once
+                m.bn.running_mean.copy_(h.mean(dim=(0, 2, 3)))
+                m.bn.running_var.copy_(h.var(dim=(0, 2, 3), unbiased=True))
             assert res["loss"][i, j] == pytest.approx(brute_loss(m, data)[0], rel=1e-10)
+            # and the equal-weight average of the batches' statistics is a different surface
+            with torch.no_grad():
+                hs = [m.conv(bx) for bx, _ in data.batches()]
+                m.bn.running_mean.copy_(torch.stack([t.mean(dim=(0, 2, 3)) for t in hs]).mean(0))
+                m.bn.running_var.copy_(torch.stack([t.var(dim=(0, 2, 3)) for t in hs]).mean(0))
+            assert abs(res["loss"][i, j] - brute_loss(m, data)[0]) > 1e-6
     assert model.bn.momentum == 0.1                      # restored
     frozen = S.surface(model, data, d, x, y)
     assert not np.allclose(frozen["loss"], res["loss"])  # recompute does change something
+
+
+class TwoBN(nn.Module):
+    """conv -> BN2d -> ReLU -> conv -> BN2d -> ReLU -> pool -> linear -> BN1d -> linear, with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc1, self.bn3, self.fc2 = nn.Linear(16, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(self.drop(h)))), 2)
+        return self.fc2(self.bn3(self.fc1(torch.flatten(h, 1))))
+
+
+def test_recompute_bn_statistics_by_hand_with_uneven_batches():
+    """10 samples in batches of 4, 4, 2. By hand: every batch through the layers with each BN
+    normalising by that batch's own (biased) statistics, dropout off; then each BN's inputs of all
+    batches concatenated, their mean and unbiased variance in float64."""
+    torch.manual_seed(0)
+    model = TwoBN().double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = 2.0 + torch.randn(10, 1, 4, 4, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, 10)[:, None, None, None].double()
+    batches = [x[0:4], x[4:8], x[8:10]]
+
+    def train_bn(h, bn):
+        return F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+
+    inputs = {1: [], 2: [], 3: []}
+    with torch.no_grad():
+        for bx in batches:
+            h1 = model.conv1(bx)
+            h2 = model.conv2(F.relu(train_bn(h1, model.bn1)))
+            h3 = model.fc1(torch.flatten(F.adaptive_avg_pool2d(F.relu(train_bn(h2, model.bn2)), 2), 1))
+            for k, h in zip((1, 2, 3), (h1, h2, h3)):
+                inputs[k].append(h)
+    expected = {}
+    for k, hs in inputs.items():
+        h = torch.cat(hs)
+        dims = (0, 2, 3) if h.dim() == 4 else (0,)
+        expected[k] = (h.mean(dim=dims), h.var(dim=dims, unbiased=True))
+    assert S.recompute_bn_statistics(model, batches) == 3
+    for k, bn in ((1, model.bn1), (2, model.bn2), (3, model.bn3)):
+        torch.testing.assert_close(bn.running_mean, expected[k][0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(bn.running_var, expected[k][1], rtol=1e-12, atol=1e-14)
+        # not the equal-weight average of the three batches' statistics
+        dims = (0, 2, 3) if inputs[k][0].dim() == 4 else (0,)
+        equal = torch.stack([h.var(dim=dims) for h in inputs[k]]).mean(0)
+        assert not torch.allclose(bn.running_var, equal, rtol=1e-3)
+        assert int(bn.num_batches_tracked) == 3
+    assert not model.training and not model.bn1.training and "forward" not in model.drop.__dict__   # modes restored
 
 
 def test_mc_dropout_averages_probabilities_with_fixed_masks():

@@ -187,7 +187,7 @@ def test_compiled_surface_equals_eager_at_every_point_and_resumes_an_eager_run(t
 
 
 def test_compiled_bn_recompute_and_mc_dropout_equal_eager():
-    """Train-mode BN passes (cumulative statistics) and seeded MC-dropout masks through the compiled module."""
+    """Train-mode BN passes (whole-data statistics, run eagerly) and seeded MC-dropout masks through the compiled module."""
     model, data = tiny(torch.float64), tiny_data(torch.float64, n=8, batch_size=4)
     d = S.random_directions(model, 1, seed=2)
     x = np.array([-0.5, 0.0, 1.0])

@@ -6,7 +6,8 @@ and keeps the Krylov basis and every scalar in float64:
 * :func:`thick_restart_lanczos` -- k extreme eigenpairs (LM / LA / SA) by Lanczos with full
   reorthogonalisation and thick restarts (Wu & Simon 2000), stopping when every wanted Ritz pair has
   ``||H y - theta y|| <= tol * |theta|``;
-* :func:`deflated_power` -- power iteration with deflation, stopping on the same residual test;
+* :func:`deflated_power` -- block power (subspace) iteration with Rayleigh-Ritz and locking (the
+  paper's repeated products with deflation, no Krylov basis), stopping on the same residual test;
 * :func:`hutchinson`, :func:`hutchpp` -- trace estimates with standard errors (Hutchinson 1989;
   Meyer, Musco, Musco & Woodruff 2021);
 * :func:`slq` -- stochastic Lanczos quadrature nodes and weights (Golub & Meurant; Ubaru et al. 2017).
@@ -269,69 +270,172 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     return EigenPairs(values=theta[sel].copy(), residuals=rel, converged=rel <= tol, hvps=hvps, vectors=vectors)
 
 
-def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4, max_iter: int = 1000,
-                   seed: int = 0, device=None, return_vectors: bool = False) -> EigenPairs:
-    """Power iteration with deflation (each new iterate kept orthogonal to the pairs found).
+def _orthonormal_rows(Z: torch.Tensor, against: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """The rows of ``Z`` made orthonormal, and orthogonal to the (orthonormal) rows of ``against``:
+    two passes of classical Gram-Schmidt per row, in order.  A row that loses nearly all of its norm
+    on the way (it lies, to rounding, in the span of the rows before it: an invariant subspace, a
+    low-rank or zero operator) is replaced by a seeded random vector treated the same way, so the
+    result always has ``len(Z)`` rows that are orthonormal to rounding."""
+    n = Z.shape[1]
+    out = torch.empty_like(Z)
+    done = 0 if against is None else against.shape[0]
+    basis = [] if against is None else [against]
+    for i in range(Z.shape[0]):
+        z = Z[i].clone()
+        for attempt in range(8):
+            before = float(torch.linalg.vector_norm(z))
+            if np.isfinite(before) and before > 0.0:
+                _orthogonalise(z, [x for x in basis + [out[:i]] if x.shape[0]])
+                after = float(torch.linalg.vector_norm(z))
+                if after > 1e-8 * before:
+                    out[i] = z / after
+                    break
+            if done + i >= n:  # cannot happen: callers never ask for more than n rows in all
+                raise ValueError(f"{done + i + 1} orthonormal rows asked for in dimension {n}")
+            z = _random_unit(n, seed + 7919 * (i + 1) + 104_729 * attempt, "cpu").to(Z.device)
+        else:
+            raise RuntimeError("could not complete an orthonormal block (non-finite operator output?)")
+    return out
 
-    Pair ``i`` iterates on ``P H P`` (``P`` projects out the pairs found before) until its residual
-    ``||P H v - lambda v|| <= tol * |lambda|`` (lambda the Rayleigh quotient) -- the residual, not the
-    change of lambda.  The deflated residual is used in the loop because the true one cannot drop
-    below the error left in the earlier vectors; a final Rayleigh-Ritz step over the found vectors
-    (no extra products: their ``H v`` are kept) removes that cross-talk, and the reported residuals
-    are the true ``||H v - lambda v|| / |lambda|``.  ``LA`` / ``SA`` iterate on ``H + rho I`` /
-    ``rho I - H`` with ``rho`` a bound on ``|lambda|`` from a short power run (its products counted).
+
+def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4, max_iter: int = 1000,
+                   seed: int = 0, device=None, return_vectors: bool = False,
+                   start: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
+                   block: int | None = None) -> EigenPairs:
+    """The ``k`` eigenpairs at one end of the spectrum by block power (subspace) iteration with
+    Rayleigh-Ritz and locking: the paper's repeated Hessian-vector products with deflation, done on
+    a block so that it converges where single-vector power iteration does not.
+
+    Each step applies ``H`` to the ``b`` vectors of an orthonormal block ``V`` (``b = k + min(k, 4)``
+    by default: the extra "guard" vectors make the rate ``|l_{b+1} / l_i|`` instead of
+    ``|l_{k+1} / l_i|``, which matters when ``|l_k|`` and ``|l_{k+1}|`` are close), then takes the
+    Rayleigh-Ritz pairs of ``span(V)`` from the products just formed: ``G = V (HV)^T``,
+    ``G = S diag(theta) S^T``, Ritz vectors ``Y = S^T V`` with images ``HY = S^T HV`` (exact by
+    linearity, no extra products).  The wanted ``k`` (in ``which`` order) whose true residual
+    ``||HY - theta Y|| <= tol * |theta|`` are locked (the deflation): kept, with their images, and no
+    longer multiplied; the others (unconverged wanted pairs and guards) are replaced by ``HY - mu Y``
+    made orthonormal to the locked ones and to each other -- the power step, which spans ``H span(V)``
+    -- and multiplied again.  Locked pairs stay in every later Rayleigh-Ritz step, so nothing is
+    lost to cross-talk between the deflated vectors.  There is no Krylov basis: the block and its
+    images (``2b`` vectors, a few ``b`` at the peak) are all the memory.
+
+    * ``LM`` iterates ``H`` itself (``mu = 0``): a pair ``+l`` / ``-l`` of equal or nearly equal
+      magnitude, the normal case at the top of an indefinite Hessian, sits in the block together and
+      is separated by the Rayleigh-Ritz step, where single-vector power iteration oscillates.
+    * ``LA`` / ``SA`` iterate ``H - mu I`` with ``mu`` the centre of the unwanted part of the
+      spectrum, from the Ritz values seen so far: for LA, of ``[lo - 0.1 (c - lo), c]`` with ``lo``
+      the smallest Ritz value seen and ``c`` the smallest in the current block (which by interlacing
+      is at most ``l_b``), mirrored for SA.  That is the best first-degree polynomial filter: the
+      unwanted eigenvalues map into ``[-h, h]`` and the wanted ones beyond ``h``.  ``lo`` bounds
+      ``l_min`` from inside only; an eigenvalue left below it can dominate for a while, but then it
+      enters the block, its Ritz value lowers ``lo`` and the shift corrects itself.  (A shift by a
+      bound on the spectral radius is also safe but much slower, e.g. LA on a Hessian whose top is
+      far larger than its negative part.)
+
+    Every reported value is a Ritz value of an orthonormal basis whose products are known, i.e. a
+    Rayleigh quotient of a unit vector, so it lies in ``[l_min, l_max]`` (to rounding) whether or not
+    it converged; a converged one is within ``tol * |theta|`` of an eigenvalue of ``H`` (which one in
+    ``which`` order no residual test can tell among eigenvalues closer than about that).  Pairs that
+    do not converge within the budget are reported as the best Ritz pairs of the last block, flagged.
+    Everything is float64.
 
     Args:
         op, n, k, which, tol, seed, device, return_vectors: as :func:`thick_restart_lanczos`.
-        max_iter: iterations allowed per eigenpair.
+        max_iter: products allowed per wanted eigenvalue: the solve stops after at most
+            ``max_iter * k`` operator applications (the budget of the single-vector deflated power
+            iteration with ``max_iter`` iterations per eigenvalue).
+        start: ``(v, H v)`` as :func:`thick_restart_lanczos` (``v`` becomes the first block vector
+            and its product counts as the first of the products), or a function returning that pair
+            or ``None``; default (or ``None``) all block vectors seeded random.
+        block: vectors iterated together (default ``k + min(k, 4)``; at least ``k``; clamped to
+            ``n`` -- a block spanning the whole space gives exact pairs -- and to the budget).
 
     Returns:
-        :class:`EigenPairs` in ``which`` order with true residuals.
+        :class:`EigenPairs` in ``which`` order; residuals are the true ``||H y - theta y|| / |theta|``
+        of the reported unit vectors ``y`` (``|theta|`` floored at ``1e-12`` times the largest
+        ``|theta|`` seen, so exact zero eigenvalues do not divide by zero).
     """
+    if which not in WHICH:
+        raise ValueError(f"which={which!r} is not one of {', '.join(WHICH)}")
+    n, k = int(n), int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must lie in 1..n={n}")
+    budget = max(1, int(max_iter)) * k
+    b = k + min(k, 4) if block is None else max(k, int(block))
+    b = min(b, n, budget)
+    if callable(start):
+        start = start()  # made here, so no caller's frame keeps the two vectors alive during the solve
     hvps = 0
-    sign, shift = 1.0, 0.0
-    if which != "LM":
-        probe = deflated_power(op, n, 1, "LM", tol=1e-2, max_iter=min(max_iter, 50), seed=seed + 1, device=device)
-        hvps += probe.hvps
-        shift = 1.1 * abs(float(probe.values[0])) + 1e-30
-        sign = 1.0 if which == "LA" else -1.0
-    found: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     images: list[torch.Tensor] = []
-    for i in range(k):
-        v = _random_unit(n, seed + 1009 * (i + 1), "cpu")
+    if start is not None:
+        v, hv = start
+        start = None
+        hvps += 1
+        hv = hv.to(torch.float64)
+        device = hv.device if device is None else device
+        v, hv = v.to(device=device, dtype=torch.float64), hv.to(device)
+        norm = float(torch.linalg.vector_norm(v))
+        if np.isfinite(norm) and norm > 0.0:
+            rows.append(v / norm)
+            images.append(hv / norm)   # H (v / |v|) = (H v) / |v|: exact by linearity
+        v = hv = None
+    # the rest of the block: seeded random vectors, orthonormalised, multiplied
+    if len(rows) < b:
+        fresh = torch.stack([_random_unit(n, seed + 1009 * (i + 1), "cpu") for i in range(b - len(rows))])
         if device is not None:
-            v = v.to(device)
-        basis = torch.stack(found) if found else None
-        w = None
-        for _ in range(max(1, max_iter)):
-            if basis is not None:
-                _orthogonalise(v, basis)
-            v /= torch.linalg.vector_norm(v)
-            w = op(v).to(torch.float64)
+            fresh = fresh.to(device)
+        fresh = _orthonormal_rows(fresh, torch.stack(rows) if rows else None, seed)
+        for row in fresh:
+            w = op(row).to(torch.float64)
             hvps += 1
-            wd = w.clone()
-            if basis is not None:
-                _orthogonalise(wd, basis)
-            lam = float(v @ wd)
-            rel = float(torch.linalg.vector_norm(wd - lam * v)) / max(abs(lam), 1e-300)
-            if rel <= tol:
-                break
-            z = sign * wd + shift * v if which != "LM" else wd
-            if float(torch.linalg.vector_norm(z)) == 0.0:
-                break
-            v = z
-        found.append(v)
-        images.append(w)
-    V, W = torch.stack(found), torch.stack(images)
-    G = (V @ W.T).cpu().numpy()
-    theta, S = np.linalg.eigh(0.5 * (G + G.T))
-    St = torch.from_numpy(S).to(V.device)
-    Y, HY = St.T @ V, St.T @ W
-    res = torch.linalg.vector_norm(HY - torch.from_numpy(theta).to(V.device)[:, None] * Y, dim=1).cpu().numpy()
-    rel = res / np.maximum(np.abs(theta), 1e-300)
-    idx = order(theta, which)
-    return EigenPairs(values=theta[idx], residuals=rel[idx], converged=rel[idx] <= tol, hvps=hvps,
-                      vectors=Y[idx] if return_vectors else None)
+            device = w.device if device is None else device  # default: where the operator answers
+            rows.append(row.to(device))
+            images.append(w.to(device))
+        fresh = None
+    B, HB = torch.stack(rows), torch.stack(images)
+    rows = images = None
+    lo, hi, norm_est = np.inf, -np.inf, 0.0
+    while True:
+        # Rayleigh-Ritz on span(B): B orthonormal, HB = H B
+        G = (B @ HB.T).cpu().numpy()
+        theta, S = np.linalg.eigh(0.5 * (G + G.T))
+        idx = order(theta, which)
+        theta, S = theta[idx], S[:, idx]
+        St = torch.from_numpy(np.ascontiguousarray(S)).to(device)
+        B, HB = St.T @ B, St.T @ HB
+        res = np.array([float(torch.linalg.vector_norm(HB[i] - float(theta[i]) * B[i])) for i in range(b)])
+        lo, hi = min(lo, float(theta.min())), max(hi, float(theta.max()))
+        norm_est = max(norm_est, float(np.max(np.abs(theta))))
+        rel = _rel(res, theta, max(norm_est * 1e-12, 1e-300))
+        if b == n:
+            rel = np.minimum(rel, tol)  # the block spans the whole space: the Ritz pairs are exact
+        done = rel[:k] <= tol
+        if bool(np.all(done)):
+            break
+        active = [i for i in range(b) if not (i < k and done[i])]
+        locked = [i for i in range(b) if i < k and done[i]]
+        if hvps + len(active) > budget:
+            break
+        if which == "LA":
+            c = float(theta[-1])
+            mu = 0.5 * ((lo - 0.1 * (c - lo)) + c)
+        elif which == "SA":
+            c = float(theta[-1])
+            mu = 0.5 * ((hi + 0.1 * (hi - c)) + c)
+        else:
+            mu = 0.0
+        Z = HB[active] - mu * B[active]
+        keep = B[locked] if locked else None
+        Z = _orthonormal_rows(Z, keep, seed + 31 * (hvps + 1))
+        W = torch.stack([op(z).to(device=device, dtype=torch.float64) for z in Z])
+        hvps += len(active)
+        B = torch.cat([keep, Z]) if locked else Z
+        HB = torch.cat([HB[locked], W]) if locked else W
+        Z = W = keep = None
+    values, rel = theta[:k].copy(), rel[:k].copy()
+    return EigenPairs(values=values, residuals=rel, converged=rel <= tol, hvps=hvps,
+                      vectors=B[:k].clone() if return_vectors else None)
 
 
 def hutchinson(op: Operator, n: int, probes: int, seed: int = 0, device=None) -> dict:

@@ -40,7 +40,8 @@ DENSITY_SIGMA = 0.01
 
 
 def default_max_iter(method: str, k: int) -> int:
-    """Lanczos: budget of HVPs; power: iterations per eigenvalue."""
+    """Lanczos: budget of HVPs; power: HVPs per wanted eigenvalue (``max_iter * k`` in all, the budget
+    of single-vector power iteration with ``max_iter`` iterations per eigenvalue)."""
     return max(300, 40 * int(k)) if method == "lanczos" else 1000
 
 
@@ -363,9 +364,10 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         batches: list of ``(x, y)`` on the model's device, one ``(x, y)`` pair, or a ``DataSet``.
         k: number of eigenvalues.
         which: ``LM`` (largest magnitude, signed; the paper's), ``LA`` or ``SA``.
-        method: ``lanczos`` (thick-restart Lanczos) or ``power`` (deflated power iteration).
+        method: ``lanczos`` (thick-restart Lanczos) or ``power`` (the paper's deflated power
+            iteration, done on a block with Rayleigh-Ritz and locking: no Krylov basis).
         tol: each eigenpair is solved to ``||Hv - lambda v|| <= tol * |lambda|``.
-        max_iter: lanczos: HVP budget; power: iterations per eigenvalue (default
+        max_iter: lanczos: HVP budget; power: HVPs per eigenvalue, ``max_iter * k`` in all (default
             :func:`default_max_iter`). Pairs that miss ``tol`` are flagged in ``converged``.
         params: glob(s) of the parameters spanning the Hessian (comma separated; None: all).
         weight_decay: adds ``wd/2 * ||w||^2`` to the loss (every eigenvalue + wd).

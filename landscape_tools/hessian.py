@@ -451,8 +451,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 pairs = _lanczos.thick_restart_lanczos(op, dim, k, max_hvps=max_iter, ncv=ncv,
                                                        basis_dtype=_basis_dtype(op, tol), start=start, **common)
             else:
-                start()  # TEMPORARY until deflated_power takes start=
-                pairs = _lanczos.deflated_power(op, dim, k, max_iter=max_iter, **common)
+                pairs = _lanczos.deflated_power(op, dim, k, max_iter=max_iter, start=start, **common)
             out.eigenvalues[r] = pairs.values
             out.residuals[r] = pairs.residuals
             out.converged[r] = pairs.converged

@@ -53,6 +53,12 @@ device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when present), cpu, cuda or cuda:N.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 output_option = _compose(
+    click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), metavar="OUT.h5",
+                 help="Result file (HDF5) [default: MODEL.COMMAND.h5 in the working folder, from the first "
+                      "MODEL's name, e.g. smooth.hessian.h5]."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing result file."),
+)
+required_output_option = _compose(
     click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.h5",
                  help="Result file (HDF5)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing result file."),
@@ -257,6 +263,25 @@ def ensure_output_ok(output: str, overwrite: bool) -> None:
     """Refuse an existing output before any work is done."""
     from landscape_tools.store import check_writable
     check_writable(output, overwrite)
+
+
+def default_output(models: Sequence[str], command: str, suffix: str = "") -> str:
+    """``<first model's stem>.<command>[suffix].h5`` in the working folder (``smooth.pt`` -> ``smooth.hessian.h5``)."""
+    from pathlib import Path
+    return f"{Path(models[0]).stem}.{command}{suffix}.h5"
+
+
+def resolve_output(output: str | None, overwrite: bool, models: Sequence[str], command: str,
+                   suffix: str = "") -> str:
+    """The result file: ``-o``, or :func:`default_output` (its name said on stderr, by the first process
+    only under torchrun). Either is refused when it exists and ``overwrite`` is not set, before any work."""
+    import os
+
+    chosen = output if output is not None else default_output(models, command, suffix)
+    ensure_output_ok(chosen, overwrite)
+    if output is None and os.environ.get("RANK", "0") == "0":
+        info_line(f"lt {command}: writing {chosen} (-o chooses another file)")
+    return chosen
 
 
 def render_plot(result_paths: Sequence[str], plot_path: str, kind: str | None = None, **options) -> None:

@@ -34,6 +34,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
 
     \b
     Example:
+      lt evaluate smooth.pt                      # writes smooth.evaluate.h5
       lt evaluate plain.pt smooth.pt --mc 1,2,5,10,20,50 -o evaluate.h5 --plot evaluate.png
       lt evaluate smooth.pt --data cifar100:~/data --samples 2000 --device cuda --precision bf16 -o eval.h5
       torchrun --nproc-per-node 4 -m landscape_tools.cli.main evaluate smooth.pt --device cuda -o eval.h5
@@ -46,9 +47,9 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     from landscape_tools.plotting import check_figure_path
 
     sizes = parse_ensemble_sizes(mc)
-    common.ensure_output_ok(output, overwrite)
     if plot_path:
         check_figure_path(plot_path)
+    output = common.resolve_output(output, overwrite, models, "evaluate")
     dev = resolve_device(device)
     ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))

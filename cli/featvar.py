@@ -50,6 +50,7 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
 
     \b
     Example:
+      lt featvar mcdo.pt                         # writes mcdo.featvar.h5
       lt featvar mcdo.pt smooth.pt --data digits --split test --mc 32 -o featvar.h5 --plot featvar.png
       lt featvar dnn.pt --source noise:0.1 --layers blocks --fourier -o dnn_featvar.h5
       lt plot dnn_featvar.h5 --kind fourier -o fourier.png
@@ -61,10 +62,10 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
 
     if compile_model:
         raise ConfigError(featvar.COMPILE_REFUSED)
-    common.ensure_output_ok(output, overwrite)
     if over == "spatial" and (mc is not None or source is not None):
         raise click.UsageError("--mc and --source apply to --over mc only; --over spatial is deterministic")
     src = featvar.parse_source(source) if over == "mc" else None
+    output = common.resolve_output(output, overwrite, models, "featvar")
     dev = resolve_device(device)
     ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))

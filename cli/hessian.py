@@ -65,6 +65,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
 
     \b
     Example:
+      lt hessian smooth.pt                       # writes smooth.hessian.h5
       lt hessian plain.pt smooth.pt --batches 20 -o hessian.h5 --plot hessian.png
       lt hessian smooth.pt --scope dataset --samples 2048 --top-k 10 --trace -o full.h5
       lt hessian smooth.pt --params 'layer4.*' --which SA --batches 4 -o layer4.h5
@@ -82,7 +83,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     if scope not in H.SCOPES:
         raise ConfigError(f"--scope {scope!r} is not one of {', '.join(H.SCOPES)}")
     sub_batch = _parse_sub_batch(sub_batch)
-    common.ensure_output_ok(output, overwrite)
+    output = common.resolve_output(output, overwrite, models, "hessian")
     dev = resolve_device(device)
     # under torchrun: one process per GPU / CPU worker, each computing every WORLD-th batch
     # (--scope dataset: each forming the products of every WORLD-th batch, all-reduced)

@@ -8,7 +8,7 @@ from . import common
 
 @click.command("merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@common.output_option
+@common.required_output_option
 @common.plot_option
 def command(shards, output, overwrite, plot_path):
     """Join the SHARDS of one `lt surface --shard I/N` run into a complete result file.

@@ -88,11 +88,12 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
 
     \b
     Example:
+      lt surface smooth.pt                       # writes smooth.surface.h5 (21 x 21 points)
       lt surface smooth.pt --x -1:1:21 --y -1:1:21 --samples 512 -o surf.h5 --plot surf.png
       lt surface a.pt --to b.pt -o line.h5 --plot line.png
       lt surface final.pt --pca 'run/epoch_*.pt' -o pca.h5 --plot pca.png
-      lt surface smooth.pt --shard 0/4 -o part0.h5   # ... 1/4 2/4 3/4, then:
-      lt merge part*.h5 -o surf.h5
+      lt surface smooth.pt --shard 0/4   # smooth.surface.shard0of4.h5; ... 1/4 2/4 3/4, then:
+      lt merge smooth.surface.shard*.h5 -o surf.h5
       lt surface big.pt --device cuda --precision bf16 --compile -o surf.h5
     """
     from landscape_tools import surface as S
@@ -122,7 +123,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     x = S.parse_range(x_spec, "--x") if x_spec else None
     y = S.parse_range(y_spec, "--y") if y_spec else None
     shard = S.parse_shard(shard_spec) if shard_spec else None
-    common.ensure_output_ok(output, overwrite)
+    output = common.resolve_output(output, overwrite, models, "surface",
+                                   "" if shard is None else f".shard{shard[0]}of{shard[1]}")
     dev = resolve_device(device)
     # under torchrun: one process per GPU / CPU worker, each computing the points of --shard RANK/WORLD
     from landscape_tools import distributed

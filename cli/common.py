@@ -19,6 +19,58 @@ def _compose(*decorators):
     return apply
 
 
+class CountOrAll(click.ParamType):
+    """A whole number >= 1, or ``all`` (None: everything there is)."""
+
+    name = "count"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip().lower()
+        if text == "all":
+            return None
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a whole number >= 1 or 'all' (e.g. {param.opts[0] if param else ''} 100).",
+                      param, ctx)
+        return number
+
+
+COUNT_OR_ALL = CountOrAll()
+
+
+class _Hinted:
+    """A click range that refuses NaN and infinity too, and adds what the option means to its message."""
+
+    def __init__(self, *args, hint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def convert(self, value, param, ctx):
+        import math
+        try:
+            rv = super().convert(value, param, ctx)
+            if isinstance(rv, float) and not math.isfinite(rv):
+                self.fail(f"{value!r} is not a finite number.", param, ctx)
+        except click.BadParameter as exc:
+            if not self.hint:
+                raise
+            self.fail(f"{exc.message.rstrip('.')} ({self.hint}).", param, ctx)
+        return rv
+
+
+class IntRange(_Hinted, click.IntRange):
+    """``click.IntRange`` with a ``hint`` for its error message."""
+
+
+class FloatRange(_Hinted, click.FloatRange):
+    """``click.FloatRange`` with a ``hint`` for its error message; NaN and infinity are refused."""
+
+
 def model_arguments(f):
     """``MODELS...`` plus how to build a model from a bare state_dict, and the pickle opt-in."""
     return _compose(
@@ -42,8 +94,9 @@ def data_options(split: str = "train", batch_size: int = 128):
                           "(default: the data set recorded in the checkpoint)."),
         click.option("--split", type=click.Choice(["train", "test"]), default=split, show_default=True,
                      help="Which split to use."),
-        click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Use a seeded random subset of N samples (indices are stored)."),
+        click.option("--samples", type=COUNT_OR_ALL, default=None, metavar="N|all",
+                     help="Use a seeded random subset of N samples (indices are stored); more than the split "
+                          "has is an error [default: all]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
                      help="Mini-batch size."),
     )
@@ -80,7 +133,16 @@ def precision_options(compile_option: bool = True, hessian: bool = False):
 
 
 
+def _check_plot(ctx, param, value):
+    """A bad ``--plot`` path is refused while the options are read, not after the analysis."""
+    if value is not None:
+        from landscape_tools.plotting import check_figure_path
+        check_figure_path(value)     # its ConfigError is the same `Error:` line as `lt plot -o` gives
+    return value
+
+
 plot_option = click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), metavar="FIG.png",
+                           callback=_check_plot,
                            help="Also draw the result (png, pdf or svg); `lt plot` redraws it later.")
 
 

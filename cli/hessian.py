@@ -9,31 +9,41 @@ from . import common
 @click.command("hessian")
 @common.model_arguments
 @common.data_options(split="train", batch_size=128)
-@click.option("--batches", "n_batches", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Use only the first N batches [default: all].")
+@click.option("--batches", "n_batches", type=common.COUNT_OR_ALL, default=None, metavar="N|all",
+              help="Use only the first N batches; more than the data make is an error [default: all].")
 @click.option("--scope", default="batch", show_default=True, metavar="batch|dataset",
               help="batch: one Hessian per batch (the paper); dataset: the Hessian of the mean loss over all "
                    "selected batches, weighted by batch size.")
-@click.option("--top-k", "top_k", type=int, default=5, show_default=True, help="Eigenvalues per Hessian.")
+@click.option("--top-k", "top_k", type=common.IntRange(min=1, hint="the number of eigenvalues per Hessian, e.g. "
+                                                                  "--top-k 5"),
+              default=5, show_default=True, help="Eigenvalues per Hessian.")
 @click.option("--which", default="LM", show_default=True, metavar="LM|LA|SA",
               help="LM: largest magnitude, signed (negatives mean non-convexity); LA: largest; SA: smallest.")
 @click.option("--method", default="lanczos", show_default=True, metavar="lanczos|power",
               help="lanczos: thick-restart Lanczos; power: deflated power iteration (the paper's procedure).")
-@click.option("--tol", type=float, default=1e-4, show_default=True,
+@click.option("--tol", type=common.FloatRange(min=0, min_open=True, hint="a relative residual such as --tol 1e-4"),
+              default=1e-4, show_default=True,
               help="Stop when ||Hv - lambda v|| <= tol * |lambda| for every eigenvalue.")
-@click.option("--max-iter", "max_iter", type=int, default=None, metavar="N",
+@click.option("--max-iter", "max_iter", type=common.IntRange(min=1, hint="a number of products or iterations, "
+                                                                        "e.g. --max-iter 300"),
+              default=None, metavar="N",
               help="lanczos: Hessian-vector products allowed [default: max(300, 40k)]; power: iterations per "
                    "eigenvalue [default: 1000]. Unconverged values are flagged.")
 @click.option("--params", "params", default=None, metavar="GLOB",
               help="Only parameters whose names match (comma-separated globs, e.g. 'layer1.*'): that block's spectrum.")
-@click.option("--weight-decay", "weight_decay", type=float, default=0.0, show_default=True,
+@click.option("--weight-decay", "weight_decay", type=common.FloatRange(min=0, hint="e.g. --weight-decay 5e-4"),
+              default=0.0, show_default=True,
               help="Add wd/2*||w||^2 to the loss (shifts every eigenvalue by +wd).")
 @click.option("--trace", is_flag=True, help="Also estimate the trace (Hutchinson and Hutch++, with standard errors).")
-@click.option("--trace-probes", "trace_probes", type=int, default=30, show_default=True,
+@click.option("--trace-probes", "trace_probes",
+              type=common.IntRange(min=3, hint="Hutch++ splits the probes in three, e.g. --trace-probes 30"),
+              default=30, show_default=True,
               help="Probes of each trace estimator.")
 @click.option("--density", is_flag=True, help="Also compute the spectral density (stochastic Lanczos quadrature).")
-@click.option("--density-runs", "density_runs", type=int, default=4, show_default=True, help="SLQ random start vectors.")
-@click.option("--density-steps", "density_steps", type=int, default=64, show_default=True, help="SLQ Lanczos steps per run.")
+@click.option("--density-runs", "density_runs", type=common.IntRange(min=1, hint="e.g. --density-runs 4"), default=4,
+              show_default=True, help="SLQ random start vectors.")
+@click.option("--density-steps", "density_steps", type=common.IntRange(min=2, hint="e.g. --density-steps 64"),
+              default=64, show_default=True, help="SLQ Lanczos steps per run.")
 @click.option("--mc-seed", "mc_seed", type=int, default=None, metavar="S",
               help="Seed of the fixed dropout mask of each batch (MC-dropout models) [default: --seed].")
 @click.option("--sub-batch", "sub_batch", default="auto", show_default=True, metavar="N|auto|whole",
@@ -96,7 +106,12 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
     jobs, described = [], {}
     for model, info, data in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
-        batches = data.batches()[:n_batches] if n_batches else data.batches()
+        batches = data.batches()
+        if n_batches is not None and n_batches > len(batches):
+            raise ConfigError(f"--batches {n_batches} asks for more batches than there are: the {len(data)} samples of "
+                              f"the {split} split of {data.spec} make {len(batches)} batch(es) of --batch-size "
+                              f"{batch_size}; use --batches {len(batches)} or --batches all")
+        batches = batches[:n_batches] if n_batches else batches
         described[info.label] = data.describe()
         jobs.append(H.HessianJob(info.label, model, info, batches))
 

@@ -120,6 +120,14 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         n_dims = int(dims or 2)
     if n_dims == 1 and y_spec is not None:
         raise ConfigError(f"--y {y_spec!r} given for a 1-D slice: drop it, or use --dims 2")
+    pca_list = _expand(pca_paths) if pca_paths else []
+    named = [("--to", to_path), *(("--plane", p) for p in plane_paths or ()), *(("--pca", p) for p in pca_list),
+             ("--directions", directions_path)]
+    for option, path in named:
+        if path is not None and not os.path.isfile(path):
+            what = "an earlier surface result (.h5)" if option == "--directions" else "a checkpoint"
+            raise ConfigError(f"{option} {path} does not exist{' (it is a folder)' if os.path.isdir(path) else ''}; "
+                              f"give {what}")
     x = S.parse_range(x_spec, "--x") if x_spec else None
     y = S.parse_range(y_spec, "--y") if y_spec else None
     shard = S.parse_shard(shard_spec) if shard_spec else None
@@ -151,7 +159,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
             directions = S.plane_through(model, a, b, (ainfo.label, binfo.label))
         elif mode == "--pca":
             trajectory = []
-            for path in _expand(pca_paths):
+            for path in pca_list:
                 m, minfo = load_other(path)
                 trajectory.append((minfo.label, {k: v.detach().cpu() for k, v in m.named_parameters()}))
             directions = S.pca_directions(model, trajectory)

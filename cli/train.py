@@ -18,7 +18,8 @@ def _parse_filter(text: str) -> tuple[float, ...]:
 @click.argument("arch")
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
               help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR | tensors:FILE.")
-@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N", help="Train on a seeded subset.")
+@click.option("--samples", type=common.COUNT_OR_ALL, default=None, metavar="N|all",
+              help="Train on a seeded subset of N samples; more than the split has is an error [default: all].")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (SGD, Nesterov momentum).")
@@ -35,7 +36,8 @@ def _parse_filter(text: str) -> tuple[float, ...]:
               help="MC-dropout probability of _mcdo models (default 0.3; AlexNet 0.1).")
 @click.option("--smoothing", type=click.Choice(["tanh", "relu6", "sigmoid", "softmax", "scaling", "none"]),
               default="tanh", show_default=True, help="Prob kind of _smoothing models.")
-@click.option("--tau", type=float, default=None, help="Smoothing temperature (default per kind).")
+@click.option("--tau", type=common.FloatRange(min=0, min_open=True, hint="a temperature such as --tau 10"),
+              default=None, help="Smoothing temperature (default per kind).")
 @click.option("--blur-filter", default="1,1", show_default=True, help="1-D blur filter, e.g. 1,2,1.")
 @click.option("--pad-mode", type=click.Choice(["constant", "replicate", "reflect"]), default="constant", show_default=True)
 @common.device_option
@@ -71,6 +73,11 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
         parse_name(arch)
     except UnknownArchitecture as exc:
         raise ConfigError(str(exc)) from None
+    # every option is checked before any data is read
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                      schedule=schedule, step_size=step_size, augment=augment, flip=flip, seed=seed)
+    cfg.validate()
+    sfilter = _parse_filter(blur_filter)
     if Path(output).exists() and not overwrite:
         raise CheckpointError(f"{output} already exists; pass --overwrite to replace it or choose another -o")
     dev = resolve_device(device)
@@ -79,7 +86,7 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     torch.manual_seed(seed)  # the initial weights depend on --seed only
     try:
         model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=width, stem=stem,
-                            dropout=dropout, smoothing=smoothing, tau=tau, sfilter=_parse_filter(blur_filter),
+                            dropout=dropout, smoothing=smoothing, tau=tau, sfilter=sfilter,
                             pad_mode=pad_mode).to(dev)
     except ValueError as exc:  # bad smoothing options (tau <= 0, a filter summing to zero...)
         raise ConfigError(str(exc)) from None
@@ -88,8 +95,6 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     except Exception as exc:  # a tensors file without a test split: train anyway, say so
         common.info_line(f"no test split ({exc}); test metrics are skipped")
         test_ds = None
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                      schedule=schedule, step_size=step_size, augment=augment, flip=flip, seed=seed)
     n_params = sum(p.numel() for p in model.parameters())
     common.info_line(f"training {arch} ({n_params:,} parameters) on {data_spec} ({len(train_ds)} samples) on {dev}")
     start = time.monotonic()

@@ -251,7 +251,7 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
         spec: see the module docstring.
         split: ``train`` or ``test``.
         samples: keep a seeded random subset of this many samples (in their original order;
-            indices recorded); None keeps all.
+            indices recorded); None (or exactly the split's size) keeps all; more is an error.
         seed: seed of that subset.
         batch_size: the batch size of :meth:`DataSet.batches`.
         in_channels: the channels the model expects; grey images are repeated to 3 channels.
@@ -259,7 +259,8 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
         image_size: for ``imagefolder``: resize to this square size.
 
     Raises:
-        DataError: unknown spec, missing folder or file, empty data, bad shapes.
+        DataError: unknown spec, missing folder or file, empty data, bad shapes, ``samples`` larger
+            than the split.
     """
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not 'train' or 'test'")
@@ -296,6 +297,9 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
         samples = int(samples)
         if samples < 1:
             raise DataError(f"--samples {samples} must be at least 1")
+        if samples > len(y):
+            raise DataError(f"--samples {samples} asks for more samples than the {split} split of {spec} has "
+                            f"({len(y)}); use --samples {len(y)} or --samples all")
         if samples < len(y):
             rng = np.random.default_rng(seed)
             indices = np.sort(rng.choice(len(y), size=samples, replace=False))

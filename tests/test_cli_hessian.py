@@ -125,14 +125,15 @@ def test_dataset_scope_one_row(files, tmp_path):
                              "layer0.0.weight, layer0.1.weight, layer0.1.bias, layer1.0.conv1.weight, "
                              "layer1.0.bn1.weight, layer1.0.bn1.bias, ... (use globs such as 'layer1.*' or "
                              "'*.conv1.weight')"),
-    (["--tol", "0"], "Error: --tol 0.0 must be positive (a relative residual such as 1e-4)"),
+    (["--tol", "0"], "Error: Invalid value for '--tol': 0.0 is not in the range x>0 (a relative residual such as "
+                     "--tol 1e-4)."),
     (["--sub-batch", "0"], "Error: --sub-batch '0' is not a positive number of samples, 'auto' or 'whole' "
                            "(e.g. --sub-batch 32)"),
 ])
 def test_bad_input(files, tmp_path, extra, message):
     out = tmp_path / "bad.h5"
     result = CliRunner().invoke(cli, args(files, out, *extra))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == (2 if "Invalid value for" in message else 1), result.output   # 2: click's usage errors
     assert message in result.output
     assert not out.exists() and not store.partial_path(out).exists()
 

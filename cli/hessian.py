@@ -27,8 +27,8 @@ from . import common
 @click.option("--max-iter", "max_iter", type=common.IntRange(min=1, hint="a number of products or iterations, "
                                                                         "e.g. --max-iter 300"),
               default=None, metavar="N",
-              help="lanczos: Hessian-vector products allowed [default: max(300, 40k)]; power: iterations per "
-                   "eigenvalue [default: 1000]. Unconverged values are flagged.")
+              help="lanczos: Hessian-vector products allowed [default: max(300, 40k)]; power: products per "
+                   "eigenvalue, max-iter x k in all [default: 1000]. Unconverged values are flagged.")
 @click.option("--params", "params", default=None, metavar="GLOB",
               help="Only parameters whose names match (comma-separated globs, e.g. 'layer1.*'): that block's spectrum.")
 @click.option("--weight-decay", "weight_decay", type=common.FloatRange(min=0, hint="e.g. --weight-decay 5e-4"),

@@ -232,8 +232,24 @@ def plane_through(model: nn.Module, a: nn.Module, b: nn.Module, labels: tuple[st
     v = rest / nr
     recipe = {"kind": "plane", "models": list(labels), "norm": "none", "ignore": "none", "dims": 2,
               "fingerprints": [model_fingerprint(a), model_fingerprint(b)]}
-    points = {"centre": (0.0, 0.0), labels[0]: (float(na), 0.0), labels[1]: (float(pb), float(nr))}
+    la, lb = unique_labels(labels, taken=("centre",))
+    points = {"centre": (0.0, 0.0), la: (float(na), 0.0), lb: (float(pb), float(nr))}
     return Directions(_unflat(u, w0), _unflat(v, w0), recipe, model_fingerprint(model), points=points)
+
+
+def unique_labels(labels: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """``labels`` with each repeat (of an earlier label or of ``taken``) suffixed `` (2)``, `` (3)``, ...,
+    so that checkpoints with the same file stem (``run1/epoch_10.pt``, ``run2/epoch_10.pt``) stay
+    separate points of a figure instead of one overwriting the other."""
+    seen, out = set(taken), []
+    for label in labels:
+        name, n = str(label), 1
+        while name in seen:
+            n += 1
+            name = f"{label} ({n})"
+        seen.add(name)
+        out.append(name)
+    return out
 
 
 def pca_directions(model: nn.Module, trajectory: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> Directions:
@@ -280,7 +296,7 @@ def pca_directions(model: nn.Module, trajectory: Sequence[tuple[str, Mapping[str
     coords = torch.stack([m @ u, m @ v], dim=1)  # (k, 2)
     resid = m - coords[:, :1] * u - coords[:, 1:] * v
     distance = resid.norm(dim=1)
-    labels = [label for label, _ in trajectory]
+    labels = unique_labels([label for label, _ in trajectory])
     recipe = {"kind": "pca", "checkpoints": labels, "norm": "none", "ignore": "none", "dims": 2,
               "centred": True}
     extras = {"explained_variance_ratio": (evals[:2] / total).numpy(), "trajectory_labels": np.array(labels),

@@ -38,14 +38,14 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):   # NaN / inf compare False: refused too
+            raise ConfigError(f"--lr {self.lr} must be a positive finite number, e.g. --lr 0.05")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum {self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay {self.weight_decay} must be >= 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"--weight-decay {self.weight_decay} must be a finite number >= 0, e.g. --weight-decay 5e-4")
 
 
 @dataclass

@@ -131,7 +131,10 @@ def test_options_are_checked_before_anything_is_loaded(tmp_path, monkeypatch, no
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--lr", "0"], "--lr 0.0 must be positive"),
+    (["--lr", "0"], "--lr 0.0 must be a positive finite number"),
+    (["--lr", "nan"], "--lr nan must be a positive finite number"),
+    (["--lr", "inf"], "--lr inf must be a positive finite number"),
+    (["--weight-decay", "nan"], "--weight-decay nan must be a finite number >= 0"),
     (["--momentum", "1"], "--momentum 1.0 must be in [0, 1)"),
     (["--tau", "0"], "'--tau': 0.0 is not in the range x>0"),
     (["--blur-filter", "1,x"], "'1,x' is not a comma-separated list of numbers"),

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from landscape_tools import store
 from landscape_tools.checkpoints import save_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.data import save_tensors
 from landscape_tools.models import build_model
+from tiny_files import random_tensors
 
 NAMES = ("vgg_dnn_11", "alexnet_dnn", "vgg_mcdo_11")
 
@@ -18,10 +18,7 @@ NAMES = ("vgg_dnn_11", "alexnet_dnn", "vgg_mcdo_11")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("mc_sampling")
-    rng = np.random.default_rng(0)
-    data = root / "data.npz"
-    save_tensors(data, x=rng.normal(size=(6, 3, 32, 32)).astype(np.float32), y=rng.integers(0, 3, 6),
-                 x_test=rng.normal(size=(10, 3, 32, 32)).astype(np.float32), y_test=rng.integers(0, 3, 10))
+    data = random_tensors(root / "data.npz", 6, 10, (3, 32, 32))
     paths = {}
     for name in NAMES:
         torch.manual_seed(1)

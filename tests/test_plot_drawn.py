@@ -10,16 +10,14 @@ import torch
 from click.testing import CliRunner
 from matplotlib.contour import ContourSet
 from matplotlib.patches import Rectangle, StepPatch
-from scipy.interpolate import RegularGridInterpolator
 from scipy.stats import gaussian_kde
 
 from landscape_tools import _lanczos, plotting, store
 from landscape_tools.checkpoints import save_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.data import save_tensors
 from landscape_tools.errors import ConfigError
 from landscape_tools.models import build_model
-from tiny_files import tiny_checkpoint_and_data
+from tiny_files import random_tensors, tiny_checkpoint_and_data
 
 
 def run(*args):
@@ -349,10 +347,7 @@ def test_log_is_refused_for_other_kinds(hessian_file, tmp_path):
 def mc_models(tmp_path_factory):
     """Two MC-dropout zoo models (one with smoothing layers) and 12x12 data with a test split."""
     root = tmp_path_factory.mktemp("drawn_mc")
-    rng = np.random.default_rng(0)
-    data = root / "data.npz"
-    save_tensors(data, x=rng.normal(size=(6, 1, 12, 12)).astype(np.float32), y=rng.integers(0, 3, 6),
-                 x_test=rng.normal(size=(10, 1, 12, 12)).astype(np.float32), y_test=rng.integers(0, 3, 10))
+    data = random_tensors(root / "data.npz", 6, 10, (1, 12, 12))
     paths = []
     for name, label in (("resnet_mcdo_18", "mcdo"), ("resnet_mcdo_smoothing_18", "smooth")):
         torch.manual_seed(1)

@@ -23,6 +23,18 @@ def tiny_checkpoint_and_data(root, arch="resnet_dnn_18", n=12):
     return model, root / "m.pt", "tensors:" + str(root / "d.npz")
 
 
+def random_tensors(path, train: int, test: int, shape, classes: int = 3, seed: int = 0):
+    """A ``tensors:`` file at ``path``: ``train`` / ``test`` standard-normal float32 samples of ``shape``
+    with uniform random labels of ``classes`` classes (drawn in that order from one seeded generator).
+
+    Returns ``path``.
+    """
+    rng = np.random.default_rng(seed)
+    save_tensors(path, x=rng.normal(size=(train, *shape)).astype(np.float32), y=rng.integers(0, classes, train),
+                 x_test=rng.normal(size=(test, *shape)).astype(np.float32), y_test=rng.integers(0, classes, test))
+    return path
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a torchrun rendezvous."""
     with socket.socket() as s:

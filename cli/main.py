@@ -19,6 +19,7 @@ COMMANDS = {
     "merge": "merge",
     "featvar": "featvar",
     "plot": "plot",
+    "import-gl": "import_gl",
     "demo": "demo",
 }
 

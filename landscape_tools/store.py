@@ -278,8 +278,11 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
                          f"Recompute it; it cannot be repaired") from None
     fmt = _read_attr(f.attrs.get("format", ""))
     if fmt != FORMAT:
+        gl = "xcoordinates" in f or "xdirection" in f
         f.close()
-        raise StoreError(f"{path} is not a landscape-tools result file (format {fmt!r})")
+        hint = ("; it looks like a loss-landscape (tomgoldstein) file: import it with "
+                "`lt import-gl FILE.h5 -o OUT.h5`") if gl else ""
+        raise StoreError(f"{path} is not a landscape-tools result file (format {fmt!r}){hint}")
     version = int(_read_attr(f.attrs.get("format_version", 0)))
     if version > FORMAT_VERSION:
         f.close()
@@ -312,6 +315,35 @@ def read_plain_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Top-level datasets of any HDF5 file (for ``tensors:FILE.h5`` data)."""
     with h5py.File(path, "r") as f:
         return {name: item[()] for name, item in f.items() if isinstance(item, h5py.Dataset)}
+
+
+def read_foreign(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every dataset of any HDF5 file (another program's results), by slash path, and its root attributes.
+
+    Used to import files of other tools (:mod:`landscape_tools.interop`); strings come back as ``str``.
+
+    Raises:
+        StoreError: missing, or not a readable HDF5 file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p} does not exist")
+    data: dict[str, np.ndarray] = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            value = item[()]
+            if h5py.check_string_dtype(item.dtype) is not None:
+                value = item.asstr()[()]
+            data[name] = value
+
+    try:
+        with h5py.File(p, "r") as f:
+            f.visititems(visit)
+            attrs = {k: _read_attr(v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise StoreError(f"{p} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    return data, attrs
 
 
 # ----------------------------------------------------------------------------- resumable results

@@ -20,6 +20,7 @@ COMMANDS = {
     "featvar": "featvar",
     "plot": "plot",
     "import-gl": "import_gl",
+    "export": "export",
     "demo": "demo",
 }
 

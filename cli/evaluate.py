@@ -12,21 +12,28 @@ from . import common
               help="Ensemble sizes: numbers of MC-dropout samples averaged per prediction. "
                    "The sweep costs max(N) forward passes per batch.")
 @common.data_options(split="test", batch_size=256)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="At most N rows (MC copies x samples) per forward pass: the MC samples of a batch are "
+                   "stacked along the batch dimension up to N rows, and a batch larger than N runs in "
+                   "pieces of N rows (same masks; each piece redraws the batch's masks, so prefer a smaller "
+                   "--batch-size). The numbers do not depend on it  [default: copies stacked up to 64 rows "
+                   "on CPU, 4096 on CUDA; batches are not split]")
 @common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
-def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, precision,
-            compile_model, device, seed, output, overwrite, plot_path):
+def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, max_batch,
+            precision, compile_model, device, seed, output, overwrite, plot_path):
     """Predictive metrics of MC-dropout ensembles of N samples, for every N in --mc.
 
     For each N the prediction is the mean softmax of N stochastic forward passes (eval mode,
     BatchNorm on running statistics, every dropout on): NLL (probabilities clamped at 1e-12),
     accuracy, ECE (10 equal-width confidence bins), Brier score, and a reliability diagram.
-    Larger N reuse the samples of smaller N. A model without dropout gives the same prediction
-    for every N (said in the output). The result file holds one group per model; a table per
-    model is printed.
+    Larger N reuse the samples of smaller N, and several MC samples run in one forward pass
+    (stacked along the batch, each with its own masks; --max-batch bounds the rows). A model
+    without dropout gives the same prediction for every N (said in the output). The result file
+    holds one group per model; a table per model is printed.
 
     Under torchrun (same command line) each process takes every WORLD-th batch on its own device
     (cuda:LOCAL_RANK, or CPU with gloo); the per-batch sums are all-reduced and rank 0 writes the
@@ -62,7 +69,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
         say(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
             f"N = {','.join(map(str, sizes))}, on {dev}, {precision}{' compiled' if compile_model else ''}{shared}")
         curve = ensemble_curve(model, ds.batches(), sizes, seed=seed, precision=precision,
-                               compile_model=compile_model, ctx=ctx,
+                               compile_model=compile_model, ctx=ctx, max_batch=max_batch,
                                progress=common.ProgressBar(f"evaluate {info.label}", quiet=not ctx.is_main))
         data = ds.describe()
         attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
@@ -77,7 +84,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
         if curve.note:
             notes.append(f"note: {info.label}: {curve.note}")
     config = common.dump_config(models=list(models), labels=labels, mc=list(sizes), data=data_spec, split=split,
-                                samples=samples, batch_size=batch_size, device=str(dev), seed=seed,
+                                samples=samples, batch_size=batch_size, max_batch=max_batch, device=str(dev), seed=seed,
                                 arch=arch, model=model_factory, precision=precision, compile=bool(compile_model))
     error = None
     if ctx.is_main:

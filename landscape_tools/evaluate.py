@@ -22,9 +22,8 @@ reproducible for a given seed and batch size.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, DataError, NumericalError
-from .models import MCDropout, dropout_modules, mc_dropout, replaced_forwards, sampling_dropout_modules
+from .models import MCDropout, replaced_forwards, sampling_dropout_modules
+from .models.mc import _CHANNEL_DROPOUTS
 
 #: lower clamp of probabilities inside the NLL's log
 PROB_FLOOR = 1e-12
@@ -40,6 +40,9 @@ PROB_FLOOR = 1e-12
 N_BINS = 10
 #: the paper's ensemble-size sweep (`lt evaluate --mc` default)
 DEFAULT_SIZES = (1, 2, 5, 10, 20, 50)
+#: default cap on the rows (MC copies x samples) of one forward pass, per device type; measured in
+#: benchmarks/bench_evaluate.py (see docs/readme/evaluate.md)
+DEFAULT_MAX_BATCH = {"cpu": 64, "cuda": 4096}
 
 
 def parse_ensemble_sizes(text: str | Sequence[int], option: str = "--mc") -> tuple[int, ...]:
@@ -294,6 +297,20 @@ class EnsembleCurve:
         }
 
 
+def check_max_batch(value: Any) -> int | None:
+    """``--max-batch``: None, or a whole number of rows per forward pass, at least 1.
+
+    Raises:
+        ConfigError: anything else (a bool, a float, a string, a number below 1).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"--max-batch {value!r}: expected a whole number of rows per forward pass, at least 1 "
+                          f"(e.g. 256)")
+    return int(value)
+
+
 def has_active_dropout(model: nn.Module) -> bool:
     """True when MC sampling switches on a dropout module with p > 0 (see
     :func:`~landscape_tools.models.sampling_dropout_modules`: a zoo ``_dnn`` model has none), i.e.
@@ -304,16 +321,26 @@ def has_active_dropout(model: nn.Module) -> bool:
 def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0, n_bins: int = N_BINS,
                    progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
-                   ctx=None) -> EnsembleCurve:
+                   ctx=None, max_batch: int | None = None) -> EnsembleCurve:
     """Predictive metrics of the N-sample MC-dropout ensemble for every N in ``ns``.
 
-    The model runs in eval mode (BatchNorm on running statistics) with its MC dropout switched on by
-    :func:`landscape_tools.models.mc_dropout` (none for a zoo ``_dnn`` model); its train/eval mode is
-    restored afterwards.  MC sample ``s`` of batch ``b`` draws the masks of :func:`mc_seed`
-    ``(seed, b, s)``; the running sum of softmax probabilities (float64) over samples ``1..max(ns)``
-    is scored when the count reaches each N, so the sweep costs ``max(ns)`` forward passes per batch.
-    A model without MC dropout gives the same prediction for every N: it is run once per batch and
-    that prediction scored for all N.
+    The model runs in eval mode (BatchNorm on running statistics) with its MC dropout switched on
+    (the modules of :func:`~landscape_tools.models.sampling_dropout_modules`: none for a zoo ``_dnn``
+    model); its train/eval mode is restored afterwards.  MC sample ``s`` of batch ``b`` draws the
+    masks of :func:`mc_seed` ``(seed, b, s)``, exactly the masks of
+    ``mc_dropout(model, True, seed=mc_seed(seed, b, s))``; the running sum of softmax probabilities
+    (float64) over samples ``1..max(ns)`` is scored when the count reaches each N, so the sweep costs
+    ``max(ns)`` forward passes' worth of rows per batch.  A model without MC dropout gives the same
+    prediction for every N: it is run once per batch and that prediction scored for all N.
+
+    MC samples are batched: a pass carries several copies of the batch stacked along the batch
+    dimension, each copy with its own sample's masks (so each row sees an independent mask, and the
+    numbers equal the one-sample-per-pass loop up to float rounding of the larger batch), at most
+    ``max_batch`` rows per pass; a batch larger than an explicit ``max_batch`` runs in pieces of
+    ``max_batch`` rows whose masks are the rows of the whole batch's masks
+    (:func:`~landscape_tools.models.mask_rows`), so the numbers never depend on ``max_batch``.
+    Out of memory, a pass is retried with half the copies; a model whose dropout inputs do not have
+    one row per sample (the batch as their leading dimension) runs one sample per pass.
 
     Every batch is scored into its own :class:`MetricAccumulator` and the batches are merged in batch
     order, so the result does not depend on which process computed which batch: under torchrun
@@ -322,24 +349,30 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     exactly one rank, so the sum is exact) and every rank returns the curve of one process, bit for bit.
 
     Args:
-        model: a classifier returning (batch, classes) logits, on the device of the batches.
+        model: a classifier returning (batch, classes) logits, on the device of the batches, that
+            treats samples independently in eval mode (true of the zoo).
         batches: ``(x, y)`` pairs in a fixed order (e.g. ``DataSet.batches()``); floating inputs are
             cast to the model's parameter dtype.
         ns: ensemble sizes (or a string like ``"1,2,5"``).
         seed: seed of the dropout masks.
         n_bins: confidence bins of the ECE / reliability diagram.
-        progress: ``progress(done, total, message)`` after every forward pass (of this rank).
+        progress: ``progress(done, total, message)`` after every forward pass (of this rank); ``done``
+            counts MC samples.
         precision: ``fp32`` (default, no autocast), ``bf16`` or ``fp16``: the forward pass runs under
             :func:`landscape_tools.precision.autocast`; logits are cast back to the model's dtype
             before the softmax (which is taken in float64).
         compile_model: run the forward passes through ``torch.compile(model)``.
         ctx: a :class:`landscape_tools.distributed.Context`; None or one process: all batches here.
+        max_batch: at most this many rows (MC copies x samples) per forward pass.  None (default):
+            copies of a batch are stacked up to :data:`DEFAULT_MAX_BATCH` rows for the device type and
+            a batch is never split.
 
     Returns:
         an :class:`EnsembleCurve` (on every rank).
 
     Raises:
-        ConfigError: bad ensemble sizes or precision, no ``torch.compile``.
+        ConfigError: bad ensemble sizes, precision or ``max_batch``, no ``torch.compile``, a model
+            whose dropout inputs are not batch-first with a ``max_batch`` below the batch size.
         DataError: no data, logits of the wrong shape, labels out of range.
         NumericalError: non-finite outputs.
         RankFailed: another rank failed (this rank's own error is raised as itself).
@@ -348,6 +381,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
     sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
     precision = P.parse_precision(precision)
+    max_batch = check_max_batch(max_batch)
     batches = list(batches)
     if not batches:
         raise DataError("no data batches to evaluate")
@@ -365,30 +399,48 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     total, done = len(mine) * passes, 0
     was_training = model.training
     error = None
+    holder: list = [None]
+    batch_first = [True]
     model.eval()
     try:
-        with torch.no_grad(), _compiled(model, compile_model, active) as forward:
+        with torch.no_grad(), _sampling(model, holder, active, compile_model) as forward:
             for b in mine:
                 x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
                     x = x.to(dtype)
-                running = None
-                for s in range(passes):
-                    with mc_dropout(model, True, seed=mc_seed(seed, b, s)), P.autocast(x.device, precision):
-                        logits = forward(x)
-                    if precision != "fp32":
-                        logits = P.full_precision(logits, out_dtype)
-                    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-                        raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for a batch of "
-                                        f"{x.shape[0]}; expected (batch, classes) logits")
-                    probs = torch.softmax(logits.double(), dim=1)
-                    running = probs if running is None else running + probs
-                    done += 1
-                    if active and (s + 1) in column:
-                        table[b, column[s + 1]] = _batch_state(running / (s + 1), y, n_bins)
-                    report(progress, done, total, f"batch {b + 1}/{len(batches)}, MC sample {s + 1}/{passes}")
+                rows = int(x.shape[0])
+                cap = int(max_batch) if max_batch is not None else DEFAULT_MAX_BATCH.get(x.device.type, 256)
+                piece = min(rows, int(max_batch)) if max_batch is not None else rows
+                copies = max(1, min(passes, cap // max(piece, 1))) if batch_first[0] else 1
+                while True:
+                    try:
+                        def step(count, b=b):
+                            report(progress, done + count, total, f"batch {b + 1}/{len(batches)}, "
+                                                                  f"MC sample {count}/{passes}")
+                        probs_of = _mc_probabilities(forward, holder, seed, b, x, passes, copies, piece, precision,
+                                             out_dtype, step)
+                        running = None
+                        for s, probs in enumerate(probs_of):
+                            running = probs if running is None else running + probs
+                            if active and (s + 1) in column:
+                                table[b, column[s + 1]] = _batch_state(running / (s + 1), y, n_bins)
+                        break
+                    except _NotBatchFirst as exc:
+                        if piece < rows:
+                            raise ConfigError(f"a dropout input of shape {exc.shape} does not have the batch as its "
+                                              f"leading dimension, so a batch of {rows} cannot be split into pieces "
+                                              f"of --max-batch {piece} rows: give --max-batch at least {rows} (or a "
+                                              f"smaller --batch-size)") from None
+                        batch_first[0], copies = False, 1      # one MC sample per pass, whole masks, as mc_dropout
+                    except Exception as exc:          # out of memory: fewer copies per pass, same masks, same answer
+                        if not _is_oom(exc) or copies == 1:
+                            raise
+                        copies = max(1, copies // 2)
+                        if x.is_cuda:
+                            torch.cuda.empty_cache()
                 if not active:
                     table[b, :] = _batch_state(running, y, n_bins)
+                done += passes
                 computed[b] = 1
     except Exception as exc:
         if not distributed:
@@ -407,6 +459,9 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     if not active:
         note = ("the model has no MC dropout (or only p = 0): every MC sample is the same deterministic prediction, "
                 "so all ensemble sizes give identical metrics (one forward pass per batch was run)")
+    elif not batch_first[0]:
+        note = ("the model's dropout inputs are not batch-first, so MC samples ran one per forward pass "
+                "(not stacked along the batch)")
 
     def stack(key):
         return np.array([r[key] for r in results], dtype=np.int64 if key == "bin_counts" else np.float64)
@@ -418,32 +473,112 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                          mc_active=active, forward_passes=passes, seed=int(seed), note=note)
 
 
-@contextlib.contextmanager
-def _compiled(model: nn.Module, enabled: bool, active: bool):
-    """``torch.compile(model)`` for the block (``model`` itself when not ``enabled``).
+class _NotBatchFirst(Exception):
+    def __init__(self, shape):
+        super().__init__(f"dropout input of shape {shape} is not batch-first")
+        self.shape = shape
 
-    The MC masks are seeded through a module attribute (``MCDropout.mc_seed``) that changes at every
-    MC sample; compiled code would recompile at each one.  So the ``MCDropout`` layers run outside the
-    compiled graph (``torch.compiler.disable``; the rest of the network is compiled) for the block.
+
+class _Plan:
+    """The MC samples the current forward pass carries: one copy of ``rows`` samples per seed, stacked
+    along the batch dimension; ``stacked`` False: one whole batch, masked exactly as by ``mc_dropout``
+    (whatever the layout of the dropout inputs)."""
+
+    def __init__(self, seeds: Sequence[int], rows: int, stacked: bool):
+        self.seeds, self.rows, self.stacked = list(seeds), int(rows), bool(stacked)
+
+
+def _mc_probabilities(forward, holder: list, seed: int, b: int, x: torch.Tensor, passes: int, copies: int, piece: int,
+              precision: str, out_dtype, step) -> Iterator[torch.Tensor]:
+    """Softmax probabilities (float64, ``(rows, classes)``) of MC samples ``0 .. passes-1`` of batch ``b``,
+    in order, computed ``copies`` samples per pass in row pieces of ``piece``."""
+    from . import precision as P
+    from .models import mask_rows
+
+    rows = int(x.shape[0])
+    pieces = [(r, min(r + piece, rows)) for r in range(0, rows, piece)]
+    for start in range(0, passes, copies):
+        ks = range(start, min(start + copies, passes))
+        parts = []
+        for r0, r1 in pieces:
+            xin = x[r0:r1]
+            if len(ks) > 1:
+                xin = xin.repeat((len(ks),) + (1,) * (x.dim() - 1))
+            holder[0] = _Plan([mc_seed(seed, b, k) for k in ks], r1 - r0, len(ks) > 1 or len(pieces) > 1)
+            split = mask_rows(r0, r1 - r0, rows) if len(pieces) > 1 else contextlib.nullcontext()
+            try:
+                with split, P.autocast(x.device, precision):
+                    logits = forward(xin)
+            finally:
+                holder[0] = None
+            if precision != "fp32":
+                logits = P.full_precision(logits, out_dtype)
+            if logits.dim() != 2 or logits.shape[0] != xin.shape[0]:
+                raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for a batch of "
+                                f"{xin.shape[0]}; expected (batch, classes) logits")
+            parts.append(torch.softmax(logits.double(), dim=1).reshape(len(ks), r1 - r0, -1))
+        probs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        for j in range(len(ks)):
+            yield probs[j]
+        step(ks[-1] + 1)
+
+
+def _copies_dropout(module: nn.Module, index: int, holder: list, channelwise: bool):
+    """The forward of sampled dropout module ``index``: copy ``j`` of a stacked pass (rows
+    ``j*n .. (j+1)*n``) is multiplied by exactly the mask ``mc_dropout(model, True, seed=seeds[j])``
+    draws for it (:func:`~landscape_tools.models.mc.seeded_mask`)."""
+    from .models.mc import apply_dropout, module_seed, seeded_mask
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        plan = holder[0]
+        p = float(getattr(module, "p", 0.0))
+        if plan is None or p == 0.0:
+            return x
+        if not plan.stacked:
+            return apply_dropout(x, p, True, module_seed(plan.seeds[0], index), channelwise)
+        n = len(plan.seeds)
+        lead = int(x.shape[0]) if x.dim() else 0
+        if lead != n * plan.rows:        # not one row per sample: copies and pieces cannot be matched to rows
+            raise _NotBatchFirst(tuple(x.shape))
+        if n == 1:
+            return x * seeded_mask(x, p, module_seed(plan.seeds[0], index), channelwise)
+        size = lead // n
+        out = torch.empty_like(x)
+        for j, s in enumerate(plan.seeds):
+            part = x[j * size:(j + 1) * size]
+            torch.mul(part, seeded_mask(part, p, module_seed(s, index), channelwise), out=out[j * size:(j + 1) * size])
+        return out
+    return forward
+
+
+@contextlib.contextmanager
+def _sampling(model: nn.Module, holder: list, active: bool, compile_model: bool):
+    """For the block: every sampled dropout module of ``model`` runs :func:`_copies_dropout` (masks
+    from ``holder[0]``, a :class:`_Plan`), and the yielded forward is the model itself or, with
+    ``compile_model``, ``torch.compile(model)`` with the dropout modules outside the compiled graph
+    (``torch.compiler.disable``); restored on exit.
 
     Raises:
-        ConfigError: MC sampling of ordinary ``nn.Dropout`` modules (user models), which
-            :func:`mc_dropout` switches by replacing their forward at every sample.
+        ConfigError: ``compile_model`` with MC sampling of ordinary ``nn.Dropout`` modules (user models).
     """
     from . import precision as P
 
-    if not enabled:
-        yield model
-        return
-    sampled = [m for _, m in sampling_dropout_modules(model)]
-    if active and any(not isinstance(m, MCDropout) for m in sampled):
+    sampled = sampling_dropout_modules(model) if active else []
+    if compile_model and any(not isinstance(m, MCDropout) for _, m in sampled):
         raise ConfigError("--compile supports MC sampling of zoo models (MCDropout layers) and models without "
-                          "dropout; this model's torch.nn.Dropout modules are switched at every MC sample, which "
-                          "would recompile the graph each time: drop --compile")
-    outside = ((m, torch.compiler.disable(functools.partial(type(m).forward, m)))
-               for _, m in dropout_modules(model) if isinstance(m, MCDropout))
-    with replaced_forwards(outside):
-        yield P.compile_model(model, True)
+                          "dropout; this model's torch.nn.Dropout modules are sampled by a forward of ours that "
+                          "torch.compile would trace into the graph: drop --compile")
+    forwards = []
+    for index, (_, m) in enumerate(sampled):
+        fwd = _copies_dropout(m, index, holder, isinstance(m, _CHANNEL_DROPOUTS))
+        forwards.append((m, torch.compiler.disable(fwd) if compile_model else fwd))
+    with replaced_forwards(forwards):
+        yield P.compile_model(model, True) if compile_model else model
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
 def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.ndarray:

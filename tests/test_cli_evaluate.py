@@ -128,3 +128,24 @@ def test_evaluate_precision_is_recorded_and_bf16_differs_slightly(files):
     assert res.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not one of 'fp32', 'bf16', 'fp16'" \
         in res.output
     assert not (root / "fp8.h5").exists()
+
+
+def test_evaluate_max_batch_stacks_or_splits_with_the_same_numbers(files):
+    """--max-batch bounds the rows per forward pass; the numbers are those of one MC sample per pass."""
+    root, _, paths = files
+    got = {}
+    for cap in (None, "8", "3", "1000"):          # default; one MC sample per pass; pieces of 3; all stacked
+        out = root / f"cap_{cap}.h5"
+        res = run("evaluate", paths["resnet_mcdo_18"], "--mc", "1,2,4", "--batch-size", "8", "--seed", "2", "-o", out,
+                  *(["--max-batch", cap] if cap else []))
+        assert res.exit_code == 0, res.output
+        got[cap] = store.read_result(out)
+    assert got["3"].config["max_batch"] == 3 and got[None].config["max_batch"] is None
+    for cap in (None, "3", "1000"):
+        for key in ("nll", "accuracy", "ece", "brier"):
+            np.testing.assert_allclose(got[cap].models["mcdo"][key], got["8"].models["mcdo"][key], rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{cap} {key}")
+    res = run("evaluate", paths["resnet_mcdo_18"], "--max-batch", "0", "-o", root / "zero.h5")
+    assert res.exit_code == 2 and "Invalid value for '--max-batch': 0 is not in the range x>=1." in res.output
+    assert not (root / "zero.h5").exists()
+    assert "--max-batch" in run("evaluate", "--help").output

@@ -136,13 +136,14 @@ def test_curve_matches_brute_force():
 def test_sweep_costs_max_n_passes_and_reuses_samples():
     model, batches = tiny_model(), tiny_batches()
     calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.register_forward_hook(lambda module, inp, out: calls.append(int(inp[0].shape[0])))
+    sizes = [int(x.shape[0]) for x, _ in batches]                # 4, 4, 2
     try:
         curve = ensemble_curve(model, batches, (1, 2, 5), seed=3)
-        assert len(calls) == 5 * len(batches)          # max(N) per batch, not 1 + 2 + 5
+        assert calls == [5 * n for n in sizes]          # max(N) samples per batch, not 1 + 2 + 5, in one pass
         calls.clear()
-        alone = ensemble_curve(model, batches, (5,), seed=3)
-        assert len(calls) == 5 * len(batches)
+        alone = ensemble_curve(model, batches, (5,), seed=3, max_batch=4)
+        assert calls == [4] * 5 + [4] * 5 + [4, 4, 2]   # one sample per pass; two per pass for the batch of 2
     finally:
         handle.remove()
     # N=5 scored in a sweep is the same ensemble as N=5 alone: samples 1..5 are shared

@@ -167,7 +167,8 @@ def test_batches_shared_by_two_ranks_equal_one_process(tiny, monkeypatch):
     original = model.forward
     monkeypatch.setattr(model, "forward", lambda x: (seen.append(int(x.shape[0])), original(x))[1])
     curve = simulate_two_ranks(monkeypatch, model, batches)
-    assert seen == [5] * 3 + [5] * 3 + [2] * 3      # rank 1: batch 1; rank 0: batches 0 and 2 (3 passes each)
+    # rank 1: batch 1; rank 0: batches 0 and 2 (their 3 MC samples stacked into one pass each)
+    assert seen == [3 * 5, 3 * 5, 3 * 2]
     monkeypatch.undo()
     ref = ensemble_curve(model, batches, SIZES, seed=3)
     for key in ("nll", "accuracy", "ece", "brier", "bin_counts", "bin_accuracy", "bin_confidence"):

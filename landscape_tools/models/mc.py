@@ -62,6 +62,18 @@ def _seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool) -> tor
     return keep.to(x.dtype) / (1.0 - p) if p < 1.0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
+def module_seed(seed: int, index: int) -> int:
+    """The mask seed of the ``index``-th sampled dropout module (in :func:`sampling_dropout_modules`
+    order) inside ``mc_dropout(model, True, seed=seed)``."""
+    return int(seed) * 1_000_003 + int(index) * 7919 + 17
+
+
+def seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool = False) -> torch.Tensor:
+    """The scaled keep-mask a dropout module seeded with ``seed`` (see :func:`module_seed`) multiplies
+    ``x`` by, honouring :func:`mask_rows`; ``x * seeded_mask(x, ...)`` is exactly its output."""
+    return _seeded_mask(x, p, seed, channelwise)
+
+
 def apply_dropout(x: torch.Tensor, p: float, active: bool, seed: int | None, channelwise: bool = False) -> torch.Tensor:
     """Dropout with probability ``p``; identity when not ``active``; fixed mask when ``seed`` is set."""
     if not active or p == 0.0:
@@ -230,7 +242,7 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
     targets = sampling_dropout_modules(model) if enabled else dropout_modules(model)
     try:
         for index, (_, m) in enumerate(targets):
-            sub_seed = None if seed is None else int(seed) * 1_000_003 + index * 7919 + 17
+            sub_seed = None if seed is None else module_seed(seed, index)
             if isinstance(m, MCDropout):
                 saved.append((m, "mc", (m.mc_enabled, m.mc_seed)))
                 m.mc_enabled, m.mc_seed = bool(enabled), sub_seed

@@ -116,16 +116,40 @@ required_output_option = _compose(
                  help="Result file (HDF5)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing result file."),
 )
-def precision_options(compile_option: bool = True, hessian: bool = False):
+
+
+class CompileMode(click.Choice):
+    """``auto``, ``on`` or ``off``; a bare ``--compile`` is ``on``, and a value that is none of them (a
+    model path after a bare ``--compile``) is refused with that hint."""
+
+    def __init__(self):
+        super().__init__(["auto", "on", "off"], case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not one of auto, on, off (a bare --compile means on: write --compile on, "
+                      f"or put --compile after the models).", param, ctx)
+
+
+def precision_options(compile_option: bool = True, hessian: bool = False, compile_modes: bool = False):
     """``--precision fp32|bf16|fp16`` (autocast of the forward pass) and, unless ``compile_option`` is
-    False, ``--compile`` (torch.compile).  Passes ``precision`` (str) and ``compile_model`` (bool)."""
+    False, ``--compile`` (torch.compile).  Passes ``precision`` (str) and ``compile_model``: a bool, or
+    with ``compile_modes`` ``auto`` (the default) / ``on`` / ``off`` (a bare ``--compile`` is ``on``)."""
     note = (" Hessians are computed in full precision unless you ask for less." if hessian else
             " Losses and statistics are always accumulated in full precision.")
     decorators = [click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
                                show_default=True,
                                help="Dtype of the model's forward pass (torch.autocast; bf16/fp16 are for GPUs)."
                                     + note)]
-    if compile_option:
+    if compile_option and compile_modes:
+        decorators.append(click.option("--compile", "compile_model", type=CompileMode(), is_flag=False,
+                                       flag_value="on", default="auto", show_default=True,
+                                       help="torch.compile the forward pass: auto compiles when the run is long "
+                                            "enough to pay for the one-off compilation (else, or when compiling "
+                                            "fails, it runs eagerly and says why); a bare --compile is on."))
+    elif compile_option:
         decorators.append(click.option("--compile", "compile_model", is_flag=True,
                                        help="torch.compile the model (pays a one-off compilation; helps on "
                                             "long GPU runs)."))

@@ -68,7 +68,7 @@ def _auto_range(values, option: str):
               help="BatchNorm statistics: the centre's running ones, or re-estimated at each point on the data.")
 @click.option("--shard", "shard_spec", default=None, metavar="I/N",
               help="Compute only shard I of N (from 0) into its own file; assemble with `lt merge`.")
-@common.precision_options()
+@common.precision_options(compile_modes=True)
 @common.device_option
 @common.seed_option
 @common.output_option
@@ -84,7 +84,9 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     to OUT.h5.partial as they are computed: an interrupted run resumes when the same command is run
     again. --shard I/N splits the grid between jobs; `lt merge` joins their files.
     --precision bf16/fp16 runs the forward passes under autocast (GPUs; the losses are still summed
-    in full precision); --compile wraps the model in torch.compile once per run.
+    in full precision). --compile auto (the default) compiles the forward pass with torch.compile when
+    the grid is large enough for the compilation to pay for itself, and says on stderr why it runs
+    eagerly otherwise; --compile on / off decide it yourself.
 
     \b
     Example:
@@ -94,7 +96,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt surface final.pt --pca 'run/epoch_*.pt' -o pca.h5 --plot pca.png
       lt surface smooth.pt --shard 0/4   # smooth.surface.shard0of4.h5; ... 1/4 2/4 3/4, then:
       lt merge smooth.surface.shard*.h5 -o surf.h5
-      lt surface big.pt --device cuda --precision bf16 --compile -o surf.h5
+      lt surface big.pt --device cuda --precision bf16 --compile on -o surf.h5
     """
     from landscape_tools import surface as S
     from landscape_tools.checkpoints import load_checkpoint
@@ -185,7 +187,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                                 to=to_path, plane=list(plane_paths) if plane_paths else None,
                                 pca=list(pca_paths) or None, directions=directions_path, data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
-                                precision=precision, compile=bool(compile_model), device=str(dev), seed=seed,
+                                precision=precision, compile=compile_model, device=str(dev), seed=seed,
                                 mode=mode)
     n_points = len(x) * (1 if y is None else len(y))
     share = n_points if shard is None else len(S.shard_points(n_points, *shard))
@@ -197,10 +199,11 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                          f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
                          f"on {len(jobs[0].data)} samples ({split}), {dev}"
                          f"{'' if precision == 'fp32' else f', {precision} forward passes'}"
-                         f"{', compiled' if compile_model else ''}")
+                         f"{', compiled' if compile_model == 'on' else ''}")
     path = distributed.run_surface(ctx, jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard,
                                    overwrite=overwrite, config=config, device=str(dev), precision=precision,
-                                   compile=bool(compile_model),
+                                   compile=compile_model,
+                                   notice=(lambda line: common.info_line(f"lt surface: {line}")) if ctx.is_main else None,
                                    progress=common.ProgressBar("surface", quiet=not ctx.is_main))
     if not ctx.is_main:
         return

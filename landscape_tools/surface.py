@@ -19,6 +19,8 @@ shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -40,12 +42,14 @@ from .data import DataSet
 from .device import Progress, report
 from .errors import ConfigError, StoreError
 from .models import mc_dropout
+from .models.mc import MCDropout, replaced_forwards, sampling_dropout_modules
 from .precision import autocast, compile_model, full_precision, model_dtype, parse_precision
 
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
-           "evaluate_model", "surface_options", "recompute_bn_statistics"]
+           "evaluate_model", "surface_options", "recompute_bn_statistics", "COMPILE_MODES", "parse_compile",
+           "estimated_compile_seconds"]
 
 BN_MODES = ("frozen", "recompute")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -180,11 +184,10 @@ def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int, precision: st
     dtype = model_dtype(model)
     total = torch.zeros((), dtype=torch.float64, device=data.y.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.y.device)
-    with torch.no_grad():
+    with torch.no_grad(), (mc_dropout(model, False) if mc <= 0 else contextlib.nullcontext()):
         for b, (bx, by) in enumerate(data.batches()):
             if mc <= 0:
-                with mc_dropout(model, False):
-                    logp = F.log_softmax(_logits(forward, bx, precision, dtype), dim=1)
+                logp = F.log_softmax(_logits(forward, bx, precision, dtype), dim=1)
             else:
                 samples = []
                 for s in range(mc):
@@ -270,6 +273,74 @@ def recompute_bn_statistics(model: nn.Module, inputs, precision: str = "fp32") -
     return batches
 
 
+# ----------------------------------------------------------------------------- compilation
+#: ``--compile`` values: ``auto`` compiles when the run is long enough to pay for it, ``on`` always, ``off`` never
+COMPILE_MODES = ("auto", "on", "off")
+#: ``auto`` assumes a compiled forward pass saves this fraction of an eager one (measured on the 2-core
+#: CPU: 0.48 for a CIFAR ResNet-20, 0.45 for resnet_dnn_18 width 16, 0.25 for width 4; 0.22 for
+#: resnet_mcdo_18 width 8 with its MCDropout layers outside the graph), and checks it after compiling
+AUTO_COMPILE_GAIN = 0.3
+#: ``auto``'s estimate of one compilation: seconds per graph (1, plus one per MCDropout layer run outside
+#: it with ``--mc``) and per leaf module.  Measured on the 2-core CPU with cold caches: 15 s for a
+#: 5-module model, 47-49 s for resnet_dnn_18 width 4 (68 modules) and a ResNet-20 (50), 70 s for
+#: resnet_mcdo_18 width 8 with --mc (12 graphs); Inductor's cache makes later compilations faster
+COMPILE_SECONDS_PER_GRAPH = 5.0
+COMPILE_SECONDS_PER_MODULE = 0.5
+#: ``auto`` keeps the compiled forward pass only when one full batch takes at most this fraction of
+#: the eager one (tiny models run slower compiled: 0.61 vs 0.35 ms for a 5-module model)
+AUTO_COMPILE_MAX_RATIO = 0.9
+
+
+def parse_compile(value) -> str:
+    """A ``--compile`` value -> ``"auto"``, ``"on"`` or ``"off"`` (True is ``on``; False and None are ``off``).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if value is True:
+        return "on"
+    if value is False or value is None:
+        return "off"
+    text = str(value).strip().lower()
+    if text not in COMPILE_MODES:
+        raise ConfigError(f"--compile {value!r} is not one of {', '.join(COMPILE_MODES)}: auto (the default) "
+                          f"compiles when the grid is large enough to pay for the compilation, on always, off never")
+    return text
+
+
+def estimated_compile_seconds(model: nn.Module, graphs: int = 1) -> float:
+    """``auto``'s rough estimate of what compiling ``model`` costs (see :data:`COMPILE_SECONDS_PER_GRAPH`)."""
+    leaves = sum(1 for m in model.modules() if next(m.children(), None) is None)
+    return COMPILE_SECONDS_PER_GRAPH * max(int(graphs), 1) + COMPILE_SECONDS_PER_MODULE * leaves
+
+
+def _compile_blocker(model: nn.Module, mc: int) -> str | None:
+    """Why ``model`` cannot be compiled for ``mc`` samples without recompiling at every seed, or None.
+
+    A model's :class:`MCDropout` layers read their seed from a Python attribute: they are run outside the
+    compiled graph.  Ordinary ``nn.Dropout`` modules that MC sampling switches (models outside the zoo)
+    get a new forward with the seed at every sample, which a compiled graph would recompile for.
+    """
+    if mc <= 0:
+        return None
+    switched = [name for name, m in sampling_dropout_modules(model) if not isinstance(m, MCDropout)]
+    if not switched:
+        return None
+    return (f"--mc {mc} samples this model's torch.nn.Dropout module(s) ({', '.join(switched[:3])}"
+            f"{' ...' if len(switched) > 3 else ''}) with a new seed each time, which a compiled graph would "
+            f"recompile for (only the zoo's MCDropout layers can run outside it)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
@@ -300,31 +371,52 @@ class SurfaceEvaluator:
         precision: ``fp32`` (default: the model's own dtype, bit for bit), ``bf16`` or ``fp16``: every
             forward pass (the BN re-estimation passes of ``bn="recompute"`` too) runs under
             :func:`torch.autocast`; logits are cast back before the NLL, accuracy and MC average.
-        compile: call the model through ``torch.compile`` (wrapped once, here; the wrapper shares the
-            parameters, so the in-place point updates reach it).  The BN re-estimation pass of
-            ``bn="recompute"`` runs eagerly.
+        compile: ``"off"`` / False (default), ``"on"`` / True or ``"auto"``: call the model through
+            ``torch.compile`` (``dynamic=False``; wrapped and compiled on entry, on the first batch; the
+            wrapper shares the parameters, so the in-place point updates reach it).  Only batches of the
+            first batch's size go through it (a shorter last batch runs eagerly: one graph, one
+            compilation); the BN re-estimation passes of ``bn="recompute"`` run eagerly; with ``mc``,
+            :class:`MCDropout` layers run outside the graph, so no seed recompiles it.  ``auto``
+            compiles when the estimated saving, ``points x max(mc, 1) x full batches`` forward passes
+            times one eager batch (timed on entry) times :data:`AUTO_COMPILE_GAIN`, exceeds
+            :func:`estimated_compile_seconds`, keeps the compiled pass only if a timed batch is faster
+            (:data:`AUTO_COMPILE_MAX_RATIO`), and runs eagerly when compiling fails.  ``compiled``
+            (bool) and ``compile_note`` (why) say what ran.
+        points: how many points this evaluator will compute (``auto``'s estimate; None: unknown, so
+            ``auto`` stays eager).
+        notice: called with one line when ``auto`` decides, or falls back to eager (e.g. the CLI's stderr).
 
     Raises:
         ConfigError: directions of another model (fingerprint), unknown ``bn``, a precision the
-            device cannot run or bf16 / fp16 for a model that is not float32, no torch.compile.
+            device cannot run or bf16 / fp16 for a model that is not float32, an unknown ``compile``;
+            ``compile="on"`` where torch.compile fails or would recompile at every MC seed
+            (``nn.Dropout`` modules of a model outside the zoo with ``mc``).
     """
 
     def __init__(self, model: nn.Module, data: DataSet, directions: Directions, mc: int = 0, bn: str = "frozen",
-                 seed: int = 0, precision: str = "fp32", compile: bool = False):
+                 seed: int = 0, precision: str = "fp32", compile: bool | str = False, points: int | None = None,
+                 notice: Callable[[str], None] | None = None):
         if bn not in BN_MODES:
             raise ConfigError(f"--bn {bn!r} is not one of {', '.join(BN_MODES)}")
         if mc < 0:
             raise ConfigError(f"--mc {mc} must be 0 (dropout off) or a number of samples >= 1")
         self.model, self.data, self.directions, self.mc, self.bn, self.seed = model, data, directions, int(mc), bn, seed
         self.precision = _check_precision(model, precision)
-        self.compile = bool(compile)
-        self.forward = compile_model(model, self.compile)
+        self.compile_option = parse_compile(compile)
+        if self.compile_option == "on":
+            blocker = _compile_blocker(model, self.mc)
+            if blocker:
+                raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
+        self.points, self.notice = points, notice
+        self.forward: Callable = model
+        self.compiled, self.compile_note = False, "off"
         self.dtype = model_dtype(model)
         fp = model_fingerprint(model)
         if directions.fingerprint and directions.fingerprint != fp:
             raise ConfigError(f"the directions were made for another model (fingerprint {directions.fingerprint[:12]}), "
                               f"not this one ({fp[:12]}); compute new directions for it")
         self._entered = False
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "SurfaceEvaluator":
         model, d = self.model, self.directions
@@ -337,28 +429,40 @@ class SurfaceEvaluator:
         self.flags = _training_flags(model)
         self.bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
         self.momenta = [m.momentum for m in self.bns]
-        self.w0 = [p.detach().clone() for _, p in self.params]
         dev = lambda t, p: t.to(device=p.device, dtype=p.dtype)  # noqa: E731
-        self.dx = [dev(d.x[n], p) for n, p in self.params]
-        self.dy = [dev(d.y[n], p) for n, p in self.params] if d.y is not None else None
-        # skip tensors whose direction is all zero (ignored biases / BN): nothing to add
-        self.active_x = [bool(t.any()) for t in self.dx]
-        self.active_y = [bool(t.any()) for t in self.dy] if self.dy is not None else None
+        dx = [dev(d.x[n], p) for n, p in self.params]
+        dy = [dev(d.y[n], p) for n, p in self.params] if d.y is not None else None
+        # tensors whose directions are all zero (ignored biases / BN) keep their centre values: never touched
+        active_x = [bool(t.any()) for t in dx]
+        active_y = [bool(t.any()) for t in dy] if dy is not None else [False] * len(dx)
+        moved = [k for k in range(len(dx)) if active_x[k] or active_y[k]]
+        self.p_moved = [self.params[k][1] for k in moved]
+        self.w0 = [self.params[k][1].detach().clone() for k in moved]
+        self.p_x = [self.params[k][1] for k in range(len(dx)) if active_x[k]]
+        self.dx = [dx[k] for k in range(len(dx)) if active_x[k]]
+        self.p_y = [self.params[k][1] for k in range(len(dx)) if active_y[k]]
+        self.dy = [dy[k] for k in range(len(dx)) if active_y[k]] if dy is not None else None
         self.lerp = None
         if d.target is not None:
             sd = dict(model.named_parameters())
             sd.update(dict(model.named_buffers()))
             self.lerp = [(sd[k], sd[k].detach().clone(), dev(v, sd[k])) for k, v in d.target.items() if k in sd]
         self._entered = True
+        try:
+            self._prepare_forward()
+        except BaseException:
+            self.restore()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
 
     def restore(self) -> None:
-        """Put the centre weights, buffers, train/eval flags and BN momenta back exactly."""
+        """Put the centre weights, buffers, train/eval flags, BN momenta and module forwards back exactly."""
         if not self._entered:
             return
+        self._stack.close()
         with torch.no_grad():
             current = self.model.state_dict(keep_vars=True)
             for k, v in self.state.items():
@@ -368,6 +472,97 @@ class SurfaceEvaluator:
         _restore_training(self.model, self.flags)
         self._entered = False
 
+    # ------------------------------------------------------------------------- the forward pass
+    def _say(self, compiled: bool, note: str) -> None:
+        """Record what runs; ``auto`` says it when that is eager (its announcement precedes a compilation)."""
+        self.compiled, self.compile_note = compiled, note
+        if not compiled and self.compile_option == "auto" and self.notice is not None:
+            self.notice(note)
+
+    def _timed_batch(self, forward, bx) -> float:
+        """Seconds of one forward pass of ``bx`` as the points run it (eval mode, no grad, the run's dropout)."""
+        device = bx.device
+        self.model.eval()
+        dropout = (mc_dropout(self.model, False) if self.mc <= 0
+                   else mc_dropout(self.model, True, seed=_mc_seed(self.seed, 0, 0)))
+        with torch.no_grad(), dropout:
+            _sync(device)
+            start = time.perf_counter()
+            _logits(forward, bx, self.precision, self.dtype)
+            _sync(device)
+        return time.perf_counter() - start
+
+    def _prepare_forward(self) -> None:
+        """Decide eager or compiled (``compile``), compile on the first batch, set ``self.forward``."""
+        option = self.compile_option
+        if option == "off":
+            return
+        batches = self.data.batches()
+        if not batches:
+            self._say(False, "--compile auto: running eagerly: no data")
+            return
+        blocker = _compile_blocker(self.model, self.mc)
+        if blocker:
+            self._say(False, f"--compile auto: running eagerly: {blocker}")
+            return
+        bx = batches[0][0]
+        size = int(bx.shape[0])
+        full = sum(1 for b, _ in batches if int(b.shape[0]) == size)
+        outside = [m for _, m in sampling_dropout_modules(self.model) if isinstance(m, MCDropout)] if self.mc > 0 else []
+        t_eager = None
+        if option == "auto":
+            t_eager = self._timed_batch(self.model, bx)
+            if t_eager < 0.5:                           # the first pass may include one-off set-up: once more
+                t_eager = min(t_eager, self._timed_batch(self.model, bx))
+            points = int(self.points or 0)
+            calls = points * max(self.mc, 1) * full
+            cost = estimated_compile_seconds(self.model, 1 + len(outside))
+            saving = calls * t_eager * AUTO_COMPILE_GAIN
+            what = (f"{points} point(s) x {max(self.mc, 1)} pass(es) x {full} batch(es) of {size} = {calls} forward "
+                    f"passes of ~{_ms(t_eager)} eagerly")
+            if saving < cost:
+                self._say(False, f"--compile auto: running eagerly: {what}; compiling would save ~{saving:.1f} s "
+                                 f"but cost ~{cost:.0f} s (--compile on compiles anyway)")
+                return
+            if self.notice is not None:
+                self.notice(f"--compile auto: compiling the forward pass (~{cost:.0f} s; {what}, ~{saving:.0f} s "
+                            f"saved; --compile off skips it)")
+        stack = contextlib.ExitStack()
+        try:
+            # MCDropout layers read their seed from a Python attribute: outside the graph, nothing recompiles
+            stack.enter_context(replaced_forwards(
+                (m, torch.compiler.disable(functools.partial(type(m).forward, m))) for m in outside))
+            compiled = torch.compile(self.model, dynamic=False)
+            start = time.perf_counter()
+            self._timed_batch(compiled, bx)
+            seconds = time.perf_counter() - start
+        except Exception as exc:      # no C++ compiler, an unsupported op or platform, ...
+            stack.close()
+            why = _first_line(exc)
+            if option == "on":
+                raise ConfigError(f"--compile on: torch.compile failed here ({why}); use --compile off "
+                                  f"(or auto, which falls back to eager)") from None
+            self._say(False, f"--compile auto: running eagerly: torch.compile failed here ({why})")
+            return
+        note = f"compiled in {seconds:.1f} s"
+        if option == "auto":
+            t_compiled = self._timed_batch(compiled, bx)
+            if t_compiled > AUTO_COMPILE_MAX_RATIO * t_eager:
+                stack.close()
+                self._say(False, f"--compile auto: running eagerly: the compiled forward pass is not faster here "
+                                 f"(a batch of {size}: {_ms(t_compiled)} compiled, {_ms(t_eager)} eager)")
+                return
+            note += f"; a batch of {size}: {_ms(t_compiled)} compiled, {_ms(t_eager)} eager"
+        self._stack.enter_context(stack)
+        model = self.model
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            return compiled(batch) if batch.shape[0] == size else model(batch)
+
+        self.forward = forward
+        self._say(True, f"--compile {option}: {note}")
+
+    # ------------------------------------------------------------------------- points
     def set_point(self, a: float, b: float = 0.0) -> None:
         """Write ``w0 + a*dx + b*dy`` (or ``lerp(w0, target, a)``) into the parameters."""
         with torch.no_grad():
@@ -377,14 +572,14 @@ class SurfaceEvaluator:
                 for t, start, end in self.lerp:
                     t.copy_(torch.lerp(start, end, float(a)))
                 return
-            for k, (_, p) in enumerate(self.params):
-                p.copy_(self.w0[k])
-                if a != 0.0 and self.active_x[k]:
-                    p.add_(self.dx[k], alpha=float(a))
-                if b != 0.0 and self.dy is not None and self.active_y[k]:
-                    p.add_(self.dy[k], alpha=float(b))
             if b != 0.0 and self.dy is None:
                 raise ConfigError("1-D directions: b must be 0")
+            if self.p_moved:
+                torch._foreach_copy_(self.p_moved, self.w0)
+            if a != 0.0 and self.p_x:
+                torch._foreach_add_(self.p_x, self.dx, alpha=float(a))
+            if b != 0.0 and self.p_y:
+                torch._foreach_add_(self.p_y, self.dy, alpha=float(b))
 
     def _recompute_bn(self) -> None:
         if not self.bns:
@@ -404,13 +599,19 @@ class SurfaceEvaluator:
         return _evaluate(self.model, self.data, self.mc, self.seed, self.precision, self.forward)
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def surface(model: nn.Module, data: DataSet, directions: Directions, x: Sequence[float],
             y: Sequence[float] | None = None, mc: int = 0, bn: str = "frozen", seed: int = 0,
-            progress: Progress = None, precision: str = "fp32", compile: bool = False) -> dict[str, np.ndarray]:
+            progress: Progress = None, precision: str = "fp32", compile: bool | str = False,
+            notice: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Loss and accuracy over a 1-D or 2-D grid, in memory.
 
     Args:
-        model, data, directions, mc, bn, seed, precision, compile: see :class:`SurfaceEvaluator`.
+        model, data, directions, mc, bn, seed, precision, compile, notice: see :class:`SurfaceEvaluator`
+            (``compile="auto"`` counts the grid's points).
         x: coordinates along ``directions.x``.
         y: coordinates along ``directions.y`` (2-D directions), else None.
         progress: ``progress(done, total, message)``.
@@ -426,7 +627,7 @@ def surface(model: nn.Module, data: DataSet, directions: Directions, x: Sequence
     loss = np.full(shape, np.nan)
     acc = np.full(shape, np.nan)
     coords = _coords(x, None if y is None else np.asarray(y, np.float64))
-    with SurfaceEvaluator(model, data, directions, mc, bn, seed, precision, compile) as ev:
+    with SurfaceEvaluator(model, data, directions, mc, bn, seed, precision, compile, len(coords), notice) as ev:
         for k, (a, b) in enumerate(coords):
             idx = np.unravel_index(k, shape)
             loss[idx], acc[idx] = ev(a, b)
@@ -546,7 +747,8 @@ def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, opt
         attrs = dict(j.info.describe()) if hasattr(j.info, "describe") else {}
         attrs.update({"norm": j.directions.recipe.get("norm"), "ignore": j.directions.recipe.get("ignore"),
                       "bn": options["bn"], "mc": options["mc"], "precision": options.get("precision", "fp32"),
-                      "compile": bool(options.get("compile", False)), "split": j.data.split, "dims": j.directions.dims,
+                      "compile": False, "compile_option": options.get("compile", "off"), "compile_note": "",
+                      "split": j.data.split, "dims": j.directions.dims,
                       "directions_kind": j.directions.recipe.get("kind"), "num_samples": len(j.data),
                       "data": json.dumps(j.data.describe(), sort_keys=True, default=str)})
         layout[j.label] = {"attrs": attrs, "data": data, "groups": {"directions": to_node(j.directions)}}
@@ -586,7 +788,8 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                 overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
                 device: str = "cpu", progress: Progress = None, flush_seconds: float = 5.0,
                 flush_points: int = 64, on_point: Callable[[int, int], None] | None = None,
-                precision: str = "fp32", compile: bool = False) -> Path:
+                precision: str = "fp32", compile: bool | str = False,
+                notice: Callable[[str], None] | None = None) -> Path:
     """Compute a surface for each job into ``output``, resumably; returns the final path.
 
     Progress goes to ``output + ".partial"`` in batches (every ``flush_seconds`` or ``flush_points``
@@ -605,10 +808,13 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         flush_seconds, flush_points: write batching.
         on_point: called as ``on_point(job_index, point_index)`` after each point is computed (a test
             hook: raising from it simulates an interrupted run).
-        precision, compile: see :class:`SurfaceEvaluator`; both are stored in each model group's attrs.
-            The precision is part of the run's fingerprint (a partial file of another precision is
-            refused, like one of another grid); ``compile`` is not (the same numbers to float
-            rounding), and a run resumed with the other setting records ``compile = "mixed"``.
+        precision, compile, notice: see :class:`SurfaceEvaluator` (``compile="auto"`` decides for each
+            model from the points it has left to compute).  Each model group's attrs record the
+            precision, ``compile_option`` (auto / on / off as asked), ``compile`` (True: the forward
+            passes ran compiled, False: eagerly) and ``compile_note`` (why).  The precision is part of
+            the run's fingerprint (a partial file of another precision is refused, like one of another
+            grid); compilation is not (the same numbers to float rounding): a resumed run decides
+            again, and when its points ran otherwise than the earlier ones, ``compile`` is ``"mixed"``.
 
     Raises:
         StoreError: output exists, another process writes it, a partial file of another run.
@@ -624,8 +830,12 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
     n_points = int(np.prod(shape))
     options = surface_options(mc, bn, seed, precision)
     precision = parse_precision(precision)
-    for j in jobs:     # refuse a bad precision before any file is touched
+    compile_option = parse_compile(compile)
+    for j in jobs:     # refuse a bad precision, or a compilation that cannot be done, before any file is touched
         _check_precision(j.model, precision)
+        blocker = _compile_blocker(j.model, int(mc)) if compile_option == "on" else None
+        if blocker:
+            raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
     key = run_fingerprint(jobs, x, y, options)
     surface_fp = _digest(key)
     shard_i, shard_n = shard if shard is not None else (0, 1)
@@ -644,13 +854,9 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             why = _explain_mismatch(part, key) or "another run"
             raise StoreError(f"{part} holds progress of a different run ({why}); rerun the same command to resume "
                              f"it, or pass --overwrite to start again")
-    layout = _layout(jobs, x, y, dict(options, compile=bool(compile)))
+    layout = _layout(jobs, x, y, dict(options, compile=compile_option))
     result = store.open_partial(output, root, fingerprint, layout, overwrite=overwrite)
     try:
-        if result.resumed:
-            for job in jobs:
-                if result.attrs(job.label).get("compile") != bool(compile):
-                    result.set_attrs(job.label, {"compile": "mixed"})
         total = len(points) * len(jobs)
         done_count = 0
         todo = []
@@ -666,7 +872,9 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             coords = _coords(x, y)
             pending: list[tuple[int, float, float]] = []
             last = time.monotonic()
-            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed, precision, compile) as ev:
+            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed, precision, compile_option,
+                                  len(todo[ji]), notice) as ev:
+                _record_compile(result, job.label, compile_option, ev, earlier=len(points) - len(todo[ji]))
                 try:
                     for p in todo[ji]:
                         a, b = coords[p]
@@ -685,6 +893,20 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         return result.finalize()
     finally:
         result.close()
+
+
+def _record_compile(result: "store.PartialResult", label: str, option: str, ev: SurfaceEvaluator,
+                    earlier: int) -> None:
+    """The group's ``compile`` attrs: what runs now, or ``"mixed"`` when ``earlier`` points ran otherwise."""
+    ran: Any = bool(ev.compiled)
+    note = ev.compile_note
+    if earlier:
+        old = result.attrs(label)
+        was = old.get("compile")
+        if isinstance(was, str) or (was is not None and bool(was) != ran):
+            before = "compiled and eagerly" if isinstance(was, str) else "compiled" if bool(was) else "eagerly"
+            ran, note = "mixed", f"{earlier} point(s) ran {before} before a resume; the rest: {ev.compile_note}"
+    result.set_attrs(label, {"compile": ran, "compile_option": option, "compile_note": note})
 
 
 def _write_points(result: "store.PartialResult", label: str, shape: tuple[int, ...],
@@ -761,7 +983,13 @@ def merge_shards(paths: Sequence[str], output: str, overwrite: bool = False,
                               f"compute the missing shards (or finish interrupted ones) first")
         data = {k: v for k, v in base.data.items() if k not in ("loss", "accuracy", "done")}
         data.update({"loss": loss, "accuracy": acc, "done": done})
-        merged[label] = {"attrs": dict(base.attrs), "data": data, "groups": _node_to_dict(base)["groups"]}
+        attrs = dict(base.attrs)
+        ran = [r.models[label].attrs.get("compile") for r in results]
+        if any(isinstance(v, str) for v in ran) or len({bool(v) for v in ran}) > 1:
+            attrs["compile"] = "mixed"
+            attrs["compile_note"] = "the shards ran " + ", ".join(
+                f"{'mixed' if isinstance(v, str) else 'compiled' if v else 'eagerly'} ({r.path})" for v, r in zip(ran, results))
+        merged[label] = {"attrs": attrs, "data": data, "groups": _node_to_dict(base)["groups"]}
     attrs = {k: v for k, v in results[0].attrs.items() if k not in ("fingerprint",)}
     prov = _provenance(command, results[0].config, attrs.get("seed"), attrs.get("device", "cpu"))
     attrs.update({"created": prov["created"], "command": prov["command"], "generated_by": prov["generated_by"],

@@ -188,7 +188,7 @@ def test_precision_is_recorded_and_bad_values_are_refused(files):
     res = store.read_result(out)
     node = res.models["m0"]
     assert node.attrs["precision"] == "bf16" and not node.attrs["compile"]
-    assert res.config["precision"] == "bf16" and res.config["compile"] is False
+    assert res.config["precision"] == "bf16" and res.config["compile"] == "auto"
     fp32 = files["root"] / "fp32.h5"
     assert surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", fp32).exit_code == 0
     a, b = node.data["loss"], store.read_result(fp32).models["m0"].data["loss"]
@@ -197,3 +197,86 @@ def test_precision_is_recorded_and_bad_values_are_refused(files):
     r = surf(files, "--precision", "int8", "-o", files["root"] / "bad.h5")
     assert r.exit_code == 2 and "Invalid value for '--precision': 'int8' is not one of 'fp32', 'bf16', 'fp16'" \
         in r.output
+
+
+# ----------------------------------------------------------------------------- --compile auto|on|off
+def compile_lines(r):
+    return [line for line in r.stderr.splitlines() if line.startswith("lt surface: --compile")]
+
+
+def test_compile_auto_is_the_default_and_says_why_it_runs_eagerly(files):
+    root = files["root"]
+    r = surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "-o", root / "auto.h5")
+    assert r.exit_code == 0, r.output
+    lines = compile_lines(r)
+    assert len(lines) == 1 and lines[0].startswith(
+        "lt surface: --compile auto: running eagerly: 9 point(s) x 1 pass(es) x 2 batch(es) of 5 = 18 forward passes "
+        "of ~") and lines[0].endswith("(--compile on compiles anyway)")
+    res = store.read_result(root / "auto.h5")
+    node = res.models["m0"]
+    assert node.attrs["compile"] == False and node.attrs["compile_option"] == "auto"  # noqa: E712 (numpy bool)
+    assert "lt surface: " + node.attrs["compile_note"] == lines[0] and res.config["compile"] == "auto"
+    r = surf(files, "--x", "-1:1:3", "--y", "-1:1:3", "--compile", "off", "-o", root / "off.h5")
+    assert r.exit_code == 0 and compile_lines(r) == []
+    off = store.read_result(root / "off.h5").models["m0"]
+    assert off.attrs["compile_option"] == "off" and off.attrs["compile"] == False  # noqa: E712
+    np.testing.assert_array_equal(off.data["loss"], node.data["loss"])
+    r = surf(files, "--compile", "sometimes", "-o", root / "bad.h5")
+    assert r.exit_code == 2 and "'sometimes' is not one of auto, on, off (a bare --compile means on" in r.output
+    r = run("surface", "--compile", files["m0"], "--data", files["data"], "-o", root / "bad.h5")
+    assert r.exit_code == 2 and "put --compile after the models" in r.output
+
+
+@pytest.fixture(scope="module")
+def mlp(files):
+    """A user model (4 -> 3 -> 2 MLP: compiles in seconds) and 20 samples, batches of 6, 6, 6, 2."""
+    import lt_user_models
+
+    torch.manual_seed(0)
+    path = files["root"] / "mlp.pt"
+    torch.save(lt_user_models.tiny_mlp().state_dict(), path)
+    rng = np.random.default_rng(1)
+    save_tensors(files["root"] / "v.npz", x=rng.normal(size=(20, 4)).astype(np.float32), y=rng.integers(0, 2, 20))
+    return ["surface", str(path), "--model", "lt_user_models:tiny_mlp", "--data", "tensors:" + str(files["root"] / "v.npz"),
+            "--batch-size", "6", "--dims", "1", "--x", "-1:1:5"]
+
+
+def test_compile_auto_compiles_when_it_pays_within_1e_6_of_eager_and_falls_back(files, mlp, monkeypatch):
+    from landscape_tools import surface as S
+
+    root = files["root"]
+    assert run(*mlp, "--compile", "off", "-o", root / "e.h5").exit_code == 0
+    eager = store.read_result(root / "e.h5").models["mlp"]
+    # a compilation said to cost nothing and to be faster: auto compiles
+    monkeypatch.setattr(S, "estimated_compile_seconds", lambda model, graphs=1: 0.0)
+    monkeypatch.setattr(S, "AUTO_COMPILE_MAX_RATIO", float("inf"))
+    r = run(*mlp, "-o", root / "c.h5")
+    assert r.exit_code == 0, r.output
+    lines = compile_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("lt surface: --compile auto: compiling the forward pass (~0 s; "
+                                                   "5 point(s) x 1 pass(es) x 3 batch(es) of 6 = 15 forward passes")
+    node = store.read_result(root / "c.h5").models["mlp"]
+    assert node.attrs["compile"] == True and node.attrs["compile_note"].startswith("--compile auto: compiled in ")  # noqa: E712
+    np.testing.assert_allclose(node.data["loss"], eager.data["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(node.data["accuracy"], eager.data["accuracy"])
+    # a bare --compile is on
+    r = run(*mlp, "-o", root / "on.h5", "--compile")
+    assert r.exit_code == 0 and compile_lines(r) == []
+    on = store.read_result(root / "on.h5").models["mlp"]
+    assert on.attrs["compile_option"] == "on" and on.attrs["compile"] == True  # noqa: E712
+    # no working compiler: one line, and the eager numbers
+    def broken(*args, **kwargs):
+        raise RuntimeError("CppCompileError: no C++ compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    r = run(*mlp, "-o", root / "f.h5")
+    assert r.exit_code == 0, r.output
+    fallback = [line for line in compile_lines(r) if "running eagerly" in line]
+    assert fallback == ["lt surface: --compile auto: running eagerly: torch.compile failed here "
+                        "(RuntimeError: CppCompileError: no C++ compiler)"]
+    node = store.read_result(root / "f.h5").models["mlp"]
+    np.testing.assert_array_equal(node.data["loss"], eager.data["loss"])
+    assert node.attrs["compile"] == False and "torch.compile failed here" in node.attrs["compile_note"]  # noqa: E712
+    r = run(*mlp, "-o", root / "g.h5", "--compile", "on")
+    assert r.exit_code == 1
+    assert "Error: --compile on: torch.compile failed here (RuntimeError: CppCompileError: no C++ compiler); " \
+           "use --compile off" in r.output

@@ -11,7 +11,7 @@ from landscape_tools import store
 from landscape_tools import surface as S
 from landscape_tools.data import DataSet
 from landscape_tools.errors import ConfigError, StoreError
-from landscape_tools.models import mc_dropout
+from landscape_tools.models import MCDropout, mc_dropout
 
 
 class Tiny(nn.Module):
@@ -186,14 +186,112 @@ def test_compiled_surface_equals_eager_at_every_point_and_resumes_an_eager_run(t
     assert node.attrs["compile"] == "mixed" and node.attrs["precision"] == "fp32"
 
 
-def test_compiled_bn_recompute_and_mc_dropout_equal_eager():
-    """Train-mode BN passes (whole-data statistics, run eagerly) and seeded MC-dropout masks through the compiled module."""
-    model, data = tiny(torch.float64), tiny_data(torch.float64, n=8, batch_size=4)
+class TinyMC(Tiny):
+    """Tiny with the zoo's MCDropout (its seed is a Python attribute, set for every MC sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = MCDropout(0.3)
+
+
+def tiny_mc():
+    torch.manual_seed(0)
+    return TinyMC().eval()
+
+
+def _compilations():
+    """Frames dynamo has compiled so far in this process (each recompilation counts again)."""
+    from torch._dynamo.utils import counters
+    return counters["frames"]["total"]
+
+
+def test_compiled_mc_dropout_and_bn_recompute_equal_eager_without_recompiling():
+    """Seeded MCDropout masks (18 seeds: 3 points x 3 samples x 2 full batches) and train-mode BN
+    passes (run eagerly) through the compiled module: within 1e-6 of eager, and the compilations do not
+    grow with the seeds (the MCDropout layer runs outside the graph: without that, 24 compilations here
+    and 7 more for the next seed); the short last batch runs eagerly."""
+    model, data = tiny_mc(), tiny_data(n=11, batch_size=4)          # batches of 4, 4 and 3
     d = S.random_directions(model, 1, seed=2)
     x = np.array([-0.5, 0.0, 1.0])
-    eager = S.surface(model, data, d, x, bn="recompute", mc=2, seed=7)
-    compiled = S.surface(model, data, d, x, bn="recompute", mc=2, seed=7, compile=True)
-    np.testing.assert_allclose(compiled["loss"], eager["loss"], rtol=1e-10, atol=0)
-    frozen = S.surface(model, data, d, x, mc=2, seed=7)
+    eager = S.surface(model, data, d, x, bn="recompute", mc=3, seed=7)
+    before = _compilations()
+    compiled = S.surface(model, data, d, x, bn="recompute", mc=3, seed=7, compile="on")
+    assert _compilations() - before <= 2          # the code before and after the MCDropout layer, once
+    before = _compilations()
+    S.surface(model, data, d, x[:1], bn="recompute", mc=3, seed=8, compile="on")
+    assert _compilations() == before              # other seeds: nothing recompiled
+    np.testing.assert_allclose(compiled["loss"], eager["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(compiled["accuracy"], eager["accuracy"])
+    frozen = S.surface(model, data, d, x, mc=3, seed=7)
     assert not np.allclose(frozen["loss"], eager["loss"])        # recompute changed the statistics
     assert model.bn.momentum == 0.1 and not model.bn.training
+    assert "forward" not in model.drop.__dict__                   # MCDropout's own forward is back
+
+
+def test_auto_compiles_when_it_pays_and_says_why_it_runs_eagerly(monkeypatch):
+    model, data = tiny(), tiny_data()
+    d = S.random_directions(model, 2, seed=3)
+    eager = S.surface(model, data, d, X, Y)
+    said = []
+    # a 3x3 grid of a 75-parameter model: compiling (estimated ~13 s) cannot pay
+    with S.SurfaceEvaluator(model, data, d, compile="auto", points=9, notice=said.append) as ev:
+        assert not ev.compiled and ev.forward is model
+    assert len(said) == 1 and said[0].startswith("--compile auto: running eagerly: 9 point(s) x 1 pass(es) x "
+                                                 "3 batch(es) of 5 = 27 forward passes of ~")
+    assert "(--compile on compiles anyway)" in said[0] and ev.compile_note == said[0]
+    # told that compiling is free and always faster, auto compiles: the same numbers to 1e-6
+    monkeypatch.setattr(S, "estimated_compile_seconds", lambda model, graphs=1: 0.0)
+    monkeypatch.setattr(S, "AUTO_COMPILE_MAX_RATIO", float("inf"))
+    said.clear()
+    compiled = S.surface(model, data, d, X, Y, compile="auto", notice=said.append)
+    np.testing.assert_allclose(compiled["loss"], eager["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(compiled["accuracy"], eager["accuracy"])
+    assert len(said) == 1 and said[0].startswith("--compile auto: compiling the forward pass")
+    # ... and keeps it only when a compiled batch is faster than an eager one
+    monkeypatch.setattr(S, "AUTO_COMPILE_MAX_RATIO", 0.0)
+    said.clear()
+    with S.SurfaceEvaluator(model, data, d, compile="auto", points=9, notice=said.append) as ev:
+        assert not ev.compiled and ev.forward is model
+    assert said[-1].startswith("--compile auto: running eagerly: the compiled forward pass is not faster here "
+                               "(a batch of 5: ")
+
+
+def test_a_failing_compiler_falls_back_to_eager_in_one_line_or_is_refused(monkeypatch):
+    model, data = tiny(), tiny_data()
+    d = S.random_directions(model, 2, seed=3)
+    eager = S.surface(model, data, d, X, Y)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nno compiler found")
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(S, "estimated_compile_seconds", lambda model, graphs=1: 0.0)
+    said = []
+    res = S.surface(model, data, d, X, Y, compile="auto", notice=said.append)
+    np.testing.assert_array_equal(res["loss"], eager["loss"])     # eager: bit for bit
+    assert said[-1] == ("--compile auto: running eagerly: torch.compile failed here "
+                        "(RuntimeError: InductorError: CppCompileError: C++ compile error)")
+    assert sum("running eagerly" in line for line in said) == 1
+    with pytest.raises(ConfigError, match=r"--compile on: torch\.compile failed here \(RuntimeError: InductorError: "
+                                          r"CppCompileError: C\+\+ compile error\); use --compile off"):
+        S.surface(model, data, d, X, Y, compile="on")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny().state_dict().values()))
+
+
+def test_compile_values_and_mc_of_torch_dropout():
+    model, data = tiny(), tiny_data()
+    d = S.random_directions(model, 1, seed=3)
+    assert [S.parse_compile(v) for v in (True, False, None, "AUTO", " on", "off")] == ["on", "off", "off", "auto",
+                                                                                     "on", "off"]
+    with pytest.raises(ConfigError, match=r"--compile 'yes' is not one of auto, on, off: auto \(the default\)"):
+        S.parse_compile("yes")
+    # MC sampling of torch.nn.Dropout modules would recompile at every seed: refused when asked for ...
+    with pytest.raises(ConfigError, match=r"--compile on: --mc 2 samples this model's torch\.nn\.Dropout module\(s\) "
+                                          r"\(drop\) with a new seed each time.*; use --compile off"):
+        S.surface(model, data, d, X, mc=2, compile=True)
+    # ... and eager under auto, whatever the grid
+    said = []
+    res = S.surface(model, data, d, X, mc=2, compile="auto", notice=said.append)
+    np.testing.assert_array_equal(res["loss"], S.surface(model, data, d, X, mc=2)["loss"])
+    assert said == ["--compile auto: running eagerly: --mc 2 samples this model's torch.nn.Dropout module(s) (drop) "
+                    "with a new seed each time, which a compiled graph would recompile for (only the zoo's MCDropout "
+                    "layers can run outside it)"]

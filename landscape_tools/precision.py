@@ -13,7 +13,8 @@ are rarely meaningful).
 
 ``--compile`` wraps the model in :func:`torch.compile`.  The first forward pass of each input shape
 pays the compilation (seconds to minutes); afterwards the compiled graph is reused.  It helps when
-the same shapes are evaluated many times (surface grids, MC samples) and is off by default.
+the same shapes are evaluated many times (surface grids, MC samples) and is off by default
+(``lt surface`` defaults to ``--compile auto``: see :class:`landscape_tools.surface.SurfaceEvaluator`).
 """
 from __future__ import annotations
 

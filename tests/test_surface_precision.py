@@ -295,3 +295,20 @@ def test_compile_values_and_mc_of_torch_dropout():
     assert said == ["--compile auto: running eagerly: --mc 2 samples this model's torch.nn.Dropout module(s) (drop) "
                     "with a new seed each time, which a compiled graph would recompile for (only the zoo's MCDropout "
                     "layers can run outside it)"]
+
+
+def test_merge_of_shards_that_ran_differently_records_mixed(tmp_path):
+    import h5py
+
+    job = _job()
+    parts = [str(tmp_path / f"p{i}.h5") for i in range(2)]
+    for i, part in enumerate(parts):
+        S.run_surface([job], part, X, Y, shard=(i, 2), compile="off")
+    same = store.read_result(S.merge_shards(parts, str(tmp_path / "same.h5"))).models["m"]
+    assert same.attrs["compile"] == False and same.attrs["compile_option"] == "off"  # noqa: E712 (numpy bool)
+    with h5py.File(parts[1], "r+") as f:                 # as if shard 1 had run compiled
+        f["m"].attrs["compile"] = True
+    merged = store.read_result(S.merge_shards(parts, str(tmp_path / "m.h5"))).models["m"]
+    assert merged.attrs["compile"] == "mixed"
+    assert merged.attrs["compile_note"] == f"the shards ran eagerly ({parts[0]}), compiled ({parts[1]})"
+    np.testing.assert_array_equal(merged.data["loss"], same.data["loss"])

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, NumericalError
+from .evaluate import _is_oom, check_max_batch
 from .models import Smoothing, dropout_modules, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 from .precision import autocast, full_precision, model_dtype, parse_precision
@@ -306,8 +307,9 @@ def _evaluation(model: nn.Module) -> Iterator[None]:
 class _CopySchedule:
     """Which MC copies the current forward pass carries, and how their masks are seeded."""
 
-    def __init__(self, seed: int, batch: int, copies: Sequence[int]):
+    def __init__(self, seed: int, batch: int, copies: Sequence[int], rows: tuple[int, int, int] | None = None):
         self.seed, self.batch, self.copies = int(seed), int(batch), list(copies)
+        self.rows = rows                       # (start, count, total): the pass holds rows start.. of total
         self.calls: dict[int, int] = {}
 
     def next_call(self, module_index: int) -> int:
@@ -346,9 +348,21 @@ def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwis
         # masks are drawn in float32 under autocast (bf16/fp16 inputs), so every precision sees the same masks
         mask_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         keep = torch.empty((n,) + shape, device=x.device, dtype=mask_dtype)
+        piece = schedule.rows
+        if piece is not None:        # rows start..start+count of a batch of total: the whole batch's mask, sliced
+            start, count, total = piece
+            if b != count:
+                raise NumericalError(f"a dropout input of shape {tuple(x.shape)} does not have the batch ({count} "
+                                     f"samples x {n} MC copies) as its leading dimension, so a batch of {total} cannot "
+                                     f"be split into pieces of --max-batch {count} rows: give --max-batch at least "
+                                     f"{total} (or a smaller --batch-size)")
         for j, k in enumerate(schedule.copies):
             gen = _generator(derive_seed(schedule.seed, schedule.batch, k, index, call), x.device)
-            torch.rand(shape, generator=gen, device=x.device, dtype=mask_dtype, out=keep[j])
+            if piece is None:
+                torch.rand(shape, generator=gen, device=x.device, dtype=mask_dtype, out=keep[j])
+            else:
+                whole = torch.rand((total,) + shape[1:], generator=gen, device=x.device, dtype=mask_dtype)
+                keep[j] = whole[start:start + count]
         keep = keep.ge_(p).reshape((n * b,) + shape[1:])
         if keep.dtype != x.dtype:
             keep = keep.to(x.dtype)
@@ -451,11 +465,6 @@ class FeatVarResult:
     attrs: dict = field(default_factory=dict)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
 class FeatureVariance:
     """The analysis of one model, batch by batch (so a run can resume at batch granularity).
 
@@ -472,8 +481,11 @@ class FeatureVariance:
         precision: ``fp32`` (default), ``bf16`` or ``fp16``: the forward passes run under
             :func:`landscape_tools.precision.autocast`; the hooked features are cast back to the
             model's dtype before any statistic (dropout masks are the same at every precision).
-        max_batch: at most this many samples (copies x batch) per forward pass (default 512 on CPU,
-            4096 on CUDA); the numbers do not depend on it.
+        max_batch: at most this many rows (MC copies x samples) per forward pass; a batch of more samples
+            runs in pieces of ``max_batch`` rows whose masks and noise are the rows of the whole batch's,
+            so the numbers do not depend on it (to float rounding of the per-piece sums).  None
+            (default): copies stacked up to :data:`DEFAULT_MAX_BATCH` rows for the device type, batches
+            never split.
 
     Raises:
         ConfigError: bad options, a model without dropout for ``source=dropout``, bad layers.
@@ -500,10 +512,10 @@ class FeatureVariance:
                 raise ConfigError("--source applies to --over mc only; --over spatial is deterministic")
             mc = 1
             self.source = None
+        self.split = max_batch is not None          # an explicit cap also splits batches larger than it
         if max_batch is None:
             max_batch = DEFAULT_MAX_BATCH.get(sample.device.type, DEFAULT_MAX_BATCH["cpu"])
-        if int(max_batch) < 1:
-            raise ConfigError(f"--max-batch {max_batch} must be at least 1")
+        check_max_batch(max_batch)
         self.model, self.over, self.mc, self.fourier = model, over, int(mc), bool(fourier)
         self.seed, self.max_batch = int(seed), int(max_batch)
         self.precision, self.out_dtype = parse_precision(precision), model_dtype(model)
@@ -518,10 +530,14 @@ class FeatureVariance:
     def batch_stats(self, index: int, x: torch.Tensor) -> BatchStats:
         """Statistics of data batch ``index`` (its position in the fixed batch order) with inputs ``x``."""
         b = int(x.shape[0])
-        copies = max(1, min(self.mc, self.max_batch // max(b, 1)))
+        piece = min(b, self.max_batch) if self.split else b
+        copies = max(1, min(self.mc, self.max_batch // max(piece, 1)))
         while True:
             try:
-                return self._batch_stats(index, x, copies)
+                if piece >= b:
+                    return self._batch_stats(index, x, copies)
+                parts = [self._batch_stats(index, x, copies, (r, min(r + piece, b), b)) for r in range(0, b, piece)]
+                return BatchStats(*(np.sum([getattr(s, key) for s in parts], axis=0) for key in _SUMS))
             except Exception as exc:  # out of memory: fewer copies per pass, same masks, same answer
                 if not _is_oom(exc) or copies == 1:
                     raise
@@ -529,13 +545,20 @@ class FeatureVariance:
                 if x.is_cuda:
                     torch.cuda.empty_cache()
 
-    def _batch_stats(self, index: int, x: torch.Tensor, copies: int) -> BatchStats:
+    def _batch_stats(self, index: int, x: torch.Tensor, copies: int,
+                     rows: tuple[int, int, int] | None = None) -> BatchStats:
+        """The sums of batch ``index`` (``rows``: only rows ``start..stop`` of its ``total``)."""
         n_layers = len(self.layers)
         stats = self.empty_stats()
         fsum = [None] * n_layers
         welford = [_Welford() for _ in range(n_layers)]
         holder: list = [None]
         current = {"n": 1}
+        whole = x
+        piece = None
+        if rows is not None:
+            start, stop, total = rows
+            x, piece = x[start:stop], (start, stop - start, total)
         b = int(x.shape[0])
         layer_of = {name: i for i, name in enumerate(self.layers.names)}
         modules = dict(self.model.named_modules())
@@ -572,17 +595,19 @@ class FeatureVariance:
                 if self.over == "spatial":
                     self.model(x)
                 else:
-                    for start in range(0, self.mc, copies):
-                        ks = list(range(start, min(start + copies, self.mc)))
+                    for first in range(0, self.mc, copies):
+                        ks = list(range(first, min(first + copies, self.mc)))
                         current["n"] = len(ks)
                         if self.source.kind == "dropout":
-                            holder[0] = _CopySchedule(self.seed, index, ks)
+                            holder[0] = _CopySchedule(self.seed, index, ks, piece)
                             xin = x.repeat((len(ks),) + (1,) * (x.dim() - 1))
                         else:
                             holder[0] = None
-                            xin = torch.cat([x + input_noise(x.shape, self.source.sigma,
-                                                             derive_seed(self.seed, index, k), x.device, x.dtype)
-                                             for k in ks])
+                            noise = [input_noise(whole.shape, self.source.sigma, derive_seed(self.seed, index, k),
+                                                 x.device, x.dtype) for k in ks]
+                            if piece is not None:
+                                noise = [z[piece[0]:piece[0] + piece[1]] for z in noise]
+                            xin = torch.cat([x + z for z in noise])
                         self.model(xin)
                         holder[0] = None
         finally:

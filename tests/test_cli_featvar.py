@@ -134,3 +134,16 @@ def test_featvar_precision_is_recorded(files):
     assert result.config["precision"] == "bf16" and result.config["compile"] is False
     assert result.models["mcdo"].attrs["precision"] == "bf16"
     assert np.all(result.models["mcdo"]["variance"][1:] > 0)
+
+
+def test_featvar_max_batch_below_the_batch_size_gives_the_same_numbers(files):
+    root, _, paths = files
+    got = {}
+    for cap in ("1000", "3"):                      # every copy in one pass; the batch of 10 in pieces of 3 rows
+        out = root / f"fv_cap_{cap}.h5"
+        res = run("featvar", paths["resnet_mcdo_18"], "--mc", "3", "--batch-size", "10", "--max-batch", cap,
+                  "-o", out)
+        assert res.exit_code == 0, res.output
+        got[cap] = store.read_result(out).models["mcdo"]["variance"]
+    np.testing.assert_allclose(got["3"], got["1000"], rtol=1e-6, atol=0)
+    assert np.all(got["1000"][1:] > 0)

@@ -10,13 +10,13 @@ from . import common
 @common.model_arguments
 @click.option("--mc", default="1,2,5,10,20,50", show_default=True, metavar="N1,N2,...",
               help="Ensemble sizes: numbers of MC-dropout samples averaged per prediction. "
-                   "The sweep costs max(N) forward passes per batch.")
+                   "The sweep costs max(N) MC samples per batch (several per forward pass, see --max-batch).")
 @common.data_options(split="test", batch_size=256)
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="At most N rows (MC copies x samples) per forward pass: the MC samples of a batch are "
                    "stacked along the batch dimension up to N rows, and a batch larger than N runs in "
                    "pieces of N rows (same masks; each piece redraws the batch's masks, so prefer a smaller "
-                   "--batch-size). The numbers do not depend on it  [default: copies stacked up to 64 rows "
+                   "--batch-size). The numbers do not depend on it  [default: copies stacked up to 128 rows "
                    "on CPU, 4096 on CUDA; batches are not split]")
 @common.precision_options()
 @common.device_option

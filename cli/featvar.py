@@ -26,8 +26,10 @@ from . import common
                                               "half-diagonal of its 2-D spectrum (0 to pi).")
 @common.data_options(split="test", batch_size=64)
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
-              help="At most N samples (MC copies x batch) per forward pass; results do not depend on it  "
-                   "[default: 512 on CPU, 4096 on CUDA]")
+              help="At most N rows (MC copies x samples) per forward pass: the copies of a batch are stacked "
+                   "up to N rows, and a batch larger than N runs in pieces of N rows (same masks; each piece "
+                   "redraws the batch's masks, so prefer a smaller --batch-size). The numbers do not depend on "
+                   "it  [default: copies stacked up to 128 rows on CPU, 4096 on CUDA; batches are not split]")
 @common.precision_options()
 @common.device_option
 @common.seed_option
@@ -37,8 +39,8 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
             samples, batch_size, max_batch, precision, compile_model, device, seed, output, overwrite, plot_path):
     """Feature-map variance of MODELS, layer by layer (Park & Kim 2022, section 6).
 
-    With --over mc (default) each batch is repeated once per MC sample and run as one batched
-    forward pass (chunks of --max-batch samples), every copy with its own seeded dropout masks or
+    With --over mc (default) each batch is repeated once per MC sample and run as batched
+    forward passes (of at most --max-batch rows), every copy with its own seeded dropout masks or
     input noise; the statistics stream in float64, so memory does not grow with --mc. A killed
     run continues where it stopped when the same command is run again. Several models go into one
     file, one group each, and are overlaid by `--plot` against normalised depth.

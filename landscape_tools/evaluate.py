@@ -14,10 +14,12 @@ of a sweep we report
 * a **reliability diagram**: per bin its count, accuracy and mean confidence (NaN for empty bins).
 
 A sweep reuses samples: the running sum of probabilities over MC samples ``1..max(N)`` is scored
-whenever the count reaches one of the ``N``, so it costs ``max(N)`` forward passes per batch, not
-``sum(N)``.  It streams over the data: only the current batch's probability sums are held.  MC sample
-``s`` of batch ``b`` uses the dropout masks of :func:`mc_seed` ``(seed, b, s)``, so a run is
-reproducible for a given seed and batch size.
+whenever the count reaches one of the ``N``, so it costs ``max(N)`` forward passes' worth of rows per
+batch, not ``sum(N)``.  It streams over the data: only the current batch's probability sums are held.
+MC sample ``s`` of batch ``b`` uses the dropout masks of :func:`mc_seed` ``(seed, b, s)``, so a run is
+reproducible for a given seed and batch size.  Several MC samples go through the model in one forward
+pass, stacked along the batch dimension, each copy multiplied by its own sample's masks (exactly the
+masks of one pass per sample), at most ``max_batch`` rows per pass (:data:`DEFAULT_MAX_BATCH`).
 """
 from __future__ import annotations
 
@@ -40,9 +42,12 @@ PROB_FLOOR = 1e-12
 N_BINS = 10
 #: the paper's ensemble-size sweep (`lt evaluate --mc` default)
 DEFAULT_SIZES = (1, 2, 5, 10, 20, 50)
-#: default cap on the rows (MC copies x samples) of one forward pass, per device type; measured in
-#: benchmarks/bench_evaluate.py (see docs/readme/evaluate.md)
-DEFAULT_MAX_BATCH = {"cpu": 64, "cuda": 4096}
+#: default cap on the rows (MC copies x samples) of one forward pass, per device type (also featvar's).
+#: CPU: measured with benchmarks/bench_evaluate.py and bench_featvar.py (docs/readme/evaluate.md): the
+#: cost per row is flat from ~16 to 256 rows and grows past that (512 rows: 1.5x), so copies are stacked
+#: only up to 128 rows.  CUDA: not measured here; large enough to fill a GPU with CIFAR-sized inputs,
+#: halved automatically on out-of-memory.
+DEFAULT_MAX_BATCH = {"cpu": 128, "cuda": 4096}
 
 
 def parse_ensemble_sizes(text: str | Sequence[int], option: str = "--mc") -> tuple[int, ...]:
@@ -253,7 +258,8 @@ class EnsembleCurve:
             float64, NaN for empty bins.
         num_samples: scored data samples.
         mc_active: whether the model has dropout with p > 0 (otherwise every N is the same prediction).
-        forward_passes: forward passes per batch that were run (max(N), or 1 without dropout).
+        forward_passes: MC samples computed per batch (max(N), or 1 without dropout); several may share
+            one forward pass (see ``max_batch``).
         seed: the seed of the dropout masks.
         note: a human-readable remark ("" when there is nothing to say).
     """

@@ -16,8 +16,9 @@ over every map seen (samples, channels and, for ``mc``, the MC copies), read alo
 from frequency 0 to pi, minus its value at 0 ("relative log amplitude").
 
 How the MC samples are run: the data batch is repeated along the batch dimension, one copy per MC
-sample, and the copies go through the model in ONE forward pass (or in chunks of ``max_batch``
-samples, halved again on out-of-memory).  Every copy draws its own dropout masks (or noise) from a
+sample, and the copies go through the model in batched forward passes of at most ``max_batch`` rows
+(default 128 on CPU, 4096 on CUDA; halved again on out-of-memory; an explicit ``max_batch`` below the
+batch size also splits the batch into row pieces).  Every copy draws its own dropout masks (or noise) from a
 generator seeded by ``derive_seed(seed, batch index, copy, dropout module, call)``, so the result does
 not depend on the chunking, equals the plain loop of ``mc`` separate passes with the same masks, and
 a resumed run equals an uninterrupted one.  Statistics are merged in float64 as they stream out of
@@ -39,7 +40,7 @@ import torch.nn as nn
 
 from .device import Progress, report
 from .errors import ConfigError, NumericalError
-from .evaluate import _is_oom, check_max_batch
+from .evaluate import DEFAULT_MAX_BATCH, _is_oom, check_max_batch
 from .models import Smoothing, dropout_modules, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 from .precision import autocast, full_precision, model_dtype, parse_precision
@@ -48,8 +49,8 @@ OVER = ("mc", "spatial")
 LAYER_PRESETS = ("stages", "blocks")
 LOG_EPS = 1e-6
 DEFAULT_MC = 32
-#: default cap on the samples (copies x batch) of one forward pass, per device type
-DEFAULT_MAX_BATCH = {"cpu": 512, "cuda": 4096}
+#: default cap on the rows (MC copies x samples) of one forward pass, per device type (see evaluate's)
+DEFAULT_MAX_BATCH = dict(DEFAULT_MAX_BATCH)
 
 _MASK64 = (1 << 64) - 1
 

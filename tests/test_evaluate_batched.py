@@ -94,7 +94,7 @@ def rows_per_pass(model):
 
 @pytest.mark.parametrize("kind", ["torch", "mc"])
 @pytest.mark.parametrize("max_batch, passes", [
-    (None, [20, 20, 15]),                 # default: 5 copies stacked (<= 64 rows on CPU), one pass per batch
+    (None, [20, 20, 15]),                 # default: 5 copies stacked (<= 128 rows on CPU), one pass per batch
     (1000, [20, 20, 15]),                 # every MC sample of a batch in one pass
     (8, [8, 8, 4] * 2 + [6, 6, 3]),       # 2 copies per pass (the batch of 3: 2 copies of 3 rows)
     (4, [4] * 10 + [3] * 5),              # one copy per pass: the engine before stacking
@@ -194,5 +194,6 @@ def test_out_of_memory_halves_the_copies_with_the_same_answer():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
 def test_bad_max_batch_is_refused(bad):
-    with pytest.raises(ConfigError, match=r"--max-batch .*: expected a whole number of rows per forward pass, at least 1"):
+    with pytest.raises(ConfigError, match=r"--max-batch .*: expected a whole number of rows per forward pass, "
+                                          r"at least 1"):
         ensemble_curve(ConvNet(), conv_batches(), (1, 2), max_batch=bad)

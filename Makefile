@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_hessian.py
 	$(PY) benchmarks/bench_surface.py
 	$(PY) benchmarks/bench_featvar.py
+	$(PY) benchmarks/bench_evaluate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -112,7 +112,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
 
 
 def _table(label: str, curve) -> str:
-    mode = "MC dropout" if curve.mc_active else "deterministic (no dropout)"
+    mode = "MC dropout" if curve.mc_active else "deterministic (no MC dropout)"
     lines = [f"{label}: {mode}, {curve.num_samples} samples",
              f"{'N':>5}  {'NLL':>8}  {'accuracy':>8}  {'ECE':>8}  {'Brier':>8}"]
     for i, n in enumerate(curve.sizes):

@@ -12,6 +12,9 @@ of a sweep we report
   ``(edges[b], edges[b+1]]`` (the first bin also holds 0); ``ECE = sum_b (n_b / n) |acc_b - conf_b|``.
 * **Brier**: ``sum_k (onehot_k - p_k)^2``, averaged over samples (range 0..2).
 * a **reliability diagram**: per bin its count, accuracy and mean confidence (NaN for empty bins).
+* **per-sample values** for every N (the units ``lt compare`` resamples): ``log p(y)`` of the mean
+  probability (floored as in the NLL), correctness of the arg-max, confidence (max probability) and
+  the sample's Brier term, in data order (float32; correctness as bool).
 
 A sweep reuses samples: the running sum of probabilities over MC samples ``1..max(N)`` is scored
 whenever the count reaches one of the ``N``, so it costs ``max(N)`` forward passes' worth of rows per
@@ -262,6 +265,10 @@ class EnsembleCurve:
             one forward pass (see ``max_batch``).
         seed: the seed of the dropout masks.
         note: a human-readable remark ("" when there is nothing to say).
+        sample_log_prob, sample_confidence, sample_brier: float32 (S, num_samples), and sample_correct
+            bool (S, num_samples): per data sample (in batch order) and N, ``log max(p_y, 1e-12)`` of the
+            mean probability, its max probability, ``sum_k (onehot_k - p_k)^2`` and whether the arg-max
+            is the label (None when not computed).
     """
 
     sizes: np.ndarray
@@ -278,6 +285,10 @@ class EnsembleCurve:
     forward_passes: int
     seed: int
     note: str = ""
+    sample_log_prob: np.ndarray | None = None
+    sample_correct: np.ndarray | None = None
+    sample_confidence: np.ndarray | None = None
+    sample_brier: np.ndarray | None = None
 
     def to_node(self, attrs: dict | None = None) -> dict:
         """The HDF5 group of one model (schema: kind ``evaluate``); ``attrs`` are added to its attributes."""
@@ -285,7 +296,7 @@ class EnsembleCurve:
                       "forward_passes": int(self.forward_passes), "seed": int(self.seed), "note": self.note,
                       "prob_floor": PROB_FLOOR, "ece_bins": int(len(self.bin_edges) - 1)}
         node_attrs.update(attrs or {})
-        return {
+        node = {
             "attrs": node_attrs,
             "data": {
                 "n_samples": (self.sizes.astype(np.int64), {"description": "ensemble size N (MC samples averaged)"}),
@@ -296,11 +307,31 @@ class EnsembleCurve:
                                    "bins": int(len(self.bin_edges) - 1)}),
                 "brier": (self.brier, {"description": "mean sum_k (onehot_k - p_k)^2"}),
             },
-            "groups": {"reliability": {
-                "attrs": {"binning": "bin b holds max probability in (edges[b], edges[b+1]]; empty bins are NaN"},
-                "data": {"bin_edges": self.bin_edges, "counts": self.bin_counts.astype(np.int64),
-                         "accuracy": self.bin_accuracy, "confidence": self.bin_confidence}}},
+            "groups": {"reliability": self._reliability()},
         }
+        if self.sample_log_prob is not None:
+            node["groups"]["per_sample"] = self._per_sample()
+        return node
+
+    def _reliability(self) -> dict:
+        return {"attrs": {"binning": "bin b holds max probability in (edges[b], edges[b+1]]; empty bins are NaN"},
+                "data": {"bin_edges": self.bin_edges, "counts": self.bin_counts.astype(np.int64),
+                         "accuracy": self.bin_accuracy, "confidence": self.bin_confidence}}
+
+    def _per_sample(self) -> dict:
+        return {"attrs": {"description": "per data sample (columns, in the order of the batches) and ensemble size "
+                                         "N (rows, as n_samples): the units lt compare resamples",
+                          "dtype": "float32 (rounded from float64; the metrics above are computed in float64), "
+                                   "correct as bool"},
+                "data": {"log_prob": (self.sample_log_prob.astype(np.float32),
+                                      {"description": "log max(p(label), prob_floor) of the mean softmax",
+                                       "prob_floor": PROB_FLOOR}),
+                         "correct": (self.sample_correct.astype(bool),
+                                     {"description": "arg-max class (ties: lowest index) equals the label"}),
+                         "confidence": (self.sample_confidence.astype(np.float32),
+                                        {"description": "max probability of the mean softmax"}),
+                         "brier": (self.sample_brier.astype(np.float32),
+                                   {"description": "sum_k (onehot_k - p_k)^2 of the mean softmax"})}}
 
 
 def check_max_batch(value: Any) -> int | None:
@@ -398,6 +429,8 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     column = {n: j for j, n in enumerate(sizes)}
     width = MetricAccumulator(n_bins).state_size()
     table = np.zeros((len(batches), len(sizes), width))      # per batch, per N: the accumulator's sums
+    offsets = np.concatenate([[0], np.cumsum([int(y.shape[0]) for _, y in batches])])
+    per_sample = np.zeros((len(_PER_SAMPLE), len(sizes), int(offsets[-1])))   # per value, per N, per data sample
     computed = np.zeros(len(batches))
     params = next(iter(model.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else None
@@ -429,7 +462,9 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                         for s, probs in enumerate(probs_of):
                             running = probs if running is None else running + probs
                             if active and (s + 1) in column:
-                                table[b, column[s + 1]] = _batch_state(running / (s + 1), y, n_bins)
+                                mean = running / (s + 1)
+                                table[b, column[s + 1]] = _batch_state(mean, y, n_bins)
+                                per_sample[:, column[s + 1], offsets[b]:offsets[b + 1]] = _sample_values(mean, y)
                         break
                     except _NotBatchFirst as exc:
                         if piece < rows:
@@ -446,6 +481,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                             torch.cuda.empty_cache()
                 if not active:
                     table[b, :] = _batch_state(running, y, n_bins)
+                    per_sample[:, :, offsets[b]:offsets[b + 1]] = _sample_values(running, y)[:, None, :]
                 done += passes
                 computed[b] = 1
     except Exception as exc:
@@ -455,7 +491,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     finally:
         model.train(was_training)
     if distributed:
-        table = _share(ctx, error, table, computed)
+        table, per_sample = _share(ctx, error, table, computed, per_sample)
     accs = {n: MetricAccumulator(n_bins) for n in sizes}
     for b in range(len(batches)):
         for n, j in column.items():
@@ -476,7 +512,10 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                          ece=stack("ece"), brier=stack("brier"), bin_edges=results[0]["bin_edges"],
                          bin_counts=stack("bin_counts"), bin_accuracy=stack("bin_accuracy"),
                          bin_confidence=stack("bin_confidence"), num_samples=int(results[0]["num_samples"]),
-                         mc_active=active, forward_passes=passes, seed=int(seed), note=note)
+                         mc_active=active, forward_passes=passes, seed=int(seed), note=note,
+                         sample_log_prob=per_sample[0].astype(np.float32), sample_correct=per_sample[1] > 0.5,
+                         sample_confidence=per_sample[2].astype(np.float32),
+                         sample_brier=per_sample[3].astype(np.float32))
 
 
 class _NotBatchFirst(Exception):
@@ -587,15 +626,30 @@ def _is_oom(exc: BaseException) -> bool:
     return (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
+#: the per-sample values of :func:`_sample_values`, in order
+_PER_SAMPLE = ("log_prob", "correct", "confidence", "brier")
+
+
+def _sample_values(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """(4, rows) float64: ``log max(p_y, PROB_FLOOR)``, correctness (0/1), max probability, Brier term."""
+    p = _as_numpy(probs, np.float64)
+    y = _as_numpy(labels, None).astype(np.int64)
+    p_true = p[np.arange(p.shape[0]), y]
+    return np.stack([np.log(np.maximum(p_true, PROB_FLOOR)), (np.argmax(p, axis=1) == y).astype(np.float64),
+                     p.max(axis=1), (p ** 2).sum(axis=1) - 2.0 * p_true + 1.0])
+
+
 def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.ndarray:
     acc = MetricAccumulator(n_bins)
     acc.add(probs, labels)
     return acc.state()
 
 
-def _share(ctx, error: Exception | None, table: np.ndarray, computed: np.ndarray) -> np.ndarray:
-    """Vote (did every rank succeed?), then all-reduce the per-batch sums: every batch row comes from
-    the one rank that computed it and is zero elsewhere, so the sum reproduces it exactly."""
+def _share(ctx, error: Exception | None, table: np.ndarray, computed: np.ndarray,
+           per_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vote (did every rank succeed?), then all-reduce the per-batch sums and the per-sample values:
+    every batch row (and every sample column) comes from the one rank that computed it and is zero
+    elsewhere, so the sum reproduces it exactly, in sample order."""
     from . import distributed as D
 
     failed = D.all_ok(ctx, error is None)
@@ -605,11 +659,11 @@ def _share(ctx, error: Exception | None, table: np.ndarray, computed: np.ndarray
         raise D.RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
                            f"nothing was written")
     n = len(computed)
-    packed = torch.from_numpy(np.concatenate([computed, table.ravel()]))
+    packed = torch.from_numpy(np.concatenate([computed, table.ravel(), per_sample.ravel()]))
     summed = D.all_reduce(ctx, packed, "sum").cpu().numpy()
     if not np.all(summed[:n] == 1):
         bad = np.flatnonzero(summed[:n] != 1).tolist()
         raise NumericalError(f"batches {bad[:10]} were computed by {sorted(set(summed[:n][bad].tolist()))} ranks "
                              f"instead of exactly one; the ranks disagree on the data (same --data, --samples, "
                              f"--batch-size and --seed on every rank?)")
-    return summed[n:].reshape(table.shape)
+    return summed[n:n + table.size].reshape(table.shape), summed[n + table.size:].reshape(per_sample.shape)

@@ -656,6 +656,14 @@ class FeatureVariance:
                 "precision": self.precision}
 
 
+def batch_variance(batches: Sequence[BatchStats]) -> np.ndarray:
+    """(n_batches, n_layers): each batch's own mean variance per layer (NaN where it has no entries)."""
+    var_sum = np.array([s.var_sum for s in batches], dtype=np.float64)
+    count = np.array([s.count for s in batches], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, var_sum / np.maximum(count, 1), np.nan)
+
+
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Any randomness we do not control (a user model's own) is seeded per batch; global state restored."""
@@ -731,6 +739,9 @@ def _layout(analysis: FeatureVariance, n_batches: int, model_attrs: dict) -> dic
                                 np.full((n, analysis.n_freq), np.nan) if analysis.fourier else None,
                                 np.full((n, analysis.n_freq), np.nan) if analysis.fourier else None)
     node = result_node(placeholder, model_attrs)
+    node["data"]["batch_variance"] = (np.full((n_batches, n), np.nan), {
+        "description": "per data batch (rows, in batch order) and layer: the mean variance of that batch alone "
+                       "(var_sum / count of the sums group); the units lt compare resamples"})
     node.setdefault("groups", {})["sums"] = {
         "attrs": {"note": "per-batch sums the variance is computed from (kept for resuming and merging)"},
         "data": {"var_sum": np.zeros((n_batches, n)), "count": np.zeros((n_batches, n)),
@@ -858,6 +869,8 @@ def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarR
         stats = [BatchStats(*(part.read(base + k)[i] for k in _SUMS)) for i in range(len(xs))]
         result = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
         part.write(job.label + "/variance", ..., result.variance)
+        if job.label + "/batch_variance" in part.file:     # absent from partial files of older versions
+            part.write(job.label + "/batch_variance", ..., batch_variance(stats))
         part.set_attrs(job.label, {"num_samples": result.num_samples})
         if result.fourier is not None:
             part.write(job.label + "/fourier/amplitude", ..., result.fourier)

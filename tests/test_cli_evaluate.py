@@ -39,7 +39,7 @@ def test_evaluate_writes_schema_and_table(files):
               "--seed", "5", "-o", out, "--plot", fig)
     assert res.exit_code == 0, res.output
     assert "mcdo: MC dropout, 20 samples" in res.output
-    assert "dnn: deterministic (no dropout), 20 samples" in res.output
+    assert "dnn: deterministic (no MC dropout), 20 samples" in res.output
     assert "note: dnn: the model has no MC dropout" in res.output
     assert fig.stat().st_size > 0
     result = store.read_result(out)

@@ -58,7 +58,7 @@ def test_plot_evaluate_curves(files, suffix):
         for word in ("ensemble size N (MC samples)", "NLL (nats)", "ECE (%)", "accuracy (%)"):
             assert word in text
         # repeated labels get their file's name; a model without dropout is marked
-        assert "plain (a)" in text and "plain (b)" in text and "deterministic (no dropout)" in text
+        assert "plain (a)" in text and "plain (b)" in text and "deterministic (no MC dropout)" in text
 
 
 def test_dpi_sets_the_png_resolution(files):

@@ -67,7 +67,7 @@ def _curves(entries, results, title: str | None = None, **_):
         for ax, (key, _, scale) in zip(axes, _PANELS):
             ax.plot(n, np.asarray(node.data[key]) * scale, marker="o", ms=4, color=color,
                     linestyle="--" if deterministic else "-",
-                    label=f"{label} (no dropout)" if deterministic else label)
+                    label=f"{label} (no MC dropout)" if deterministic else label)
     ticks = sorted(all_n)
     for ax, (key, ylabel, _) in zip(axes, _PANELS):
         ax.set_xscale("log")
@@ -118,7 +118,7 @@ def _reliability(entries, results, title: str | None = None, **_):
         ax.set_xlabel("confidence (max probability)")
         ax.set_ylabel("accuracy")
         ece = float(np.asarray(node.data["ece"])[j]) * 100
-        mode = "" if bool(node.attrs.get("mc_active", True)) else ", no dropout"
+        mode = "" if bool(node.attrs.get("mc_active", True)) else ", no MC dropout"
         ax.set_title(f"{label}\nN = {int(n_values[j])}{mode}, ECE {ece:.1f}%", fontsize=9)
         ax.set_aspect("equal")
     if entries:

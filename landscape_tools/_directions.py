@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -350,3 +351,125 @@ def from_node(node, source: str = "file") -> Directions:
     extras = {k: v for k, v in node.data.items() if k not in ("point_labels", "point_coords")}
     return Directions(x, y, recipe, str(node.attrs.get("model_fingerprint", "")), target=target, points=points,
                       extras=extras)
+
+
+# ----------------------------------------------------------------------------- Hessian eigenvectors
+def parse_eig(spec: str | Sequence[int] | None, option: str = "--eig") -> list[int] | None:
+    """``"1,3"`` -> ``[1, 3]``: 1-based eigenvector indices (None stays None).
+
+    Raises:
+        ConfigError: not a comma-separated list of whole numbers >= 1, or an index repeated.
+    """
+    if spec is None:
+        return None
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        out = [int(p) for p in parts]
+        if any(str(p).strip() != str(int(p)) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} {spec!r} is not a list of eigenvector numbers: expected e.g. {option} 1,2 "
+                          f"(1 is the first eigenvector of the file, in its --which order)") from None
+    if not out or len(out) > 2 or any(i < 1 for i in out):
+        raise ConfigError(f"{option} {spec!r}: give one (1-D) or two (2-D) eigenvector numbers, each >= 1, "
+                          f"e.g. {option} 1,2")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{option} {spec!r} names eigenvector {out[0]} twice: the two axes must be two "
+                          f"eigenvectors, e.g. {option} {out[0]},{out[0] + 1}")
+    return out
+
+
+def hessian_directions(model: nn.Module, node, *, row: int = 0, eig: Sequence[int] = (1, 2),
+                       source: str = "hessian.h5", label: str = "", run: Mapping[str, Any] | None = None) -> Directions:
+    """Unit Hessian eigenvectors of ``model`` as surface directions (x: ``eig[0]``, y: ``eig[1]`` if given).
+
+    ``node`` is the model's group of a hessian result (a :class:`store.Node`) with an ``eigenvectors``
+    group (``lt hessian --save-vectors``): attrs ``model_fingerprint``, ``params``, ``dtype``, ``which``;
+    one dataset per covered parameter, named as in ``model.named_parameters()``, shaped
+    ``(rows, k, *param.shape)``.  Parameters without a dataset are zero in every direction.  Each
+    vector is renormalised in float64 to unit norm over all parameters (float32 storage leaves it
+    about 1e-7 off), so the axes are in the parameters' own units; no filter normalisation.
+
+    The recipe (kind ``hessian``) records the source file and its run fingerprint, the row, the
+    eigenvector numbers, their eigenvalues and ``curvature``: each eigenvalue less the Hessian's weight
+    decay, the second derivative of the surface's loss (which has no weight-decay term) along the axis.
+
+    Raises:
+        ConfigError: eigenvectors of other weights (fingerprint), a row out of range, not done or with
+            NaN vectors, an eigenvector number beyond the file's k, datasets that are not parameters of
+            ``model`` or have other shapes, a zero vector.
+    """
+    where = f"--directions {source}:{row}" + (f" (model {label})" if label else "")
+    vec = node.groups.get("eigenvectors") if hasattr(node, "groups") else None
+    if vec is None:
+        raise ConfigError(f"{where} holds no eigenvectors: run lt hessian with --save-vectors")
+    fp = model_fingerprint(model)
+    if str(vec.attrs.get("model_fingerprint", "")) != fp:
+        raise ConfigError(f"{where}: the eigenvectors were computed for other weights (fingerprint "
+                          f"{str(vec.attrs.get('model_fingerprint', ''))[:12]}), not this model ({fp[:12]}); "
+                          f"run lt hessian --save-vectors on this checkpoint")
+    eigenvalues = np.asarray(node.data["eigenvalues"], dtype=np.float64)
+    rows, k = eigenvalues.shape
+    if not 0 <= int(row) < rows:
+        raise ConfigError(f"--directions {source}:{row}: row {row} does not exist; the file has rows 0..{rows - 1} "
+                          f"(one per batch with --scope batch, one with --scope dataset)")
+    row = int(row)
+    done = np.asarray(node.data.get("done", np.ones(rows, bool))).astype(bool)
+    if not done[row]:
+        raise ConfigError(f"{where}: row {row} is not computed (the hessian run was interrupted or ran only some "
+                          f"rows); finish it with the same lt hessian command, or choose a done row "
+                          f"({', '.join(str(int(r)) for r in np.flatnonzero(done)[:8]) or 'none'})")
+    eig = [int(i) for i in eig]
+    beyond = [i for i in eig if not 1 <= i <= k]
+    if beyond:
+        raise ConfigError(f"{where}: --eig {','.join(map(str, eig))} asks for eigenvector {beyond[0]}, but the file "
+                          f"holds {k} per row (1..{k}); choose --eig within 1..{k} or rerun lt hessian with "
+                          f"--top-k {max(beyond)}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = [n for n in vec.data if n not in params]
+    if unknown:
+        raise ConfigError(f"{where}: eigenvector entries {', '.join(unknown[:5])} are not trainable parameters "
+                          f"of this model; the file belongs to another architecture")
+    if not vec.data:
+        raise ConfigError(f"{where}: the eigenvectors group holds no parameters; rerun lt hessian --save-vectors")
+    axes = []
+    for i in eig:
+        raw = {}
+        for name, p in params.items():
+            if name not in vec.data:
+                continue
+            data = vec.data[name]
+            want = (rows, k, *p.shape)
+            if tuple(data.shape) != want:
+                raise ConfigError(f"{where}: eigenvectors/{name} has shape {tuple(data.shape)}, expected {want} "
+                                  f"(rows, k, parameter shape); the file belongs to another model")
+            raw[name] = torch.from_numpy(np.array(data[row, i - 1], dtype=np.float64))
+        bad = [n for n, t in raw.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ConfigError(f"{where}: eigenvector {i} is NaN / not finite ({', '.join(bad[:3])}): the row was not "
+                              f"saved; rerun lt hessian --save-vectors for it")
+        norm = math.sqrt(sum(float((t * t).sum()) for t in raw.values()))
+        if not norm > 0:
+            raise ConfigError(f"{where}: eigenvector {i} is zero; rerun lt hessian --save-vectors")
+        axes.append({name: (raw[name] / norm).to(p.dtype) if name in raw else torch.zeros_like(p.detach().cpu())
+                     for name, p in params.items()})
+    run = dict(run or {})
+    wd = float(node.attrs.get("weight_decay", 0.0) or 0.0)
+    values = [float(eigenvalues[row, i - 1]) for i in eig]
+    nan = [i for i, v in zip(eig, values) if not math.isfinite(v)]
+    if nan:
+        raise ConfigError(f"{where}: the eigenvalue of eigenvector {nan[0]} is NaN / not finite; rerun lt hessian "
+                          f"for this row")
+    recipe = {"kind": "hessian", "source": str(source), "source_fingerprint": run.get("fingerprint"),
+              "source_created": run.get("created"), "model": label, "row": row, "eig": eig,
+              "eigenvalues": values, "weight_decay": wd, "curvature": [v - wd for v in values],
+              "which": _attr(vec, node, "which"), "params": _attr(vec, node, "params"),
+              "scope": node.attrs.get("scope"), "vector_dtype": vec.attrs.get("dtype"),
+              "norm": "none", "ignore": "none", "dims": len(eig)}
+    return Directions(axes[0], axes[1] if len(axes) == 2 else None, recipe, fp)
+
+
+def _attr(vec, node, key: str):
+    """``key`` of the eigenvectors group, else of the model group; the file's ``"null"`` is None."""
+    value = vec.attrs.get(key, node.attrs.get(key))
+    return None if value == "null" else value

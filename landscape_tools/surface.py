@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import store
-from ._directions import (IGNORES, NORMS, Directions, from_node, line_to, model_fingerprint, normalize_direction,
-                          pca_directions, plane_through, random_directions, to_node)
+from ._directions import (IGNORES, NORMS, Directions, from_node, hessian_directions, line_to, model_fingerprint,
+                          normalize_direction, parse_eig, pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
 from .device import Progress, report
 from .errors import ConfigError, StoreError
@@ -49,6 +49,7 @@ __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", 
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
            "evaluate_model", "surface_options", "recompute_bn_statistics", "COMPILE_MODES", "parse_compile",
+           "hessian_directions", "parse_eig", "split_directions_spec",
            "estimated_compile_seconds"]
 
 BN_MODES = ("frozen", "recompute")
@@ -655,20 +656,55 @@ def _coords(x: np.ndarray, y: np.ndarray | None) -> list[tuple[float, float]]:
 
 
 # ----------------------------------------------------------------------------- directions from files
-def load_directions(path: str, fingerprint: str, dims: int, label: str | None = None) -> Directions:
-    """Reuse the directions stored in a surface result file, exactly.
+def split_directions_spec(spec: str) -> tuple[str, int | None]:
+    """``--directions FILE.h5[:ROW]`` -> ``(FILE.h5, ROW or None)``.
 
-    Picks the model group whose directions were made for the model with ``fingerprint`` (or the
-    group named ``label``).
+    A path that exists as given is taken whole (even with a colon in its name); otherwise a trailing
+    ``:N`` (a whole number) is the row of a hessian file.
+    """
+    import os
+
+    text = str(spec)
+    if os.path.exists(text):
+        return text, None
+    m = re.match(r"^(.*):\s*(\d+)\s*$", text)
+    if m and m.group(1):
+        return m.group(1), int(m.group(2))
+    return text, None
+
+
+def load_directions(path: str, fingerprint: str, dims: int | None, label: str | None = None, *,
+                    model: nn.Module | None = None, row: int | None = None,
+                    eig: Sequence[int] | None = None) -> Directions:
+    """Directions from a file: a surface result's stored directions (reused exactly), or the unit
+    Hessian eigenvectors of a hessian result written with ``lt hessian --save-vectors``.
+
+    Surface files: picks the model group whose directions were made for the model with
+    ``fingerprint`` (or the group named ``label``).  Hessian files: picks the group whose
+    eigenvectors were taken of the model with ``fingerprint`` (``label`` first when given); ``row``
+    (default 0: the first batch, or the dataset Hessian) and ``eig`` (1-based, default ``1, 2`` for
+    2-D and ``1`` for 1-D; ``dims`` None: as many as ``eig`` has) choose the vectors; ``model`` (the
+    centre, needed for its parameters' names, shapes and dtypes) is required.  See
+    :func:`landscape_tools._directions.hessian_directions`.
 
     Raises:
-        ConfigError: the file holds no surface, no directions for this model, or another number of
-            dimensions.
+        ConfigError: the file holds neither, no directions / eigenvectors for this model, another number
+            of dimensions; for hessian files also a row or eigenvector out of range or not computed;
+            ``row`` / ``eig`` given for a surface file.
         StoreError: unreadable file.
     """
     res = store.read_result(path)
+    if res.kind == "hessian":
+        return _hessian_file_directions(res, path, fingerprint, dims, label, model, row, eig)
     if res.kind != "surface":
-        raise ConfigError(f"--directions {path} is a {res.kind} result, not a surface: it holds no directions")
+        raise ConfigError(f"--directions {path} is a {res.kind} result: it holds no directions; give a surface "
+                          f"result (its directions are reused) or a hessian result of lt hessian --save-vectors")
+    if row is not None:
+        raise ConfigError(f"--directions {path}:{row}: a :ROW picks a Hessian of a hessian file, but {path} is a "
+                          f"surface file (one pair of directions per model); drop :{row}")
+    if eig is not None:
+        raise ConfigError(f"--eig {','.join(map(str, eig))} picks eigenvectors of a hessian file, but {path} is a "
+                          f"surface file; drop --eig")
     found = []
     for name, node in res.models.items():
         if "directions" in node.groups:
@@ -676,6 +712,8 @@ def load_directions(path: str, fingerprint: str, dims: int, label: str | None = 
     if not found:
         raise ConfigError(f"--directions {path} holds no directions")
     match = [(n, g) for n, g in found if g.attrs.get("model_fingerprint") == fingerprint]
+    if label is not None:
+        match = [(n, g) for n, g in match if n == label] or match
     if not match:
         have = ", ".join(f"{n} ({str(g.attrs.get('model_fingerprint', ''))[:12]})" for n, g in found)
         raise ConfigError(f"--directions {path} was made for other weights ({have}), not this model "
@@ -683,10 +721,42 @@ def load_directions(path: str, fingerprint: str, dims: int, label: str | None = 
                           f"normalised to: compute new ones")
     name, node = match[0]
     d = from_node(node)
-    if d.dims != dims:
+    if dims is not None and d.dims != dims:
         raise ConfigError(f"--directions {path} holds {d.dims}-D directions but this run is {dims}-D "
                           f"(--dims {dims}); use a {dims}-D direction file or --dims {d.dims}")
     return d
+
+
+def _hessian_file_directions(res, path: str, fingerprint: str, dims: int | None, label: str | None,
+                             model: nn.Module | None, row: int | None, eig: Sequence[int] | None) -> Directions:
+    if model is None:
+        raise ConfigError(f"--directions {path} is a hessian result: its eigenvectors need the model "
+                          f"(load_directions(..., model=model))")
+    row = 0 if row is None else int(row)
+    where = f"--directions {path}:{row}"
+    with_vectors = [(n, node) for n, node in res.models.items() if "eigenvectors" in node.groups]
+    if not with_vectors:
+        raise ConfigError(f"{where} is a hessian result without stored eigenvectors: run lt hessian with "
+                          f"--save-vectors (it keeps them for lt surface --directions)")
+    match = [(n, node) for n, node in with_vectors
+             if node.groups["eigenvectors"].attrs.get("model_fingerprint") == fingerprint]
+    if label is not None:
+        match = [(n, node) for n, node in match if n == label] or match
+    if not match:
+        have = ", ".join(f"{n} ({str(node.groups['eigenvectors'].attrs.get('model_fingerprint', ''))[:12]})"
+                         for n, node in with_vectors)
+        raise ConfigError(f"{where}: the eigenvectors were computed for other weights (model {have}), not this model "
+                          f"({fingerprint[:12]}); a Hessian's eigenvectors belong to the weights it was taken at: "
+                          f"run lt hessian --save-vectors on this checkpoint")
+    if eig is None:
+        eig = [1, 2][:2 if dims is None else int(dims)]
+    eig = [int(i) for i in eig]
+    if dims is not None and len(eig) != int(dims):
+        raise ConfigError(f"--eig {','.join(map(str, eig))} names {len(eig)} eigenvector(s) but this run is "
+                          f"{dims}-D (--dims {dims}); give {dims} number(s), e.g. --eig "
+                          f"{'1,2' if int(dims) == 2 else '1'}")
+    name, node = match[0]
+    return hessian_directions(model, node, row=row, eig=eig, source=str(path), label=name, run=res.attrs)
 
 
 # ----------------------------------------------------------------------------- resumable runs

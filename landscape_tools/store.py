@@ -8,7 +8,8 @@ then rename), never silently overwritten, and refused when foreign or newer than
 Long runs write through :class:`PartialResult`: a ``OUT.h5.partial`` file whose arrays (NaN where not
 yet computed) are updated in place; its layout is allocated once, so later writes only touch
 fixed-size data, and the file is renamed to ``OUT.h5`` when complete.  A second process that tries to
-write the same output is refused by a lock file.
+write the same output is refused by a lock file (``OUT.h5.lock``, with a heartbeat: a lock whose
+holder stopped refreshing it for ``LT_LOCK_STALE_AFTER`` seconds is taken over from any host).
 
 Nodes: writers take nested dicts ``{"attrs": {...}, "data": {name: array | (array, attrs)},
 "groups": {name: node}}``; readers return :class:`Node` objects of the same shape.
@@ -20,6 +21,7 @@ import errno
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -161,46 +163,259 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- locking
-class OutputLock:
-    """``OUT.h5.lock`` created exclusively; a second writer of the same output is refused.
+#: environment variable: seconds without a heartbeat after which a lock is stale and taken over
+STALE_ENV = "LT_LOCK_STALE_AFTER"
+STALE_DEFAULT = 120.0
+_LOCK_PREFIX = ".lt-lock."
 
-    A lock left by a killed process (its pid no longer runs on this host) is taken over.
+
+def lock_stale_after() -> float:
+    """Seconds after which a lock without a heartbeat is stale: ``LT_LOCK_STALE_AFTER`` (default 120).
+
+    Raises:
+        StoreError: the variable is not a number > 0.
+    """
+    text = os.environ.get(STALE_ENV, "").strip()
+    if not text:
+        return STALE_DEFAULT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise StoreError(f"{STALE_ENV}={text!r} is not a number of seconds > 0; set it to e.g. "
+                         f"{STALE_ENV}=300, or unset it for the default of {STALE_DEFAULT:g} s")
+    return value
+
+
+def heartbeat_interval(stale_after: float) -> float:
+    """How often a lock holder refreshes its lock: ``min(30, stale_after / 4)`` seconds."""
+    return min(30.0, stale_after / 4.0)
+
+
+@dataclass
+class LockInfo:
+    """What a lock file says about its holder, and how old its heartbeat is."""
+
+    host: str
+    pid: int | None
+    started: str
+    token: str          # "" for a lock written by an lt older than the heartbeat (``pid@host``)
+    age: float          # seconds since the last heartbeat (the file's modification time)
+    ino: int
+    mtime_ns: int
+
+    def owner(self) -> str:
+        return f"{self.pid if self.pid is not None else '?'}@{self.host or '?'}"
+
+
+def read_lock(path: str | os.PathLike) -> LockInfo | None:
+    """The holder of the lock file ``path`` (``OUT.h5.lock``), or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read(4096).decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    host, pid, started, token = "", None, "", ""
+    try:
+        doc = json.loads(raw)
+        host, pid = str(doc.get("host", "")), doc.get("pid")
+        started, token = str(doc.get("started", "")), str(doc.get("token", ""))
+        pid = int(pid) if pid is not None else None
+    except (ValueError, TypeError, AttributeError):
+        p, _, host = raw.partition("@")          # the format of earlier versions: pid@host
+        pid = int(p) if p.isdigit() else None
+    return LockInfo(host, pid, started, token, time.time() - st.st_mtime, st.st_ino, st.st_mtime_ns)
+
+
+class OutputLock:
+    """``OUT.h5.lock``: one writer per output, across processes and hosts sharing the file system.
+
+    The lock file records the holder's host, pid, start time and a unique token, and its modification
+    time is a heartbeat: a daemon thread touches it every ``min(30, stale/4)`` seconds while the lock
+    is held.  Another process takes the lock over when its holder is a dead pid on this host, or when
+    the heartbeat is older than ``LT_LOCK_STALE_AFTER`` seconds (default 120) on any host (a job killed
+    by a preemption or a time limit, a node that went away).  A lock with a fresh heartbeat is never
+    taken.
+
+    Taking over is race-free: ``OUT.h5.lock`` is a hard link of a file named after the holder's token
+    (``.lt-lock.OUT.h5.<token>``, created first, so a lock is never seen half-written).  Whoever removes
+    the lock of token T must first rename that token file to a name of its own; of any number of
+    contenders exactly one such rename succeeds, and since no one else may remove ``OUT.h5.lock`` while
+    it is T, the winner removes T and not a fresh lock someone created meanwhile.  Then the lock is
+    created as usual (``link`` fails when it exists), so of the processes racing for one stale lock
+    exactly one proceeds.  The holder releases its lock the same way, so a holder that was taken over
+    (it stopped beating for longer than the stale time, e.g. a suspended process) never removes its
+    successor's lock; it sees :attr:`lost` and stops at its next write.
     """
 
     def __init__(self, path: str | os.PathLike):
+        self.final = Path(path)
         self.path = Path(str(path) + ".lock")
         self.held = False
+        self.lost = False
+        self.token = ""
+        self._own: Path | None = None
+        self._stop: "threading.Event | None" = None
+        self._beat: "threading.Thread | None" = None
 
+    def _token_path(self, token: str) -> Path:
+        return self.path.with_name(f"{_LOCK_PREFIX}{self.path.name[:-5]}.{token}")
+
+    # -- taking
     def acquire(self) -> "OutputLock":
         import socket
-        me = f"{os.getpid()}@{socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.path.read_text().strip() if self.path.exists() else ""
-                pid, _, host = owner.partition("@")
-                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise StoreError(f"{str(self.path)[:-5]} is being written by another lt process ({owner or 'unknown'}); "
-                                 f"wait for it to finish, or remove {self.path} if that process is gone") from None
+        import threading
+        import uuid
+
+        stale_after = lock_stale_after()
+        host = socket.gethostname()
+        self.token = f"{uuid.uuid4().hex}"
+        own = self._token_path(self.token)
+        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        body = json.dumps({"host": host, "pid": os.getpid(), "started": started, "token": self.token,
+                           "output": str(self.final)})
+        try:
+            fd = os.open(own, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return self
-        raise StoreError(f"could not take the lock {self.path}")
+                f.write(body + "\n")
+        except OSError as exc:
+            raise _disk_error(self.path, exc) from None
+        try:
+            waited_since = None
+            for _ in range(1000):
+                try:
+                    os.link(own, self.path)
+                    break
+                except FileExistsError:
+                    if os.stat(own).st_nlink == 2:    # NFS: the link was made but its reply was lost
+                        break
+                except OSError as exc:
+                    raise StoreError(f"cannot create the lock {self.path}: {exc.strerror or exc} (lt needs a "
+                                     f"file system with hard links to lock its outputs)") from None
+                info = read_lock(self.path)
+                if info is None:
+                    continue                          # released meanwhile: try again
+                dead = info.host == host and info.pid is not None and not _pid_alive(info.pid)
+                if not dead and info.age <= stale_after:
+                    raise StoreError(self._refusal(info, stale_after))
+                outcome = self._take_over(info)
+                if outcome == "busy":                 # another process is taking it over right now
+                    waited_since = waited_since or time.monotonic()
+                    if time.monotonic() - waited_since > min(stale_after, 10.0):
+                        self._take_over(info, abandoned=True)
+                        waited_since = None
+                    time.sleep(0.005)
+                else:
+                    waited_since = None
+            else:
+                raise StoreError(f"could not take the lock {self.path}: it keeps changing hands; "
+                                 f"is another lt process writing {self.final}?")
+        except BaseException:
+            own.unlink(missing_ok=True)
+            raise
+        self._own, self.held, self.lost = own, True, False
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_interval(stale_after),),
+                                      name=f"lt-lock-heartbeat {self.path.name}", daemon=True)
+        self._beat.start()
+        return self
+
+    def _take_over(self, info: LockInfo, abandoned: bool = False) -> str:
+        """Remove the stale lock ``info`` if this process wins the right to; "done", "lost" or "busy"."""
+        if info.token and not abandoned:
+            theirs = self._token_path(info.token)
+        else:
+            # a lock of an earlier lt (no token file), or a takeover whose winner died half-way:
+            # give the lock a token file named after its inode and last change, then claim that
+            theirs = self._token_path(f"ino-{info.ino}-{info.mtime_ns}")
+            try:
+                os.link(self.path, theirs)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                return "lost"
+        claim = theirs.with_name(f"{theirs.name}.taken-{self.token}")
+        try:
+            os.rename(theirs, claim)
+        except FileNotFoundError:
+            return "busy" if info.token and not abandoned else "lost"
+        try:
+            if os.stat(claim).st_ino != info.ino:   # not the lock we judged: leave it alone
+                return "lost"
+            try:
+                if os.stat(self.path).st_ino == info.ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return "done"
+        finally:
+            claim.unlink(missing_ok=True)
+
+    def _refusal(self, info: LockInfo, stale_after: float) -> str:
+        started = f", started {info.started}" if info.started else ""
+        return (f"{self.final} is being written by another lt process ({info.owner()}{started}, last heartbeat "
+                f"{info.age:.0f} s ago); wait for it to finish, or remove {self.path} if that process is gone. "
+                f"A lock whose heartbeat is older than {STALE_ENV}={stale_after:g} s is taken over by the "
+                f"next run on any host (a live run refreshes it every {heartbeat_interval(stale_after):g} s)")
+
+    # -- holding
+    def _heartbeat(self, interval: float) -> None:
+        while not self._stop.wait(interval) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat now; False (and :attr:`lost`) when the lock was taken over."""
+        try:
+            os.utime(self._own)
+        except FileNotFoundError:            # taken over by another process after our heartbeat stalled
+            self.lost = True
+            return False
+        except (OSError, TypeError):
+            pass                              # a file-system hiccup: try again at the next beat
+        return True
+
+    def check(self) -> None:
+        """Raise when this lock was taken over by another process (our heartbeat had stalled)."""
+        if self.held and self.lost:
+            raise StoreError(f"the lock {self.path} was taken over by another process after this run's heartbeat "
+                             f"stalled for longer than {STALE_ENV}={lock_stale_after():g} s; this run stops "
+                             f"(the other run resumes from {self.final}.partial)")
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if not self.held:
+            return
+        self.held = False
+        if self._stop is not None:
+            self._stop.set()
+            if self._beat is not None and self._beat is not _current_thread():
+                self._beat.join(timeout=5)
+        own, self._own = self._own, None
+        claim = own.with_name(f"{own.name}.taken-{self.token}")
+        try:
+            os.rename(own, claim)            # the same protocol as a takeover: never remove a successor
+        except FileNotFoundError:
+            self.lost = True
+            return
+        try:
+            if os.stat(self.path).st_ino == os.stat(claim).st_ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            claim.unlink(missing_ok=True)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _current_thread():
+    import threading
+    return threading.current_thread()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,6 +425,8 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True
 
 
@@ -376,6 +593,7 @@ class PartialResult:
             self.file[path].attrs[key] = _attr(value)
 
     def flush(self) -> None:
+        self.lock.check()
         try:
             self.file.flush()
         except OSError as exc:
@@ -383,6 +601,7 @@ class PartialResult:
 
     def finalize(self, extra_root_attrs: dict | None = None) -> Path:
         """Close and rename to the final name; returns the final path."""
+        self.lock.check()
         if extra_root_attrs:
             self.set_attrs("/", extra_root_attrs)
         try:

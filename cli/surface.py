@@ -59,8 +59,13 @@ def _auto_range(values, option: str):
 @click.option("--pca", "pca_paths", multiple=True, metavar="CKPT",
               help="Trajectory checkpoints (repeat, comma-separate or glob 'run/epoch_*.pt'): the plane of "
                    "their top-2 principal directions around MODEL.")
-@click.option("--directions", "directions_path", default=None, type=click.Path(dir_okay=False), metavar="FILE.h5",
-              help="Reuse the directions of an earlier surface of the same model, exactly.")
+@click.option("--directions", "directions_path", default=None, metavar="FILE.h5[:ROW]",
+              help="Reuse the directions of an earlier surface of the same model, exactly; or, from a hessian "
+                   "result of `lt hessian --save-vectors`, the model's unit Hessian eigenvectors of row ROW "
+                   "[default: 0] (x: eigenvector 1, y: eigenvector 2; --eig to choose).")
+@click.option("--eig", "eig_spec", default=None, metavar="I[,J]",
+              help="With a hessian --directions file: the eigenvectors (1-based, in the file's --which order) "
+                   "of x and y, e.g. --eig 1,3; one number for a line (--dims 1) [default: 1,2; 1 with --dims 1].")
 @common.data_options(split="train", batch_size=256)
 @click.option("--mc", type=click.IntRange(min=0), default=0, show_default=True,
               help="MC-dropout samples averaged per point (0: dropout off).")
@@ -74,7 +79,7 @@ def _auto_range(values, option: str):
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_spec, norm, ignore, to_path,
-            plane_paths, pca_paths, directions_path, data_spec, split, samples, batch_size, mc, bn, shard_spec,
+            plane_paths, pca_paths, directions_path, eig_spec, data_spec, split, samples, batch_size, mc, bn, shard_spec,
             precision, compile_model, device, seed, output, overwrite, plot_path):
     """Loss and accuracy on a 1-D or 2-D slice through each MODEL's weights.
 
@@ -97,6 +102,9 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt surface smooth.pt --shard 0/4   # smooth.surface.shard0of4.h5; ... 1/4 2/4 3/4, then:
       lt merge smooth.surface.shard*.h5 -o surf.h5
       lt surface big.pt --device cuda --precision bf16 --compile on -o surf.h5
+      lt hessian smooth.pt --scope dataset --save-vectors -o h.h5
+      lt surface smooth.pt --directions h.h5:0 --dims 1 --x -0.5:0.5:41 --plot top.png
+      lt surface smooth.pt --directions h.h5 --eig 1,3 -o eig13.h5
     """
     from landscape_tools import surface as S
     from landscape_tools.checkpoints import load_checkpoint
@@ -108,6 +116,16 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} cannot be combined: choose one way to make the directions")
     mode = modes[0] if modes else "random"
+    directions_row = None
+    if directions_path is not None:
+        directions_path, directions_row = S.split_directions_spec(directions_path)
+    eig = S.parse_eig(eig_spec)
+    if eig is not None and mode != "--directions":
+        raise ConfigError(f"--eig {eig_spec} picks Hessian eigenvectors: give the hessian file with --directions "
+                          f"H.h5[:ROW] (written by lt hessian --save-vectors)")
+    if eig is not None and dims is not None and len(eig) != int(dims):
+        raise ConfigError(f"--eig {eig_spec} names {len(eig)} eigenvector(s) but --dims {dims} asks for {dims}: "
+                          f"give {dims} (e.g. --eig {'1,2' if dims == '2' else '1'}) or drop --dims")
     if mode in ("--to", "--plane", "--pca") and len(models) != 1:
         raise ConfigError(f"{mode} takes exactly one MODEL (the centre), got {len(models)}")
     if mode == "--to":
@@ -118,6 +136,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         if dims == "1":
             raise ConfigError(f"{mode} spans a plane: it has two dimensions (drop --dims 1)")
         n_dims = 2
+    elif eig is not None and dims is None:
+        n_dims = len(eig)
     else:
         n_dims = int(dims or 2)
     if n_dims == 1 and y_spec is not None:
@@ -127,7 +147,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
              ("--directions", directions_path)]
     for option, path in named:
         if path is not None and not os.path.isfile(path):
-            what = "an earlier surface result (.h5)" if option == "--directions" else "a checkpoint"
+            what = ("an earlier surface result or a hessian result with eigenvectors (.h5)"
+                    if option == "--directions" else "a checkpoint")
             raise ConfigError(f"{option} {path} does not exist{' (it is a folder)' if os.path.isdir(path) else ''}; "
                               f"give {what}")
     x = S.parse_range(x_spec, "--x") if x_spec else None
@@ -166,7 +187,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                 trajectory.append((minfo.label, {k: v.detach().cpu() for k, v in m.named_parameters()}))
             directions = S.pca_directions(model, trajectory)
         elif mode == "--directions":
-            directions = S.load_directions(directions_path, S.model_fingerprint(model), n_dims)
+            directions = S.load_directions(directions_path, S.model_fingerprint(model), n_dims, model=model,
+                                           row=directions_row, eig=eig)
         else:
             directions = S.random_directions(model, n_dims, norm, ignore, seed)
         jobs.append(S.SurfaceJob(info.label, model, info, data, directions))
@@ -185,7 +207,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     config = common.dump_config(models=list(models), dims=n_dims, x=[float(v) for v in x],
                                 y=None if y is None else [float(v) for v in y], norm=norm, ignore=ignore,
                                 to=to_path, plane=list(plane_paths) if plane_paths else None,
-                                pca=list(pca_paths) or None, directions=directions_path, data=data_spec, split=split,
+                                pca=list(pca_paths) or None, directions=directions_path,
+                                directions_row=directions_row, eig=eig, data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
                                 precision=precision, compile=compile_model, device=str(dev), seed=seed,
                                 mode=mode)

@@ -284,3 +284,98 @@ def test_parse_eig_and_split_directions_spec(tmp_path):
     assert S.split_directions_spec(str(odd)) == (str(odd), None)
     assert S.split_directions_spec(str(tmp_path / "h.h5:3")) == (str(tmp_path / "h.h5"), 3)
     assert S.split_directions_spec(str(tmp_path / "h.h5")) == (str(tmp_path / "h.h5"), None)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+class DoubleNet(Net):
+    """:class:`Net` for `--model test_hessian_directions:double_net`: float64, taking the float32 data."""
+
+    def forward(self, x):
+        return super().forward(x.to(torch.float64))
+
+
+def double_net():
+    return DoubleNet().double()
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from landscape_tools.cli.main import cli as main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """n.pt and other.pt (bare state dicts of DoubleNet), tensors data, and h.h5: n.pt's dataset Hessian
+    (k = 3) with its eigenvectors in float32, taken of the data exactly as lt surface loads it."""
+    from landscape_tools.checkpoints import load_checkpoint
+    from landscape_tools.data import load_data, save_tensors
+
+    root = tmp_path_factory.mktemp("hdir")
+    for name, seed in (("n", 0), ("other", 1)):
+        m = DoubleNet().double()
+        m.load_state_dict(net(seed).state_dict())
+        torch.save(m.state_dict(), root / f"{name}.pt")
+    rng = np.random.default_rng(0)
+    save_tensors(root / "d.npz", x=rng.normal(size=(20, 4)).astype(np.float32), y=rng.integers(0, 3, 20))
+    spec_ = "tensors:" + str(root / "d.npz")
+    model, _ = load_checkpoint(root / "n.pt", model="test_hessian_directions:double_net")
+    ds = load_data(spec_, split="train", batch_size=7)
+    spec = spectrum(model.eval(), ds.batches(), scope="dataset")
+    path = write_hessian(root / "h.h5", {"n": hessian_node(model, spec)})
+    return {"root": root, "data": spec_, "h": path, "spectrum": spec, "model": model}
+
+
+def cli_surface(files, ckpt, *args):
+    return cli("surface", files["root"] / ckpt, "--model", "test_hessian_directions:double_net", "--data",
+               files["data"], "--batch-size", 7, "--compile", "off", *args)
+
+
+def test_cli_line_along_eigenvector_1_has_its_eigenvalue_as_second_difference(cli_files):
+    out = cli_files["root"] / "line.h5"
+    r = cli_surface(cli_files, "n.pt", "--directions", f"{cli_files['h']}:0", "--dims", 1, "--x", "-1e-3:1e-3:3",
+                    "-o", out)
+    assert r.exit_code == 0, r.output
+    node = store.read_result(out).models["n"]
+    lam = cli_files["spectrum"].eigenvalues[0, 0]
+    assert abs(second_difference(node.data["loss"]) - lam) <= 1e-4 * abs(lam)
+    recipe = json.loads(node.groups["directions"].attrs["recipe"])
+    assert recipe["eig"] == [1] and recipe["eigenvalues"] == [lam] and recipe["row"] == 0
+    v = cli_files["spectrum"].eigenvectors[0][0]
+    stored = node.groups["directions"].groups["x"].data
+    flat = np.concatenate([stored[n].reshape(-1) for n, _ in cli_files["model"].named_parameters()])
+    np.testing.assert_allclose(flat, (v / v.norm()).numpy(), rtol=0, atol=1e-7)   # float32 storage
+    assert abs(np.linalg.norm(flat) - 1) < 1e-14
+
+
+def test_cli_eig_picks_the_vectors_and_sets_the_dimensions(cli_files):
+    out = cli_files["root"] / "e3.h5"
+    r = cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--eig", 3, "--x", "-1e-3:1e-3:3", "-o", out)
+    assert r.exit_code == 0, r.output
+    node = store.read_result(out).models["n"]
+    lam = cli_files["spectrum"].eigenvalues[0, 2]
+    assert "y" not in node.data and abs(second_difference(node.data["loss"]) - lam) <= 1e-4 * abs(lam)
+    out = cli_files["root"] / "e21.h5"
+    r = cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--eig", "2,1", "--x", "-1:1:2", "--y", "0:0:1",
+                    "-o", out)
+    assert r.exit_code == 0, r.output
+    recipe = json.loads(store.read_result(out).models["n"].groups["directions"].attrs["recipe"])
+    assert recipe["eig"] == [2, 1] and recipe["eigenvalues"] == list(cli_files["spectrum"].eigenvalues[0, [1, 0]])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--directions", "{h}:0", "--dims", 1), "Error: --directions {h}:0: the eigenvectors were computed for other "
+                                              "weights (model n ("),
+    (("--directions", "{h}:1", "--dims", 1), "row 1 does not exist; the file has rows 0..0"),
+    (("--directions", "{h}", "--eig", 4), "--eig 4 asks for eigenvector 4, but the file holds 3 per row"),
+    (("--eig", "1,2"), "Error: --eig 1,2 picks Hessian eigenvectors: give the hessian file with --directions"),
+    (("--directions", "{h}", "--eig", 1, "--dims", 2), "Error: --eig 1 names 1 eigenvector(s) but --dims 2 asks for 2"),
+    (("--directions", "{h}", "--eig", "1,1"), "names eigenvector 1 twice"),
+])
+def test_cli_refusals(cli_files, args, message):
+    ckpt = "other.pt" if "other weights" in message else "n.pt"
+    args = [str(a).format(h=cli_files["h"]) for a in args]
+    r = cli_surface(cli_files, ckpt, *args, "-o", cli_files["root"] / "bad.h5")
+    assert r.exit_code != 0 and message.format(h=cli_files["h"]) in r.output, r.output
+    assert not (cli_files["root"] / "bad.h5").exists()

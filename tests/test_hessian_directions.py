@@ -379,3 +379,85 @@ def test_cli_refusals(cli_files, args, message):
     r = cli_surface(cli_files, ckpt, *args, "-o", cli_files["root"] / "bad.h5")
     assert r.exit_code != 0 and message.format(h=cli_files["h"]) in r.output, r.output
     assert not (cli_files["root"] / "bad.h5").exists()
+
+
+# ----------------------------------------------------------------------------- figures
+def quadratic_line(ax):
+    found = [ln for ln in ax.get_lines() if ln.get_label().startswith("quadratic model")]
+    return found[0] if found else None
+
+
+def test_plot_draws_the_quadratic_model_of_the_files_eigenvalue_over_the_measured_line(cli_files, monkeypatch):
+    from landscape_tools import plotting
+
+    out, png = cli_files["root"] / "wide.h5", cli_files["root"] / "wide.png"
+    figs = []
+    real = plotting.figure
+    monkeypatch.setattr(plotting, "figure", lambda *a, **k: figs.append(real(*a, **k)) or figs[-1])
+    r = cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--eig", 2, "--x", "-4:4:9", "-o", out,
+                    "--plot", png)
+    assert r.exit_code == 0, r.output
+    r = cli("plot", out, "-o", cli_files["root"] / "again.png")
+    assert r.exit_code == 0, r.output
+    assert png.exists() and len(figs) == 2
+    node = store.read_result(out).models["n"]
+    x, loss = node.data["x"], node.data["loss"]
+    lam = json.loads(node.groups["directions"].attrs["recipe"])["eigenvalues"][0]
+    assert lam == cli_files["spectrum"].eigenvalues[0, 1]
+    try:
+        for fig in figs:
+            ax = fig.axes[0]
+            measured = ax.get_lines()[0]
+            np.testing.assert_array_equal(measured.get_xdata(), x)
+            np.testing.assert_array_equal(measured.get_ydata(), loss)
+            quad = quadratic_line(ax)
+            a = np.asarray(quad.get_xdata())
+            assert a[0] == -4 and a[-1] == 4 and len(a) == 201
+            np.testing.assert_allclose(quad.get_ydata(), loss[4] + 0.5 * lam * a ** 2, rtol=1e-15, atol=0)
+            assert quad.get_linestyle() == "--" and f"= {lam:.4g}" in quad.get_label()
+            assert "quadratic model" in [t.get_text().split(" $")[0] for t in ax.get_legend().get_texts()]
+            assert ax.get_xlabel() == f"x: eigenvector 2 ($\\lambda_{{2}}$ = {lam:.4g})"
+            lo, hi = ax.get_ylim()                     # the measured curve sets the range, not the parabola
+            assert lo <= np.nanmin(loss) and np.nanmax(loss) <= hi < lam * 8
+    finally:
+        for fig in figs:
+            plotting.pyplot().close(fig)
+
+
+def test_plane_of_eigenvectors_labels_its_axes_and_its_line_gets_the_x_quadratic(cli_files):
+    from landscape_tools import plotting
+
+    out = cli_files["root"] / "plane.h5"
+    r = cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--x", "-2:2:5", "--y", "-1:1:3", "-o", out)
+    assert r.exit_code == 0, r.output
+    node = store.read_result(out).models["n"]
+    l1, l2 = cli_files["spectrum"].eigenvalues[0, :2]
+    fig = plotting.figure([out], kind="contour")
+    try:
+        ax = fig.axes[0]
+        assert ax.get_xlabel() == f"x: eigenvector 1 ($\\lambda_{{1}}$ = {l1:.4g})"
+        assert ax.get_ylabel() == f"y: eigenvector 2 ($\\lambda_{{2}}$ = {l2:.4g})"
+    finally:
+        plotting.pyplot().close(fig)
+    fig = plotting.figure([out], kind="line")
+    try:
+        quad = quadratic_line(fig.axes[0])
+        a = np.asarray(quad.get_xdata())
+        np.testing.assert_allclose(quad.get_ydata(), node.data["loss"][2, 1] + 0.5 * l1 * a ** 2, rtol=1e-15, atol=0)
+    finally:
+        plotting.pyplot().close(fig)
+
+
+def test_no_quadratic_model_for_other_directions_or_a_line_without_its_centre(cli_files):
+    from landscape_tools import plotting
+
+    random_line, off_centre = cli_files["root"] / "rand.h5", cli_files["root"] / "off.h5"
+    assert cli_surface(cli_files, "n.pt", "--dims", 1, "--x", "-1:1:5", "-o", random_line).exit_code == 0
+    assert cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--dims", 1, "--x", "0.5:1.5:4",
+                       "-o", off_centre).exit_code == 0
+    for path in (random_line, off_centre):
+        fig = plotting.figure([path])
+        try:
+            assert quadratic_line(fig.axes[0]) is None and len(fig.axes[0].get_legend().get_texts()) == 2
+        finally:
+            plotting.pyplot().close(fig)

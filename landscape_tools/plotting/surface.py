@@ -4,10 +4,14 @@ One panel per model (across every file given), side by side, sharing one colour 
 models' landscapes compare at a glance.  Plane corners and PCA trajectories stored with the
 directions are drawn on 2-D panels; a PCA trajectory's distance of each checkpoint from the plane
 gets a panel below.  1-D results are always drawn as lines (loss on the left axis, accuracy on the
-right); ``line`` on a 2-D result draws its ``y = 0`` row.  Levels (and the 1-D loss axis) are
+right); ``line`` on a 2-D result draws its ``y = 0`` row.  Along Hessian eigenvectors (``lt surface
+--directions H.h5``) a line also gets the quadratic model ``L0 + 1/2 * l * a^2`` of its eigenvalue (dashed),
+and the axes say which eigenvector and eigenvalue they follow.  Levels (and the 1-D loss axis) are
 logarithmic when asked, or by default when the loss spans more than :data:`LOG_RATIO`.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -39,6 +43,54 @@ def _points(node):
         return []
     labels = [str(v) for v in d.data["point_labels"]]
     return list(zip(labels, np.asarray(d.data["point_coords"], dtype=np.float64)))
+
+
+def hessian_axes(node) -> list[tuple[int, float, float]] | None:
+    """``(eigenvector number, eigenvalue, curvature)`` of each axis of a surface along Hessian
+    eigenvectors (recipe kind ``hessian``), else None.  The curvature is the eigenvalue less the
+    Hessian's weight decay: the second derivative of the surface's loss along the axis."""
+    d = node.groups.get("directions")
+    if d is None:
+        return None
+    recipe = d.attrs.get("recipe")
+    try:
+        recipe = json.loads(recipe) if isinstance(recipe, str) else dict(recipe or {})
+    except (TypeError, ValueError):
+        return None
+    if recipe.get("kind") != "hessian":
+        return None
+    values = [float(v) for v in recipe.get("eigenvalues") or []]
+    curvature = [float(v) for v in recipe.get("curvature") or values]
+    return [(int(i), v, c) for i, v, c in zip(recipe.get("eig") or [], values, curvature)]
+
+
+def quadratic_model(node, x: np.ndarray, loss: np.ndarray, axis: int = 0, points: int = 201):
+    """The quadratic model ``L0 + 1/2 * c * a^2`` along ``axis`` of a surface along Hessian eigenvectors:
+    ``(a, values, label)`` on ``points`` evenly spaced ``a`` from ``min(x)`` to ``max(x)``, with ``L0`` the
+    stored loss at ``a = 0`` and ``c`` the axis' curvature (its eigenvalue, less the Hessian's weight
+    decay); None when the directions are not eigenvectors or the line has no computed point at 0."""
+    axes = hessian_axes(node)
+    if not axes or axis >= len(axes):
+        return None
+    x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    centre = np.flatnonzero(x == 0.0)
+    if centre.size == 0 or not np.isfinite(loss[centre[0]]):
+        return None
+    number, value, curvature = axes[axis]
+    l0 = float(loss[centre[0]])
+    a = np.linspace(float(x.min()), float(x.max()), points)
+    decay = "" if curvature == value else f" - wd (= {curvature:.4g})"
+    label = (rf"quadratic model $L_0 + \frac{{1}}{{2}}\lambda_{{{number}}} a^2$, "
+             rf"$\lambda_{{{number}}}$ = {value:.4g}{decay}")
+    return a, l0 + 0.5 * curvature * a * a, label
+
+
+def _axis_label(node, axis: int, default: str) -> str:
+    axes = hessian_axes(node)
+    if not axes or axis >= len(axes):
+        return default
+    number, value, _ = axes[axis]
+    return rf"{default}: eigenvector {number} ($\lambda_{{{number}}}$ = {value:.4g})"
 
 
 def _is_trajectory(node) -> bool:
@@ -147,8 +199,8 @@ def draw(results, kind: str = "contour", metric: str = "loss", log: bool | None 
                 ax.clabel(mappable, inline=True, fontsize=7, fmt="%.3g")
             else:
                 mappable = ax.pcolormesh(X, Y, zm, cmap="viridis", norm=norm, shading="nearest")
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
+        ax.set_xlabel(_axis_label(node, 0, "x"))
+        ax.set_ylabel(_axis_label(node, 1, "y"))
         if kind != "3d":
             _overlay(ax, node)
             ax.set_aspect("auto")
@@ -214,16 +266,19 @@ def _overlay(ax, node) -> None:
 
 
 def _rows(panels):
-    """``(title, node, x, loss, accuracy)`` of each panel; a 2-D result gives its ``y = 0`` row."""
+    """``(title, node, x, loss, accuracy, on_axis)`` of each panel; a 2-D result gives its ``y = 0`` row
+    (``on_axis``: the row is the x axis itself, ``y`` exactly 0)."""
     out = []
     for title, node in panels:
         x = np.asarray(node.data["x"])
         loss, acc = _masked(node, "loss"), _masked(node, "accuracy")
+        on_axis = True
         if loss.ndim == 2:
             j = int(np.argmin(np.abs(np.asarray(node.data["y"]))))
             loss, acc = loss[:, j], acc[:, j]
+            on_axis = float(node.data["y"][j]) == 0.0
             title += f" (y = {float(node.data['y'][j]):.3g})"
-        out.append((title, node, x, loss, acc))
+        out.append((title, node, x, loss, acc, on_axis))
     return out
 
 
@@ -235,19 +290,27 @@ def _draw_lines(plt, panels, log: bool | None = None):
     log = _log_choice(log, "loss", float(finite.min()), float(finite.max()), "on the line")
     n = len(rows)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.8), squeeze=False)
-    for ax, (title, node, x, loss, acc) in zip(axes[0], rows):
+    for ax, (title, node, x, loss, acc, on_axis) in zip(axes[0], rows):
         ax.plot(x, loss, "-o", color="tab:blue", ms=3, label="loss")
-        ax.set_xlabel("x")
-        ax.set_ylabel("loss (NLL)" + (", log scale" if log else ""), color="tab:blue")
+        handles, names = ax.get_lines()[:1], ["loss"]
         if log:
             ax.set_yscale("log")
+        quad = quadratic_model(node, x, loss) if on_axis else None
+        if quad is not None:   # kept within the measured curve's loss range: a steep parabola leaves the panel
+            limits = ax.get_ylim()
+            a, q, qlabel = quad
+            handles += ax.plot(a, q, "--", color="tab:green", lw=1.2, label=qlabel)
+            names.append(qlabel)
+            ax.set_ylim(limits)
+        ax.set_xlabel(_axis_label(node, 0, "x"))
+        ax.set_ylabel("loss (NLL)" + (", log scale" if log else ""), color="tab:blue")
         twin = ax.twinx()
         twin.plot(x, acc, "--s", color="tab:orange", ms=3, label="accuracy")
         twin.set_ylabel("accuracy", color="tab:orange")
         for label, (a, _) in _points(node):
             ax.axvline(a, color="grey", lw=0.8, ls=":")
             ax.annotate(label, (a, ax.get_ylim()[1]), fontsize=8, color="grey", va="top")
-        ax.legend(ax.get_lines()[:1] + twin.get_lines()[:1], ["loss", "accuracy"], fontsize=7, loc="best")
+        ax.legend(handles + twin.get_lines()[:1], names + ["accuracy"], fontsize=7, loc="best")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -24,6 +24,14 @@ transient buffers of a product's second backward pass are those of one piece.  O
 of 32 samples cut the peak by about a quarter at no cost in time (measured on a CIFAR ResNet-20,
 batch 128: 440 instead of 600 MiB, 1.00 instead of 1.04 s per product), which is the default there;
 on a GPU the whole batch runs at once (smaller pieces would leave it idle).
+
+Every product (and the graph it differentiates) runs with TF32 off unless the operator's precision
+is ``tf32`` (:func:`landscape_tools.precision.fp32_math`), and on CUDA with cuDNN's deterministic
+algorithms and no autotuning (``torch.backends.cudnn.deterministic`` / ``benchmark``), restored
+afterwards: the operator must be a fixed matrix, and the determinism check of
+:meth:`HessianOperator.checked_matvec` compares two products at the precision the forward pass
+really ran in (a bf16 autocast forward is compared at bf16's rounding).  An fp16 forward pass is
+refused: without loss scaling its second derivatives underflow.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import precision as P
 from .errors import ConfigError, NumericalError
 
 FORMS = ("graph", "double", "func")
@@ -111,15 +120,24 @@ class HessianOperator:
         form: ``graph``, ``double``, ``func`` or ``auto`` (see the module docstring).
         sub_batch: samples per piece of a batch, ``None`` for whole batches, or ``"auto"`` (by
             device; see the module docstring).  The matrix does not depend on it.
+        precision: ``fp32`` (TF32 off), ``tf32`` or ``bf16`` (a forward pass the caller runs under
+            :func:`landscape_tools.precision.autocast`, e.g. ``hessian.hessian_operator``); sets TF32
+            in the products and the determinism check's tolerance.  A forward pass that enters a
+            lower precision than this is noticed and compared at its own.
 
     Raises:
-        ConfigError: unknown form, no matching parameters, empty batches.
+        ConfigError: unknown form, no matching parameters, empty batches, fp16 (here or in a
+            product's forward pass).
         NumericalError: the loss is not finite.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  batch_indices: Sequence[int] | None = None, params: str | Sequence[str] | None = None,
-                 weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto", sub_batch: int | str | None = "auto"):
+                 weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto", sub_batch: int | str | None = "auto",
+                 precision: str = "fp32"):
+        self.precision = P.parse_hessian_precision(precision)
+        #: the precisions the forward passes of the products have entered (see :meth:`_note_precision`)
+        self.seen_precisions: set[str] = set()
         if not batches:
             raise ConfigError("no batches to build a Hessian from")
         self.model = model
@@ -205,7 +223,8 @@ class HessianOperator:
         forward and backward pass of its own."""
         if self.form != "graph":
             return None
-        self._build_graph()
+        with self._arithmetic():
+            self._build_graph()
         total = None
         for grads, w in zip(self._grads, self.weights):
             part = self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
@@ -249,10 +268,11 @@ class HessianOperator:
         form = form or self.form
         vs = self.split(v)
         total = None
-        for b, w in enumerate(self.weights):
-            hv = self._hvp_batch(b, vs, form)
-            part = self.flat(hv)
-            total = part * w if total is None else total.add_(part, alpha=w)
+        with self._arithmetic():
+            for b, w in enumerate(self.weights):
+                hv = self._hvp_batch(b, vs, form)
+                part = self.flat(hv)
+                total = part * w if total is None else total.add_(part, alpha=w)
         if self.weight_decay:
             total.add_(v.to(total), alpha=self.weight_decay)
         self.count += 1
@@ -287,19 +307,71 @@ class HessianOperator:
         self._raise_if_different(diff, label)
         return diff, b
 
+    # ------------------------------------------------------------------ arithmetic
+    @contextlib.contextmanager
+    def _arithmetic(self):
+        """The settings every product runs under: TF32 per the precision, deterministic cuDNN without
+        autotuning (an autotuned algorithm may differ between the two products of the determinism
+        check), and the watch on the forward pass's precision; all restored afterwards."""
+        cudnn = torch.backends.cudnn
+        previous = (cudnn.deterministic, cudnn.benchmark)
+        try:
+            cudnn.deterministic, cudnn.benchmark = True, False
+            self._note_outer_autocast()
+            with P.fp32_math(self.precision), P.watch_precisions(self._note_precision):
+                yield
+        finally:
+            cudnn.deterministic, cudnn.benchmark = previous
+
+    def _note_precision(self, precision: str) -> None:
+        """Called before each autocast block of a product's forward pass: refuse fp16, remember the rest."""
+        P.parse_hessian_precision(precision)
+        self.seen_precisions.add(precision)
+
+    def _note_outer_autocast(self) -> None:
+        """A caller's own ``torch.autocast`` around the products counts like one entered inside."""
+        kind = self.device.type
+        try:
+            enabled = torch.is_autocast_enabled(kind)
+        except (TypeError, RuntimeError):   # a device type autocast does not know
+            return
+        if enabled:
+            dtype = torch.get_autocast_dtype(kind)
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+            if name is not None:
+                self._note_precision(name)
+
+    def rounding(self) -> float:
+        """Relative rounding of one product: the lowest precision its forward passes ran in."""
+        return max(P.rounding(p, self.dtype) for p in {self.precision, *self.seen_precisions})
+
+    def tolerance(self) -> float:
+        """The determinism check's limit on the relative difference of two products: 1e-10 for a
+        float64 model, 1e-4 for float32, and 8 roundings of a lower precision (TF32: 8e-3, bf16:
+        6e-2) when the products ran in one."""
+        if self.dtype == torch.float64 and self.rounding() <= float(torch.finfo(torch.float64).eps):
+            return 1e-10
+        return max(1e-4, 8.0 * self.rounding())
+
     def _raise_if_different(self, diff: float, label: str) -> None:
-        limit = 1e-10 if self.dtype == torch.float64 else 1e-4
+        limit = self.tolerance()
         if not diff <= limit:
             where = f" of {label}" if label else ""
             batches = ", ".join(str(i) for i in self.batch_indices[:5]) + (", ..." if len(self.batch_indices) > 5 else "")
+            lowest = max({self.precision, *self.seen_precisions}, key=lambda p: P.rounding(p, self.dtype))
+            at = "" if lowest == "fp32" else f" at {lowest}"
             raise NumericalError(
                 f"the Hessian{where} (batch {batches}) is not a fixed matrix: two products with the same vector "
-                f"differ by {diff:.2e} (relative; at most {limit:.0e} is rounding). Something in the forward pass "
-                f"draws fresh random numbers or changes state in eval mode (a custom noise or dropout layer that "
-                f"mc_dropout does not control, augmentation inside the model, BatchNorm kept in train mode by an "
-                f"overridden eval()). Make the forward pass deterministic in eval mode (use nn.Dropout or the zoo's "
-                f"MCDropout, whose masks --mc-seed fixes), or on CUDA call "
-                f"torch.use_deterministic_algorithms(True)")
+                f"differ by {diff:.2e} (relative; at most {limit:.0e} is rounding{at}). Something in the forward "
+                f"pass draws fresh random numbers or changes state in eval mode (a custom noise or dropout layer "
+                f"that mc_dropout does not control, augmentation inside the model, BatchNorm kept in train mode by "
+                f"an overridden eval()). Make the forward pass deterministic in eval mode (use nn.Dropout or the "
+                f"zoo's MCDropout, whose masks --mc-seed fixes). On CUDA the products already run with "
+                f"torch.backends.cudnn.deterministic=True and benchmark=False; for other nondeterministic kernels "
+                f"in your own layers call torch.use_deterministic_algorithms(True, warn_only=True) and set "
+                f"CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the run (not the strict "
+                f"use_deterministic_algorithms(True): AdaptiveAvgPool2d's backward and reflect padding have no "
+                f"deterministic CUDA kernel and raise under it)")
 
     def close(self) -> None:
         """Free retained graphs and restore the model's train/eval mode."""

@@ -19,7 +19,7 @@ def test_parse_precision(text, expected):
 
 
 def test_parse_precision_refuses_unknown():
-    with pytest.raises(ConfigError, match=r"--precision 'fp8' is not one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"--precision 'fp8' is not one of fp32, tf32, bf16, fp16"):
         P.parse_precision("fp8")
 
 

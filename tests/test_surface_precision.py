@@ -116,7 +116,7 @@ def test_bad_precisions_are_refused():
     with pytest.raises(ConfigError, match=r"--precision bf16 needs a float32 model, but this one's parameters "
                                           r"are float64 .*use --precision fp32"):
         S.surface(model, data, d, X, precision="bf16")
-    with pytest.raises(ConfigError, match=r"--precision 'int8' is not one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"--precision 'int8' is not one of fp32, tf32, bf16, fp16"):
         S.surface(tiny(), tiny_data(), S.random_directions(tiny(), 1, seed=0), X, precision="int8")
 
 

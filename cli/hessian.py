@@ -21,9 +21,14 @@ from . import common
               help="LM: largest magnitude, signed (negatives mean non-convexity); LA: largest; SA: smallest.")
 @click.option("--method", default="lanczos", show_default=True, metavar="lanczos|power",
               help="lanczos: thick-restart Lanczos; power: deflated power iteration (the paper's procedure).")
-@click.option("--tol", type=common.FloatRange(min=0, min_open=True, hint="a relative residual such as --tol 1e-4"),
+@click.option("--tol", type=common.FloatRange(min=0, min_open=True,
+                                             hint="a relative eigenvalue accuracy such as --tol 1e-4"),
               default=1e-4, show_default=True,
-              help="Stop when ||Hv - lambda v|| <= tol * |lambda| for every eigenvalue.")
+              help="Relative eigenvalue accuracy: stop when every eigenvalue's certificate, a bound on "
+                   "|lambda - theta| / |theta| for the eigenvalue theta it is nearest to (from its residual and "
+                   "the gap to the other Ritz values), is at most tol. Stored per value as 'certificates'. "
+                   "--method power stops on the residual ||Hv - lambda v|| <= tol * |lambda|, which bounds the "
+                   "same error.")
 @click.option("--max-iter", "max_iter", type=common.IntRange(min=1, hint="a number of products or iterations, "
                                                                         "e.g. --max-iter 300"),
               default=None, metavar="N",
@@ -46,6 +51,11 @@ from . import common
               default=64, show_default=True, help="SLQ Lanczos steps per run.")
 @click.option("--mc-seed", "mc_seed", type=int, default=None, metavar="S",
               help="Seed of the fixed dropout mask of each batch (MC-dropout models) [default: --seed].")
+@click.option("--warm-start/--no-warm-start", "warm_start", default=True, show_default=True,
+              help="lanczos, --scope batch: start every batch after the first from the first batch's top "
+                   "eigenvectors (the batches' top eigenspaces overlap: fewer products). Each batch's values "
+                   "depend only on it and the first batch, so resumed and torchrun runs give the same file "
+                   "(the first batch is solved again, unstored, when a run does not compute it).")
 @click.option("--sub-batch", "sub_batch", default="auto", show_default=True, metavar="N|auto|whole",
               help="Samples processed together in each Hessian-vector product. The Hessian is the same; smaller "
                    "pieces lower the peak memory (auto: 32 on a CPU, about a quarter less memory at batch 128 and "
@@ -57,13 +67,14 @@ from . import common
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, data_spec, split, samples, batch_size, n_batches,
             scope, top_k, which, method, tol, max_iter, params, weight_decay, trace, trace_probes, density,
-            density_runs, density_steps, mc_seed, sub_batch, precision, device, seed, output, overwrite, plot_path):
+            density_runs, density_steps, mc_seed, warm_start, sub_batch, precision, device, seed, output, overwrite,
+            plot_path):
     """Top-k Hessian eigenvalues of each MODEL's loss, per mini-batch or for all the data.
 
     The loss is the mean cross-entropy in eval mode (BatchNorm running statistics); MC-dropout models
     use one fixed, seeded dropout mask per batch, and every Hessian is checked to be a fixed matrix
-    before it is solved. Each eigenvalue comes with its residual ||Hv - lambda v|| / |lambda| and a
-    converged flag. With --scope batch every finished batch is saved at once: an interrupted run
+    before it is solved. Each eigenvalue comes with its certificate (a bound on its relative error),
+    its residual ||Hv - lambda v|| / |lambda| and a converged flag. With --scope batch every finished batch is saved at once: an interrupted run
     continues where it stopped when the same command is run again. Several models go into one file,
     one group each; the figure overlays them.
 
@@ -120,7 +131,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                                 method=method, tol=tol, max_iter=max_iter, params=params, weight_decay=weight_decay,
                                 trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                                 density_steps=density_steps, mc_seed=mc_seed, sub_batch=sub_batch, precision=precision,
-                                device=str(dev), seed=seed)
+                                device=str(dev), seed=seed, warm_start=warm_start)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
     if ctx.is_main:
@@ -137,7 +148,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                             params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
                             trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                             density_steps=density_steps, precision=precision, sub_batch=sub_batch,
-                            overwrite=overwrite, config=config,
+                            warm_start=warm_start, overwrite=overwrite, config=config,
                             device=str(dev),
                             data_description=data_description,
                             progress=common.ProgressBar("hessian", quiet=not ctx.is_main))

@@ -4,10 +4,14 @@ Everything takes ``op(v) -> H v`` on flat float64 torch vectors of length ``n`` 
 and keeps the Krylov basis and every scalar in float64:
 
 * :func:`thick_restart_lanczos` -- k extreme eigenpairs (LM / LA / SA) by Lanczos with full
-  reorthogonalisation and thick restarts (Wu & Simon 2000), stopping when every wanted Ritz pair has
-  ``||H y - theta y|| <= tol * |theta|``;
+  reorthogonalisation and thick restarts (Wu & Simon 2000), stopping when every wanted Ritz value's
+  *certified* relative error (:func:`certificates`) is at most ``tol`` and no unwanted Ritz value
+  can still overtake the k-th (:func:`settled`);
 * :func:`deflated_power` -- block power (subspace) iteration with Rayleigh-Ritz and locking (the
-  paper's repeated products with deflation, no Krylov basis), stopping on the same residual test;
+  paper's repeated products with deflation, no Krylov basis), stopping when every wanted pair has
+  ``||H y - theta y|| <= tol * |theta|`` (the residual bound: the value is within ``tol``);
+* :func:`certificates` -- a bound on each Ritz value's distance to the nearest eigenvalue, from its
+  residual and its gap to the other Ritz values (Kato-Temple), never more than the residual itself;
 * :func:`hutchinson`, :func:`hutchpp` -- trace estimates with standard errors (Hutchinson 1989;
   Meyer, Musco, Musco & Woodruff 2021);
 * :func:`slq` -- stochastic Lanczos quadrature nodes and weights (Golub & Meurant; Ubaru et al. 2017).
@@ -25,6 +29,19 @@ WHICH = ("LM", "LA", "SA")
 _CHUNK = 1 << 14   # columns of the basis widened / rotated at a time
 _ROWS = 2          # rows of a float32 basis widened to float64 at a time
 _BLOCK = 8         # basis rows allocated at a time
+# certificates (see _ritz_certificates)
+_GAP_SAFETY = 2.0  # the gap estimated from Ritz values is halved in the quadratic bound
+_INVARIANT = 1e-2  # a basis whose coupling beta is below this fraction of the Ritz spread is nearly invariant
+_ROUNDING = 4      # floor: this many machine epsilons (basis storage + products) of max |theta|
+
+
+def _min_basis(k: int, quadratic: bool = True) -> int:
+    """Ritz values a basis must have before the solve may stop for the top k (as ARPACK's
+    ``ncv > 2k``, and at least 8: a few products in, the Ritz values say little about the rest of
+    the spectrum), and before the gap bound is trusted (at least 12: with 8 or 10, a pair
+    1.5 / 1.45 under a top of 5 was still one Ritz value whose gap bound was 1.4x too small,
+    ``tests/test_certificates.py``; the residual bound needs no gap)."""
+    return max(2 * int(k) + 2, 12 if quadratic else 8)
 
 
 def order(values: np.ndarray, which: str) -> np.ndarray:
@@ -41,13 +58,149 @@ def order(values: np.ndarray, which: str) -> np.ndarray:
 
 @dataclass
 class EigenPairs:
-    """Eigenvalues in ``which`` order with per-pair relative residual ``||Hv - lambda v|| / |lambda|``."""
+    """Eigenvalues in ``which`` order with per-pair relative residual ``||Hv - lambda v|| / |lambda|``
+    and relative certificate (a bound on ``|theta - lambda| / |theta|`` for the nearest eigenvalue
+    ``lambda``, :func:`certificates`); ``converged``: certificate <= tol."""
 
     values: np.ndarray
     residuals: np.ndarray
     converged: np.ndarray
     hvps: int
     vectors: torch.Tensor | None = None   # (k, n) float64 rows, when asked for
+    certificates: np.ndarray | None = None
+
+
+def certificates(theta: np.ndarray, res: np.ndarray, sel, floor: float, rounding: float = 0.0,
+                 cap: np.ndarray | None = None) -> np.ndarray:
+    """Relative bounds on the eigenvalue error of the Ritz values ``theta[sel]``.
+
+    ``theta`` are *all* the Ritz values of an orthonormal basis (wanted or not) and ``res`` their
+    absolute residual norms ``||H y - theta y||``.  For a symmetric operator and a unit vector ``y``
+    with Rayleigh quotient ``theta`` and residual ``rho``:
+
+    * some eigenvalue lies within ``rho`` of ``theta`` (always);
+    * if every *other* eigenvalue is at least ``delta > rho`` away from ``theta``, the nearest one
+      lies within ``rho**2 / delta`` (Kato-Temple).
+
+    ``delta`` is not known: it is estimated from the other Ritz values, each moved towards
+    ``theta_i`` by its own residual (an eigenvalue lies within ``res_j`` of ``theta_j``), less
+    ``rho_i`` (``theta_i`` is itself only known to within it):
+    ``delta_i = min_{j != i} (|theta_i - theta_j| - res_j) - rho_i``, capped by ``cap`` where given,
+    and halved (:data:`_GAP_SAFETY`) before use.  Where that leaves no room (``delta_i / 2 <= rho_i``:
+    a Ritz value, or its interval, close to ``theta_i``) only the residual bound ``rho_i`` is used.
+    ``rounding`` (absolute, the floating-point floor of the solve) is added.
+
+    The estimate assumes the basis has resolved the spectrum near ``theta_i``.  An eigenvalue
+    closer to ``theta_i`` than the basis can yet tell apart from it (its direction mixed into the
+    Ritz vector, no Ritz value of its own) makes it an underestimate; nothing a Krylov method sees
+    can rule that out (the residual bound is the only unconditional one), which is why the solver
+    uses it only under the guards of :func:`_ritz_certificates`.
+
+    Returns:
+        ``bound_i / max(|theta_i|, floor)`` for ``i`` in ``sel``.
+    """
+    theta, res = np.asarray(theta, dtype=np.float64), np.asarray(res, dtype=np.float64)
+    out = np.empty(len(sel))
+    for at, i in enumerate(sel):
+        rho = float(res[i])
+        others = np.delete(np.arange(theta.size), i)
+        delta = float(np.min(np.abs(theta[others] - theta[i]) - res[others])) - rho if others.size else 0.0
+        if cap is not None:
+            delta = min(delta, float(cap[at]))
+        bound = rho * rho / (delta / _GAP_SAFETY) if delta / _GAP_SAFETY > rho else rho
+        out[at] = (bound + rounding) / max(abs(float(theta[i])), floor)
+    return out
+
+
+def _key(values: np.ndarray, which: str) -> np.ndarray:
+    """Larger is further up in ``which`` order: |value| (LM), value (LA), -value (SA)."""
+    return {"LM": np.abs, "LA": np.asarray, "SA": np.negative}[which](np.asarray(values, dtype=np.float64))
+
+
+def settled(theta: np.ndarray, res: np.ndarray, cert: np.ndarray, sel, which: str, tol: float) -> bool:
+    """Whether the wanted Ritz values ``theta[sel]`` are the top of what the basis has seen.
+
+    A certificate says how close a Ritz value is to *an* eigenvalue, not that it is the k-th: an
+    eigenvalue just beyond the k-th wanted value may still be emerging, as an unwanted Ritz value
+    that moves outwards while its residual shrinks (Ritz values approach the ends of the spectrum
+    from inside).  On each side of the spectrum (for LM the positive and the negative Ritz values,
+    else the wanted end), the outermost unwanted Ritz value that is not converged itself
+    (certificate > ``tol``) must stay behind the last wanted value even when moved outwards by its
+    residual: ``key(theta_j) + res_j < key(theta_k)`` (key: |value| for LM).  Converged unwanted
+    values are known to ``tol``, so ties (exact +-l pairs, repeated eigenvalues) do not block.
+    """
+    theta, res = np.asarray(theta, dtype=np.float64), np.asarray(res, dtype=np.float64)
+    keys = _key(theta, which)
+    last = float(np.min(keys[list(sel)]))
+    unwanted = np.ones(theta.size, dtype=bool)
+    unwanted[list(sel)] = False
+    sides = (theta >= 0, theta < 0) if which == "LM" else (np.ones(theta.size, dtype=bool),)
+    for side in sides:
+        candidates = np.flatnonzero(side & unwanted & (np.asarray(cert) > tol))
+        if candidates.size:
+            j = candidates[np.argmax(keys[candidates])]
+            if not keys[j] + res[j] < last:
+                return False
+    return True
+
+
+def _rate_gaps(res_sel: np.ndarray, previous: np.ndarray | None, spread: float) -> np.ndarray | None:
+    """The gap each wanted Ritz value's residual decrease over the last step implies.
+
+    Near an end of the spectrum Lanczos shrinks a residual by about ``q = 1 / (g + sqrt(g^2 - 1))``
+    per step, ``g = 1 + 2 gap / spread`` (Kaniel-Paige-Saad), so an observed ``q`` means a gap of
+    ``(g - 1) spread / 2`` with ``g = (q + 1/q) / 2``.  A residual that stalls (an eigenvalue close
+    by that the basis has not separated yet) implies a small gap even when the Ritz values show a
+    large one; a residual that grows implies none."""
+    if previous is None or previous.shape != res_sel.shape:
+        return None
+    q = np.divide(res_sel, previous, out=np.ones_like(res_sel), where=previous > 0)
+    q = np.clip(q, 1e-300, 1.0)
+    return ((q + 1.0 / q) / 2.0 - 1.0) * spread / 2.0
+
+
+def _ritz_certificates(theta, res, sel, which, tol, floor, rounding, previous=None,
+                       beta: float | None = None) -> tuple[np.ndarray, bool]:
+    """Certificates of the wanted Ritz values ``theta[sel]`` and whether the gap bound may be used.
+
+    The quadratic (gap) bound of :func:`certificates` is used only when
+
+    * the basis holds at least :func:`_min_basis` Ritz values (a few products in, the Ritz values
+      say little about the rest of the spectrum; the solve may stop earlier, from 8, on residual
+      bounds alone);
+    * the wanted values are :func:`settled` (nothing unwanted can still overtake the k-th);
+    * the basis is not nearly invariant (``beta`` above :data:`_INVARIANT` of the Ritz spread:
+      directions a nearly invariant basis has not explored leave no trace in its Ritz values);
+
+    and each gap is further capped by the one that the residual's decrease since the last step
+    (``previous``: the wanted values' residuals then) implies (:func:`_rate_gaps`).  Otherwise,
+    and for every value the gap bound does not certify to ``tol``, the certificate is the
+    residual bound.  Measured on random symmetric matrices (``tests/test_certificates.py``) no
+    guard alone suffices; on the Hessians of the benchmarks together they cost under one product.
+
+    Returns:
+        ``(certificates of theta[sel], whether the gap bound was used)``.
+    """
+    sel = list(sel)
+    spread = float(np.max(theta) - np.min(theta)) if len(theta) else 0.0
+    caps = _rate_gaps(np.asarray(res)[sel], previous, spread)
+    quad = certificates(theta, res, range(len(theta)), floor, rounding)
+    if caps is not None:
+        quad[sel] = certificates(theta, res, sel, floor, rounding, cap=caps)
+    linear = np.asarray([(float(res[i]) + rounding) / max(abs(float(theta[i])), floor) for i in sel])
+    if len(theta) < _min_basis(len(sel)):
+        # too few Ritz values to estimate gaps from: every value, wanted or not, by its residual
+        quad = np.asarray([(float(res[i]) + rounding) / max(abs(float(theta[i])), floor)
+                           for i in range(len(theta))])
+    calm = len(theta) >= _min_basis(len(sel), quadratic=False) and settled(theta, res, quad, sel, which, tol)
+    if beta is not None and beta <= _INVARIANT * spread:
+        # the basis is nearly invariant: the directions it has not explored are nearly decoupled
+        # from it, so their eigenvalues leave no trace in its Ritz values, wherever they lie
+        calm = False
+    if calm:
+        # a value the gap bound does not certify to tol is reported with the residual bound
+        return np.where(quad[sel] <= tol, quad[sel], linear), True
+    return linear, False
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -160,21 +313,26 @@ def _rel(res: np.ndarray, theta: np.ndarray, floor: float) -> np.ndarray:
 
 def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4,
                           max_hvps: int = 500, ncv: int | None = None, seed: int = 0, device=None,
-                          return_vectors: bool = False, start: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          basis_dtype: torch.dtype = torch.float64) -> EigenPairs:
+                          return_vectors: bool | int = False, start: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          basis_dtype: torch.dtype = torch.float64, precision: float | None = None) -> EigenPairs:
     """The ``k`` eigenpairs of a symmetric operator at one end of its spectrum.
 
     Args:
         op: ``v -> H v`` on flat float64 vectors.
         n: dimension; ``k <= n``.
         which: ``LM`` (largest magnitude, signed), ``LA`` (largest algebraic), ``SA`` (smallest).
-        tol: relative residual each wanted pair must reach.
+        tol: relative eigenvalue accuracy: the solve stops when every wanted Ritz value's
+            certificate (:func:`certificates`, a bound on ``|theta - lambda| / |theta|``) is at most
+            ``tol`` and no unwanted Ritz value could still move past the k-th (:func:`settled`).
+            The residual needed for that is about ``sqrt(tol * gap / |theta|)`` relative, far larger
+            than ``tol`` where the eigenvalues are separated.
         max_hvps: budget of operator applications (pairs not converged by then are flagged).
         ncv: Krylov basis size before a restart (default ``max(2k + 10, 30)``; memory up to ``ncv * n``
             values of ``basis_dtype``, allocated 8 rows at a time as the basis grows).
         seed: seed of the start vector.
         device: where the basis lives (default: the operator's output device).
-        return_vectors: also return the Ritz vectors ((k, n) float64).
+        return_vectors: also return the Ritz vectors ((k, n) float64); an int ``p >= k`` returns the
+            first ``p`` Ritz vectors in ``which`` order (e.g. to warm-start a related problem).
         start: ``(v, H v)`` with ``v`` a unit vector whose product is already known (it then counts
             as the first of the products), or a function returning that pair or ``None``; default (or
             ``None``) a seeded random start.
@@ -182,11 +340,15 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
             memory; every product, coefficient and scalar stays float64 either way. A float32 basis
             is orthogonal to ~1e-7, ample when the operator itself is float32 and ``tol >= 1e-6``;
             the operator then receives the basis rows as they are stored (float32 vectors).
+        precision: relative rounding of the operator's products (default: float64's machine
+            epsilon); with the basis storage's epsilon it sets the floor
+            ``4 * (eps_basis + precision) * max|theta|`` added to every certificate (an estimate of
+            what rounding leaves undecided, not a proof).
 
     Returns:
         :class:`EigenPairs` in ``which`` order; residuals are the Lanczos estimates
         ``|beta_m s_mi| / |theta_i|``, equal to the true residuals as full reorthogonalisation keeps
-        the Lanczos relation exact to rounding.
+        the Lanczos relation exact to rounding; certificates from every Ritz value of the last basis.
     """
     m = min(n, int(ncv) if ncv else max(2 * k + 10, 30))
     m = max(m, min(n, k + 1))
@@ -201,10 +363,11 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     device = pending.device if device is None else device
     V = _Basis(m, n, basis_dtype, device)
     V[0] = v.to(device)
+    eps = float(torch.finfo(basis_dtype).eps) + (float(precision) if precision else float(np.finfo(np.float64).eps))
     v = None
     T = np.zeros((m, m))
     size, hvps = 1, 0
-    theta = sel = S = res = None
+    theta = sel = S = res = previous = None
     beta = 0.0
     norm_est = 0.0
     while True:
@@ -223,9 +386,12 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
             norm_est = max(norm_est, float(np.max(np.abs(theta))))
             floor = max(norm_est * 1e-12, 1e-300)
             sel = order(theta, which)[:k]
-            res = beta * np.abs(S[j, sel])
-            done_pairs = _rel(res, theta[sel], floor) <= tol
-            if size >= k and bool(np.all(done_pairs)):
+            res_all = beta * np.abs(S[j, :])
+            res = res_all[sel]
+            cert, calm = _ritz_certificates(theta, res_all, sel, which, tol, floor, _ROUNDING * eps * norm_est,
+                                            previous, beta)
+            previous = res
+            if size >= k and calm and bool(np.all(cert <= tol)):
                 break
             if size == n or hvps >= max_hvps:
                 break
@@ -263,11 +429,14 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
     rel = _rel(res, theta[sel], floor)
     vectors = None
     if return_vectors:
-        Y = torch.from_numpy(np.ascontiguousarray(S[:, sel])).to(device)
+        count = max(k, int(return_vectors)) if not isinstance(return_vectors, bool) else k
+        Y = torch.from_numpy(np.ascontiguousarray(S[:, order(theta, which)[:count]])).to(device)
         vectors = _combine(Y, V, size)
     if size == n:
-        rel = np.minimum(rel, tol)  # the basis spans the whole space: Ritz pairs are exact
-    return EigenPairs(values=theta[sel].copy(), residuals=rel, converged=rel <= tol, hvps=hvps, vectors=vectors)
+        # the basis spans the whole space: Ritz pairs are exact (to rounding)
+        rel, cert = np.minimum(rel, tol), np.minimum(cert, tol)
+    return EigenPairs(values=theta[sel].copy(), residuals=rel, converged=cert <= tol, hvps=hvps, vectors=vectors,
+                      certificates=cert)
 
 
 def _orthonormal_rows(Z: torch.Tensor, against: torch.Tensor | None, seed: int) -> torch.Tensor:
@@ -301,7 +470,7 @@ def _orthonormal_rows(Z: torch.Tensor, against: torch.Tensor | None, seed: int) 
 def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float = 1e-4, max_iter: int = 1000,
                    seed: int = 0, device=None, return_vectors: bool = False,
                    start: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
-                   block: int | None = None) -> EigenPairs:
+                   block: int | None = None, precision: float | None = None) -> EigenPairs:
     """The ``k`` eigenpairs at one end of the spectrum by block power (subspace) iteration with
     Rayleigh-Ritz and locking: the paper's repeated Hessian-vector products with deflation, done on
     a block so that it converges where single-vector power iteration does not.
@@ -349,11 +518,15 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
             or ``None``; default (or ``None``) all block vectors seeded random.
         block: vectors iterated together (default ``k + min(k, 4)``; at least ``k``; clamped to
             ``n`` -- a block spanning the whole space gives exact pairs -- and to the budget).
+        precision: as :func:`thick_restart_lanczos` (the block is float64).
 
     Returns:
         :class:`EigenPairs` in ``which`` order; residuals are the true ``||H y - theta y|| / |theta|``
         of the reported unit vectors ``y`` (``|theta|`` floored at ``1e-12`` times the largest
-        ``|theta|`` seen, so exact zero eigenvalues do not divide by zero).
+        ``|theta|`` seen, so exact zero eigenvalues do not divide by zero); certificates are the
+        residual bound plus the rounding floor of :func:`thick_restart_lanczos` (a block of
+        ``k + 4`` Ritz values is too few to estimate gaps from).  The solve stops on the residual
+        (``<= tol``); ``converged`` is certificate ``<= tol``.
     """
     if which not in WHICH:
         raise ValueError(f"which={which!r} is not one of {', '.join(WHICH)}")
@@ -434,8 +607,15 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
         HB = torch.cat([HB[locked], W]) if locked else W
         Z = W = keep = None
     values, rel = theta[:k].copy(), rel[:k].copy()
-    return EigenPairs(values=values, residuals=rel, converged=rel <= tol, hvps=hvps,
-                      vectors=B[:k].clone() if return_vectors else None)
+    floor = max(norm_est * 1e-12, 1e-300)
+    eps = float(np.finfo(np.float64).eps) + (float(precision) if precision else float(np.finfo(np.float64).eps))
+    # the residual bound (a block of k + 4 Ritz values is too few to estimate gaps from), plus rounding
+    cert = (res[:k] + _ROUNDING * eps * norm_est) / np.maximum(np.abs(theta[:k]), floor)
+    if b == n:
+        cert = np.minimum(cert, tol)
+    # stopped on the residual (rel <= tol); converged: certificate <= tol
+    return EigenPairs(values=values, residuals=rel, converged=cert <= tol, hvps=hvps,
+                      vectors=B[:k].clone() if return_vectors else None, certificates=cert)
 
 
 def hutchinson(op: Operator, n: int, probes: int, seed: int = 0, device=None) -> dict:

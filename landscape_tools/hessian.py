@@ -11,7 +11,7 @@ Example (notebook)::
     from landscape_tools.hessian import top_eigenvalues
     res = top_eigenvalues(model, data.batches()[:4], k=5)
     res.eigenvalues          # (4, 5) float64, |value| descending per row
-    res.residuals.max()      # <= 1e-4: every value is an eigenvalue to that relative residual
+    res.certificates.max()   # <= 1e-4: every value is within that (relative) of an eigenvalue
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", 
 METHODS = ("lanczos", "power")
 WHICH = _lanczos.WHICH
 SCOPES = ("batch", "dataset")
+#: warm start: Ritz vectors kept beyond the k wanted, and the weight of the cold start vector mixed in
+WARM_GUARDS = 3
+WARM_MIX = 0.1
 #: density grid points and Gaussian broadening (fraction of each spectrum's width)
 DENSITY_GRID = 512
 DENSITY_SIGMA = 0.01
@@ -55,7 +58,7 @@ class HessianSpectrum:
     Attributes:
         eigenvalues: (rows, k) float64, signed, in ``which`` order.
         residuals: (rows, k) ``||Hv - lambda v|| / |lambda|``.
-        converged: (rows, k) bool, residual <= tol.
+        converged: (rows, k) bool, certificate <= tol.
         hvp_count: (rows,) Hessian-vector products the solver used, including its start vector's
             (the determinism check's second product of that vector, and trace / density products, not
             included).
@@ -65,6 +68,9 @@ class HessianSpectrum:
         density: dict (``nodes``, ``weights`` (rows, runs, steps); ``grid``, ``density`` (rows, G);
             ``sigma`` (rows,)) or None.
         eigenvectors: list per row of (k, n) float64 tensors when asked for, else None.
+        certificates: (rows, k) bound on ``|lambda - theta| / |theta|`` for the eigenvalue ``theta``
+            is nearest to (:func:`landscape_tools._lanczos.certificates`): at most the residual, and
+            about ``residual**2 * |theta| / gap`` where the Ritz values show a gap.
     """
 
     eigenvalues: np.ndarray
@@ -83,6 +89,7 @@ class HessianSpectrum:
     trace: dict | None = None
     density: dict | None = None
     eigenvectors: list | None = None
+    certificates: np.ndarray | None = None
 
     def to_node(self, attrs: dict | None = None) -> dict:
         """The HDF5 node of ``store.write_result`` (ARCHITECTURE.md schema v1)."""
@@ -105,7 +112,7 @@ class HessianSpectrum:
         return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
                 "scope": self.scope, "hessian_params": self.num_params, **{
                     key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision",
-                                                     "sub_batch")
+                                                     "sub_batch", "warm_start")
                     if key in self.config}}
 
 
@@ -337,7 +344,7 @@ def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
         raise ConfigError(f"--top-k {k} is larger than the number of parameters in the Hessian ({dim}); "
                           f"ask for at most {dim} eigenvalues, or widen --params")
     if not tol > 0:
-        raise ConfigError(f"--tol {tol} must be positive (a relative residual such as 1e-4)")
+        raise ConfigError(f"--tol {tol} must be positive (a relative eigenvalue accuracy such as 1e-4)")
     if max_iter is not None and int(max_iter) < 1:
         raise ConfigError(f"--max-iter {max_iter} must be at least 1")
     if not weight_decay >= 0:
@@ -356,7 +363,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                     return_vectors: bool = False, skip: Sequence[int] | None = None,
                     on_row: Callable[[int, "HessianSpectrum"], None] | None = None, progress: Progress = None,
                     label: str = "", precision: str = "fp32", sub_batch: int | str | None = "auto",
-                    make_operator: Callable[[list[int]], Any] | None = None) -> HessianSpectrum:
+                    make_operator: Callable[[list[int]], Any] | None = None,
+                    warm_start: bool = True) -> HessianSpectrum:
     """Top-k Hessian eigenvalues of ``model``'s loss, per batch or for the whole data.
 
     Args:
@@ -366,7 +374,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         which: ``LM`` (largest magnitude, signed; the paper's), ``LA`` or ``SA``.
         method: ``lanczos`` (thick-restart Lanczos) or ``power`` (the paper's deflated power
             iteration, done on a block with Rayleigh-Ritz and locking: no Krylov basis).
-        tol: each eigenpair is solved to ``||Hv - lambda v|| <= tol * |lambda|``.
+        tol: relative eigenvalue accuracy: each value is solved until its certificate (a bound on
+            ``|lambda - theta| / |theta|`` for the eigenvalue ``theta`` is nearest to, from its
+            residual and the gap to the other Ritz values; see ``certificates`` in the result) is at
+            most ``tol``.  ``method="power"`` stops on the residual ``||Hv - lambda v|| <= tol |lambda|``,
+            which bounds the same error.
         max_iter: lanczos: HVP budget; power: HVPs per eigenvalue, ``max_iter * k`` in all (default
             :func:`default_max_iter`). Pairs that miss ``tol`` are flagged in ``converged``.
         params: glob(s) of the parameters spanning the Hessian (comma separated; None: all).
@@ -391,6 +403,12 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             does (smaller pieces, smaller second-backward buffers).
         make_operator: ``make_operator(batch_indices) -> operator`` builds each row's operator instead
             of :func:`hessian_operator` (e.g. a :class:`SharedDataOperator` under torchrun).
+        warm_start: (``lanczos``, ``scope="batch"``) start every row after the first from the Ritz vectors
+            of row 0 (the first batch; its top-k and :data:`WARM_GUARDS` more), mixed with the cold
+            start vector: the batches' top eigenspaces overlap, so fewer products reach ``tol``.  Row
+            0 is solved again (cold, not stored) when ``skip`` leaves it out, so every row's values
+            depend only on its batch, the first batch and the seeds, whichever rows a call computes;
+            with and without warm start they agree to within the certificates.
 
     Returns:
         :class:`HessianSpectrum`.
@@ -419,9 +437,10 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
               "form": form, "ncv": ncv, "trace_probes": int(trace_probes) if trace else 0,
               "density_runs": int(density_runs) if density else 0,
               "density_steps": int(density_steps) if density else 0, "precision": precision,
-              "sub_batch": _sub_batch_attr(sub_batch)}
+              "sub_batch": _sub_batch_attr(sub_batch), "warm_start": _warm(warm_start, method, scope)}
     out = HessianSpectrum(
         eigenvalues=np.full((rows, k), np.nan), residuals=np.full((rows, k), np.nan),
+        certificates=np.full((rows, k), np.nan),
         converged=np.zeros((rows, k), dtype=bool), hvp_count=np.full(rows, -1, dtype=np.int64),
         batch_sizes=sizes, method=method, which=which, k=k, tol=float(tol), max_iter=max_iter, scope=scope,
         num_params=dim, config=config,
@@ -435,29 +454,55 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     skip_set = set(int(s) for s in (skip or ()))
     todo = [r for r in range(rows) if r not in skip_set]
     name = f"{label}: " if label else ""
-    for done, r in enumerate(todo):
+    # warm start (scope batch, lanczos): every row after the first starts from the Ritz vectors of
+    # row 0 (the first batch), never from whatever row this process happened to solve before, so a
+    # row's result depends only on its batch, the first batch and the seeds (resume and torchrun
+    # give the same numbers); row 0 is solved again, cold, when this call does not compute it
+    warm = _warm(warm_start, method, scope) and rows > 1
+    keep = k + WARM_GUARDS if warm else 0
+    anchor = None
+
+    def operator(r):
         idx = groups[r]
+        return (make_operator(idx) if make_operator is not None else
+                _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form,
+                               precision, sub_batch))
+
+    def solve(op, r, warm_vectors, vectors):
+        common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
+                  "return_vectors": vectors}
+        # the start vector's product is formed twice (the determinism check of this very
+        # operator) inside the solver, which alone holds the vectors
+        start = lambda: _checked_start(op, dim, which, _row_seed(seed, r, 2), label, warm=warm_vectors)  # noqa: E731
+        if method == "lanczos":
+            return _lanczos.thick_restart_lanczos(op, dim, k, max_hvps=max_iter, ncv=ncv,
+                                                  basis_dtype=_basis_dtype(op, tol), start=start,
+                                                  precision=_precision(op), **common)
+        return _lanczos.deflated_power(op, dim, k, max_iter=max_iter, start=start, precision=_precision(op), **common)
+
+    for done, r in enumerate(todo):
+        if warm and r != 0 and anchor is None:
+            report(progress, done, len(todo), f"{name}row 0 again (the warm start of the others)")
+            op = operator(0)
+            try:
+                anchor = _anchor(solve(op, 0, None, keep).vectors, op)
+            finally:
+                op.close()
         report(progress, done, len(todo), f"{name}row {r}")
-        op = (make_operator(idx) if make_operator is not None else
-              _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form, precision,
-                             sub_batch))
+        op = operator(r)
         try:
-            common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
-                      "return_vectors": return_vectors}
-            # the start vector's product is formed twice (the determinism check of this very
-            # operator) inside the solver, which alone holds the vectors
-            start = lambda: _checked_start(op, dim, which, _row_seed(seed, r, 2), label)  # noqa: E731
-            if method == "lanczos":
-                pairs = _lanczos.thick_restart_lanczos(op, dim, k, max_hvps=max_iter, ncv=ncv,
-                                                       basis_dtype=_basis_dtype(op, tol), start=start, **common)
-            else:
-                pairs = _lanczos.deflated_power(op, dim, k, max_iter=max_iter, start=start, **common)
+            vectors = keep if warm and r == 0 else return_vectors
+            pairs = solve(op, r, anchor if warm and r != 0 else None, vectors)
+            if warm and r == 0:
+                anchor = _anchor(pairs.vectors, op)
             out.eigenvalues[r] = pairs.values
             out.residuals[r] = pairs.residuals
+            out.certificates[r] = pairs.certificates
             out.converged[r] = pairs.converged
             out.hvp_count[r] = pairs.hvps
             if return_vectors:
-                out.eigenvectors[r] = pairs.vectors
+                out.eigenvectors[r] = pairs.vectors[:k]
+            pairs = None
             if trace:
                 hut = _lanczos.hutchinson(op, dim, int(trace_probes), seed=_row_seed(seed, r, 3), device=op.device)
                 hpp = _lanczos.hutchpp(op, dim, int(trace_probes), seed=_row_seed(seed, r, 4), device=op.device)
@@ -483,6 +528,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     return out
 
 
+def _warm(warm_start: bool, method: str, scope: str) -> bool:
+    """Whether rows are warm-started: asked for, Lanczos, one Hessian per batch."""
+    return bool(warm_start) and method == "lanczos" and scope == "batch"
+
+
 def _sub_batch_attr(sub_batch: int | None):
     """A resolved sub-batch as stored in results: samples per piece, or ``"whole"``."""
     return "whole" if sub_batch is None else sub_batch
@@ -495,7 +545,21 @@ def _basis_dtype(op, tol: float) -> torch.dtype:
     return torch.float32 if getattr(op, "dtype", torch.float64) == torch.float32 and tol >= 1e-6 else torch.float64
 
 
-def _checked_start(op, dim: int, which: str, seed: int, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _precision(op) -> float:
+    """Relative rounding of an operator's products: its model's dtype's machine epsilon."""
+    dtype = getattr(op, "dtype", torch.float64)
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else float(torch.finfo(torch.float64).eps)
+
+
+def _anchor(vectors: torch.Tensor, op) -> torch.Tensor:
+    """Warm-start vectors as kept between rows: in the operator's dtype (float32 for float32 models,
+    half the memory; they only steer the next start vector)."""
+    dtype = getattr(op, "dtype", torch.float64)
+    return vectors.to(dtype if dtype in (torch.float32, torch.float64) else torch.float64)
+
+
+def _checked_start(op, dim: int, which: str, seed: int, label: str = "",
+                   warm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The solvers' start ``(v, H v)``, ``H v`` formed twice and compared (the determinism check).
 
     For the top of the spectrum (LM, LA) ``v`` is the unit gradient plus a seeded unit random
@@ -503,6 +567,11 @@ def _checked_start(op, dim: int, which: str, seed: int, label: str = "") -> tupl
     descent happens in a tiny subspace, Gur-Ari et al. 2018), so the top pairs converge in fewer
     products, and the random half keeps every other direction in the Krylov space.  For SA, for
     operators whose gradient is not free, or a zero gradient, ``v`` is the seeded random unit vector.
+
+    ``warm`` (rows: orthonormal Ritz vectors of a related Hessian, e.g. another batch's): ``v`` is
+    their unit sum plus :data:`WARM_MIX` times the vector above.  A Krylov space started from a
+    vector in a p-dimensional invariant subspace is that subspace after p products; the closer the
+    rows are to this Hessian's top eigenvectors, the fewer products it takes.
     """
     v = _lanczos._random_unit(dim, seed, "cpu").to(op.device)
     g = None if which == "SA" or getattr(op, "free_gradient", None) is None else op.free_gradient()
@@ -512,6 +581,13 @@ def _checked_start(op, dim: int, which: str, seed: int, label: str = "") -> tupl
             v.add_(g.to(v), alpha=1.0 / norm)
             v /= torch.linalg.vector_norm(v)
         del g  # freed before the products: nothing extra alive at their memory peak
+    if warm is not None and warm.shape[0]:
+        w = warm.to(device=v.device, dtype=torch.float64).sum(0)
+        norm = float(torch.linalg.vector_norm(w))
+        if np.isfinite(norm) and norm > 0.0:
+            v = w.div_(norm).add_(v, alpha=WARM_MIX)
+            v /= torch.linalg.vector_norm(v)
+        del w
     return v, op.checked_matvec(v, label=label)[1]
 
 
@@ -544,7 +620,8 @@ def result_layout(rows: int, k: int, batch_sizes: Sequence[int], attrs: dict, tr
     ``store.write_result`` or ``store.open_partial``; ``done`` (rows,) marks finished rows."""
     node = {"attrs": dict(attrs), "data": {
         "eigenvalues": np.full((rows, k), np.nan), "residuals": np.full((rows, k), np.nan),
-        "converged": np.zeros((rows, k), dtype=bool), "hvp_count": np.full(rows, -1, dtype=np.int64),
+        "certificates": np.full((rows, k), np.nan), "converged": np.zeros((rows, k), dtype=bool),
+        "hvp_count": np.full(rows, -1, dtype=np.int64),
         "batch_sizes": np.asarray(batch_sizes, dtype=np.int64), "done": np.zeros(rows, dtype=bool)},
         "groups": {}}
     if trace:
@@ -562,7 +639,9 @@ def result_layout(rows: int, k: int, batch_sizes: Sequence[int], attrs: dict, tr
 def row_values(result: HessianSpectrum, row: int) -> dict[str, Any]:
     """Slash path (inside a model's group) -> value of row ``row``, for writing it into a file."""
     vals = {"eigenvalues": result.eigenvalues[row], "residuals": result.residuals[row],
-            "converged": result.converged[row], "hvp_count": result.hvp_count[row], "done": True}
+            "certificates": (result.certificates[row] if result.certificates is not None
+                             else np.full(result.k, np.nan)), "converged": result.converged[row],
+            "hvp_count": result.hvp_count[row], "done": True}
     if result.trace is not None:
         for key, arr in result.trace.items():
             vals[f"trace/{key}"] = arr[row]
@@ -629,7 +708,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
              trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
              form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
              command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
-             data_description: dict | None = None) -> RunPlan:
+             data_description: dict | None = None, warm_start: bool = True) -> RunPlan:
     """Validate a run's options and lay out its result file (nothing is computed or written).
 
     Raises:
@@ -657,8 +736,11 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
                "params": params, "weight_decay": float(weight_decay), "mc_seed": 0 if mc_seed is None else int(mc_seed),
                "scope": scope, "seed": int(seed), "trace": bool(trace), "trace_probes": int(trace_probes),
                "density": bool(density), "density_runs": int(density_runs), "density_steps": int(density_steps),
-               "form": form}
+               "form": form, "warm_start": _warm(warm_start, method, scope)}
     key_options = dict(options)
+    # --tol is a certified eigenvalue accuracy (it was a residual before): no partial file of the
+    # old meaning (nor its layout, without certificates) is resumed into a new one
+    key_options["tol_kind"] = "certified eigenvalue error"
     if precision != "fp32":      # fp32 runs keep the fingerprint of files written before --precision existed
         key_options["precision"] = precision
     options["precision"] = precision
@@ -679,7 +761,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
         attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
                       "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
                       "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
-                      "seed": int(seed), "precision": precision,
+                      "seed": int(seed), "precision": precision, "warm_start": options["warm_start"],
                       "sub_batch": _sub_batch_attr(options["sub_batch"]),
                       "data": _short(data_description)})
         layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
@@ -708,7 +790,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 device: str = "cpu",
                 data_description: dict | None = None, progress: Progress = None,
                 on_row: Callable[[int, int], None] | None = None,
-                only_rows: Sequence[int] | None = None) -> dict:
+                only_rows: Sequence[int] | None = None, warm_start: bool = True) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
     Rows go into ``output + ".partial"`` (values first, then the row's ``done`` flag, then a flush),
@@ -727,6 +809,9 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         on_row: test hook called as ``on_row(job_index, row)`` after a row is safely written.
         only_rows: compute only these rows (the others stay NaN / not done in the finished file), e.g. a
             torchrun rank's share (:mod:`landscape_tools.distributed`); None: all.
+        warm_start: as :func:`top_eigenvalues` (rows after the first start from the first batch's
+            Ritz vectors, which a call that does not compute row 0 solves again: the file is the
+            same whichever rows each call or rank computes).
 
     Returns:
         label -> :class:`HessianSpectrum` with the values computed in this call (rows done earlier NaN).
@@ -742,7 +827,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                     trace_probes=trace_probes, density=density, density_runs=density_runs,
                     density_steps=density_steps, form=form, precision=precision, sub_batch=sub_batch,
                     command=command, config=config,
-                    device=device, data_description=data_description)
+                    device=device, data_description=data_description, warm_start=warm_start)
     opts = plan.options
     part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
     results = {}
@@ -768,7 +853,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
                 seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                 density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"], sub_batch=opts["sub_batch"])
+                precision=opts["precision"], sub_batch=opts["sub_batch"], warm_start=opts["warm_start"])
         part.finalize()
     finally:
         part.close()

@@ -49,7 +49,8 @@ def test_two_models_one_file_with_trace_density_and_figure(files, tmp_path):
     for label, node in res.models.items():
         assert node["eigenvalues"].dtype == np.float64 and node["eigenvalues"].shape == (2, 2)
         assert node["residuals"].shape == (2, 2) and node["converged"].dtype == bool
-        assert node["converged"].all() and (node["residuals"] <= 1e-3).all()
+        assert node["certificates"].shape == (2, 2) and (node["residuals"] > 0).all()
+        assert node["converged"].all() and (node["certificates"] <= 1e-3).all()
         assert (node["hvp_count"] > 0).all() and list(node["batch_sizes"]) == [8, 8]
         for key in ("checkpoint", "checkpoint_sha256", "arch", "num_params"):
             assert key in node.attrs
@@ -97,9 +98,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(files, tmp_path, mon
     monkeypatch.setattr(_lanczos, "thick_restart_lanczos", counting)
     again = runner.invoke(cli, args(files, out))
     assert again.exit_code == 0, again.output
-    assert solved["n"] == 2  # 3 batches, the first kept from the interrupted run
+    # 3 batches, the first kept from the interrupted run (and solved again, unstored, as the warm start
+    # of the other two: every batch's values depend only on it, the first batch and the seeds)
+    assert solved["n"] == 3
     a, b = store.read_result(whole).models["mcdo"], store.read_result(out).models["mcdo"]
-    for name in ("eigenvalues", "residuals", "converged", "hvp_count", "batch_sizes", "done"):
+    for name in ("eigenvalues", "residuals", "certificates", "converged", "hvp_count", "batch_sizes", "done"):
         np.testing.assert_array_equal(a[name], b[name])
     assert not store.partial_path(out).exists()
 
@@ -125,8 +128,8 @@ def test_dataset_scope_one_row(files, tmp_path):
                              "layer0.0.weight, layer0.1.weight, layer0.1.bias, layer1.0.conv1.weight, "
                              "layer1.0.bn1.weight, layer1.0.bn1.bias, ... (use globs such as 'layer1.*' or "
                              "'*.conv1.weight')"),
-    (["--tol", "0"], "Error: Invalid value for '--tol': 0.0 is not in the range x>0 (a relative residual such as "
-                     "--tol 1e-4)."),
+    (["--tol", "0"], "Error: Invalid value for '--tol': 0.0 is not in the range x>0 (a relative eigenvalue accuracy "
+                     "such as --tol 1e-4)."),
     (["--sub-batch", "0"], "Error: --sub-batch '0' is not a positive number of samples, 'auto' or 'whole' "
                            "(e.g. --sub-batch 32)"),
 ])

@@ -218,6 +218,8 @@ def _close_nodes(a, b, where=""):
         assert got.dtype == value.dtype and got.shape == value.shape, where + name
         if value.dtype.kind == "f":
             scale = float(np.max(np.abs(value))) if value.size else 0.0
+            if name in ("residuals", "certificates"):
+                scale = 1.0   # relative errors: at rounding (1e-25 when the basis spans the space) all agree
             np.testing.assert_allclose(got, value, rtol=1e-8, atol=1e-12 * scale, err_msg=where + name)
         else:
             np.testing.assert_array_equal(got, value, err_msg=where + name)

@@ -470,6 +470,6 @@ def hessian_directions(model: nn.Module, node, *, row: int = 0, eig: Sequence[in
 
 
 def _attr(vec, node, key: str):
-    """``key`` of the eigenvectors group, else of the model group; the file's ``"null"`` is None."""
+    """``key`` of the eigenvectors group, else of the model group; ``"null"`` and ``""`` (no selection) are None."""
     value = vec.attrs.get(key, node.attrs.get(key))
-    return None if value == "null" else value
+    return None if value in ("null", "") else value

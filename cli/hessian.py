@@ -56,6 +56,12 @@ from . import common
                    "eigenvectors (the batches' top eigenspaces overlap: fewer products). Each batch's values "
                    "depend only on it and the first batch, so resumed and torchrun runs give the same file "
                    "(the first batch is solved again, unstored, when a run does not compute it).")
+@click.option("--save-vectors", "save_vectors", is_flag=True, default=False,
+              help="Also store each Hessian's converged eigenvectors, per parameter name, with the model's "
+                   "fingerprint: `lt surface MODEL --directions OUT.h5[:ROW]` then slices the loss along them.")
+@click.option("--vector-dtype", "vector_dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True, help="Storage of --save-vectors (float32: half the file; the surface "
+                                      "renormalises the directions).")
 @click.option("--sub-batch", "sub_batch", default="auto", show_default=True, metavar="N|auto|whole",
               help="Samples processed together in each Hessian-vector product. The Hessian is the same; smaller "
                    "pieces lower the peak memory (auto: 32 on a CPU, about a quarter less memory at batch 128 and "
@@ -67,8 +73,8 @@ from . import common
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, data_spec, split, samples, batch_size, n_batches,
             scope, top_k, which, method, tol, max_iter, params, weight_decay, trace, trace_probes, density,
-            density_runs, density_steps, mc_seed, warm_start, sub_batch, precision, device, seed, output, overwrite,
-            plot_path):
+            density_runs, density_steps, mc_seed, warm_start, save_vectors, vector_dtype, sub_batch, precision, device,
+            seed, output, overwrite, plot_path):
     """Top-k Hessian eigenvalues of each MODEL's loss, per mini-batch or for all the data.
 
     The loss is the mean cross-entropy in eval mode (BatchNorm running statistics); MC-dropout models
@@ -90,6 +96,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
       lt hessian plain.pt smooth.pt --batches 20 -o hessian.h5 --plot hessian.png
       lt hessian smooth.pt --scope dataset --samples 2048 --top-k 10 --trace -o full.h5
       lt hessian smooth.pt --params 'layer4.*' --which SA --batches 4 -o layer4.h5
+      lt hessian smooth.pt --scope dataset --save-vectors -o top.h5 && lt surface smooth.pt --directions top.h5 --dims 1
     """
     from landscape_tools import hessian as H
     from landscape_tools.device import resolve_device
@@ -131,7 +138,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                                 method=method, tol=tol, max_iter=max_iter, params=params, weight_decay=weight_decay,
                                 trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                                 density_steps=density_steps, mc_seed=mc_seed, sub_batch=sub_batch, precision=precision,
-                                device=str(dev), seed=seed, warm_start=warm_start)
+                                device=str(dev), seed=seed, warm_start=warm_start,
+                                save_vectors=vector_dtype if save_vectors else None)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
     if ctx.is_main:
@@ -148,7 +156,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                             params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
                             trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                             density_steps=density_steps, precision=precision, sub_batch=sub_batch,
-                            warm_start=warm_start, overwrite=overwrite, config=config,
+                            warm_start=warm_start, save_vectors=vector_dtype if save_vectors else None,
+                            overwrite=overwrite, config=config,
                             device=str(dev),
                             data_description=data_description,
                             progress=common.ProgressBar("hessian", quiet=not ctx.is_main))

@@ -68,6 +68,8 @@ class HessianSpectrum:
         density: dict (``nodes``, ``weights`` (rows, runs, steps); ``grid``, ``density`` (rows, G);
             ``sigma`` (rows,)) or None.
         eigenvectors: list per row of (k, n) float64 tensors when asked for, else None.
+        vectors: with ``save_vectors``, how the eigenvectors go into a file (:func:`vector_meta`):
+            one dataset per parameter under ``eigenvectors/`` (see :func:`result_layout`).
         certificates: (rows, k) bound on ``|lambda - theta| / |theta|`` for the eigenvalue ``theta``
             is nearest to (:func:`landscape_tools._lanczos.certificates`): at most the residual, and
             about ``residual**2 * |theta| / gap`` where the Ritz values show a gap.
@@ -90,12 +92,14 @@ class HessianSpectrum:
     density: dict | None = None
     eigenvectors: list | None = None
     certificates: np.ndarray | None = None
+    vectors: dict | None = None   # how eigenvectors are stored (vector_meta): layout, dtype, attrs
 
     def to_node(self, attrs: dict | None = None) -> dict:
         """The HDF5 node of ``store.write_result`` (ARCHITECTURE.md schema v1)."""
         node = result_layout(self.eigenvalues.shape[0], self.k, self.batch_sizes, self.attrs(), self.trace is not None,
                              self.config.get("trace_probes", 0), self.density is not None,
-                             self.config.get("density_runs", 0), self.config.get("density_steps", 0))
+                             self.config.get("density_runs", 0), self.config.get("density_steps", 0),
+                             vectors=self.vectors)
         node["attrs"].update(attrs or {})
         for i in range(self.eigenvalues.shape[0]):
             if np.all(np.isnan(self.eigenvalues[i])):
@@ -364,7 +368,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                     on_row: Callable[[int, "HessianSpectrum"], None] | None = None, progress: Progress = None,
                     label: str = "", precision: str = "fp32", sub_batch: int | str | None = "auto",
                     make_operator: Callable[[list[int]], Any] | None = None,
-                    warm_start: bool = True) -> HessianSpectrum:
+                    warm_start: bool = True, save_vectors: str | None = None) -> HessianSpectrum:
     """Top-k Hessian eigenvalues of ``model``'s loss, per batch or for the whole data.
 
     Args:
@@ -409,6 +413,9 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             0 is solved again (cold, not stored) when ``skip`` leaves it out, so every row's values
             depend only on its batch, the first batch and the seeds, whichever rows a call computes;
             with and without warm start they agree to within the certificates.
+        save_vectors: ``"float32"`` or ``"float64"``: keep the eigenvectors (as ``return_vectors``)
+            and lay them out for a file (``eigenvectors/<parameter name>`` (rows, k, *shape) in that
+            dtype, with the model's fingerprint: ``lt surface --directions FILE`` reads them).
 
     Returns:
         :class:`HessianSpectrum`.
@@ -422,6 +429,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         raise ConfigError("no batches given: nothing to take a Hessian of")
     dim = count_hessian_parameters(model, params)
     _validate(k, which, method, tol, max_iter, scope, weight_decay, dim)
+    vectors_meta = vector_meta(model, params, which, save_vectors) if save_vectors else None
+    return_vectors = bool(return_vectors or save_vectors)
     if form not in FORMS + ("auto",):
         raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
     from .precision import parse_precision
@@ -446,7 +455,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         num_params=dim, config=config,
         trace=_empty_trace(rows, trace_probes) if trace else None,
         density=_empty_density(rows, density_runs, density_steps) if density else None,
-        eigenvectors=[None] * rows if return_vectors else None)
+        eigenvectors=[None] * rows if return_vectors else None, vectors=vectors_meta)
     if trace and int(trace_probes) < 3:
         raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
     if density and (int(density_runs) < 1 or int(density_steps) < 2):
@@ -613,11 +622,33 @@ def _empty_density(rows: int, runs: int, steps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- result files
+VECTOR_DTYPES = ("float32", "float64")
+
+
+def vector_meta(model: nn.Module, params, which: str, dtype: str) -> dict:
+    """How one model's eigenvectors are stored: the Hessian's parameters in the order of its flat
+    vectors (name, shape), the storage dtype, and the attributes of the ``eigenvectors`` group (the
+    model's fingerprint, so the vectors are never used as directions of another model)."""
+    from ._directions import model_fingerprint
+
+    if dtype not in VECTOR_DTYPES:
+        raise ConfigError(f"eigenvector dtype {dtype!r} is not one of {', '.join(VECTOR_DTYPES)} "
+                          f"(e.g. --vector-dtype float32, the default)")
+    return {"layout": [(name, tuple(int(d) for d in p.shape)) for name, p in select_parameters(model, params)],
+            "dtype": dtype,
+            "attrs": {"model_fingerprint": model_fingerprint(model), "params": "" if params is None else
+                      (params if isinstance(params, str) else ",".join(params)), "dtype": dtype,
+                      "which": str(which).upper(),
+                      "note": "eigenvector i of row r is eigenvectors/<name>[r, i] over every parameter together, "
+                              "unit norm, paired with eigenvalues[r, i]; parameters not listed are zero"}}
+
+
 def result_layout(rows: int, k: int, batch_sizes: Sequence[int], attrs: dict, trace: bool = False,
                   trace_probes: int = 0, density: bool = False, density_runs: int = 0,
-                  density_steps: int = 0) -> dict:
+                  density_steps: int = 0, vectors: dict | None = None) -> dict:
     """The full-size HDF5 node of one model (NaN / False / -1 where not computed) for
-    ``store.write_result`` or ``store.open_partial``; ``done`` (rows,) marks finished rows."""
+    ``store.write_result`` or ``store.open_partial``; ``done`` (rows,) marks finished rows.
+    ``vectors`` (:func:`vector_meta`) adds ``eigenvectors/<parameter name>`` (rows, k, *shape)."""
     node = {"attrs": dict(attrs), "data": {
         "eigenvalues": np.full((rows, k), np.nan), "residuals": np.full((rows, k), np.nan),
         "certificates": np.full((rows, k), np.nan), "converged": np.zeros((rows, k), dtype=bool),
@@ -633,6 +664,11 @@ def result_layout(rows: int, k: int, batch_sizes: Sequence[int], attrs: dict, tr
                                                "method": "stochastic Lanczos quadrature, full reorthogonalisation",
                                                "broadening": "gaussian", "sigma_fraction": DENSITY_SIGMA},
                                      "data": _empty_density(rows, int(density_runs), int(density_steps))}
+    if vectors:
+        node["groups"]["eigenvectors"] = {
+            "attrs": dict(vectors["attrs"]),
+            "data": {name: np.full((rows, k, *shape), np.nan, dtype=vectors["dtype"])
+                     for name, shape in vectors["layout"]}}
     return node
 
 
@@ -648,6 +684,14 @@ def row_values(result: HessianSpectrum, row: int) -> dict[str, Any]:
     if result.density is not None:
         for key, arr in result.density.items():
             vals[f"density/{key}"] = arr[row]
+    if result.vectors and result.eigenvectors is not None and result.eigenvectors[row] is not None:
+        flat = result.eigenvectors[row][:result.k].detach().to("cpu", torch.float64)
+        offset = 0
+        for name, shape in result.vectors["layout"]:
+            size = int(np.prod(shape, dtype=np.int64))
+            vals[f"eigenvectors/{name}"] = flat[:, offset:offset + size].reshape(result.k, *shape).numpy().astype(
+                result.vectors["dtype"])
+            offset += size
     return vals
 
 
@@ -708,7 +752,8 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
              trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
              form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
              command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
-             data_description: dict | None = None, warm_start: bool = True) -> RunPlan:
+             data_description: dict | None = None, warm_start: bool = True,
+             save_vectors: str | None = None) -> RunPlan:
     """Validate a run's options and lay out its result file (nothing is computed or written).
 
     Raises:
@@ -743,7 +788,10 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
     key_options["tol_kind"] = "certified eigenvalue error"
     if precision != "fp32":      # fp32 runs keep the fingerprint of files written before --precision existed
         key_options["precision"] = precision
+    if save_vectors:             # another layout: a partial file without the vectors is not resumed into it
+        key_options["save_vectors"] = save_vectors
     options["precision"] = precision
+    options["save_vectors"] = save_vectors or None
     # the matrix does not depend on the sub-batch (only rounding does): not in the fingerprint
     options["sub_batch"] = resolve_sub_batch(sub_batch, next(jobs[0].model.parameters()).device)
     key = {"options": key_options, "data": data_description,
@@ -764,8 +812,9 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
                       "seed": int(seed), "precision": precision, "warm_start": options["warm_start"],
                       "sub_batch": _sub_batch_attr(options["sub_batch"]),
                       "data": _short(data_description)})
+        vectors = vector_meta(job.model, params, which, save_vectors) if save_vectors else None
         layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
-                                          trace_probes, density, density_runs, density_steps)
+                                          trace_probes, density, density_runs, density_steps, vectors=vectors)
     return RunPlan(options, fingerprint, root, layout, rows_of)
 
 
@@ -790,7 +839,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 device: str = "cpu",
                 data_description: dict | None = None, progress: Progress = None,
                 on_row: Callable[[int, int], None] | None = None,
-                only_rows: Sequence[int] | None = None, warm_start: bool = True) -> dict:
+                only_rows: Sequence[int] | None = None, warm_start: bool = True,
+                save_vectors: str | None = None) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
     Rows go into ``output + ".partial"`` (values first, then the row's ``done`` flag, then a flush),
@@ -812,6 +862,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         warm_start: as :func:`top_eigenvalues` (rows after the first start from the first batch's
             Ritz vectors, which a call that does not compute row 0 solves again: the file is the
             same whichever rows each call or rank computes).
+        save_vectors: ``"float32"`` / ``"float64"``: store every row's eigenvectors, per parameter
+            (:func:`vector_meta`); None: not stored.
 
     Returns:
         label -> :class:`HessianSpectrum` with the values computed in this call (rows done earlier NaN).
@@ -827,7 +879,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                     trace_probes=trace_probes, density=density, density_runs=density_runs,
                     density_steps=density_steps, form=form, precision=precision, sub_batch=sub_batch,
                     command=command, config=config,
-                    device=device, data_description=data_description, warm_start=warm_start)
+                    device=device, data_description=data_description, warm_start=warm_start,
+                    save_vectors=save_vectors)
     opts = plan.options
     part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
     results = {}
@@ -853,7 +906,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
                 seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                 density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"], sub_batch=opts["sub_batch"], warm_start=opts["warm_start"])
+                precision=opts["precision"], sub_batch=opts["sub_batch"], warm_start=opts["warm_start"],
+                save_vectors=opts["save_vectors"])
         part.finalize()
     finally:
         part.close()

@@ -268,29 +268,127 @@ def dump_config(**options) -> dict:
     return json.loads(json.dumps(options, default=str))
 
 
-#: set by the Ctrl-C handler: a KeyboardInterrupt that CPython swallowed (one raised inside a weakref
-#: or garbage-collector callback is printed and dropped) is raised again at the next progress report
-_interrupted = False
+#: set by the Ctrl-C / SIGTERM handler to the signal's number: a KeyboardInterrupt that CPython swallowed
+#: (one raised inside a weakref or garbage-collector callback is printed and dropped) is raised again at the
+#: next progress report
+_interrupted = 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm at a time limit or a preemption, ``kill``, ``scancel``): unwinds like Ctrl-C, so the
+    current unit is finished or dropped, the ``.partial`` file stays resumable and the lock is released;
+    ``lt`` then exits with status 143 (128 + 15)."""
 
 
 def _on_sigint(signum, frame):
+    """Ctrl-C raises KeyboardInterrupt (every time it is pressed); SIGTERM raises :class:`Terminated`
+    once (a second SIGTERM while the run is already stopping only keeps the flag, so the clean-up that
+    releases the lock is not cut short)."""
+    import signal
     global _interrupted
-    _interrupted = True
+    if signum == signal.SIGTERM:
+        first = _interrupted != signal.SIGTERM
+        _interrupted = signal.SIGTERM
+        if first:
+            raise Terminated
+        return
+    if not _interrupted:
+        _interrupted = signum or signal.SIGINT
     raise KeyboardInterrupt
 
 
 def install_interrupt_handler() -> None:
-    """Ctrl-C raises KeyboardInterrupt as usual and also sets a flag :class:`ProgressBar` checks."""
+    """Ctrl-C raises KeyboardInterrupt as usual and SIGTERM raises :class:`Terminated`; both also set a
+    flag :class:`ProgressBar` checks.  A signal that is ignored or handled by someone else (e.g. a
+    background job's SIGINT, an embedding program) is left alone."""
     import signal
     import threading
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigint)
+
+
+def interrupt_exit_status() -> int:
+    """The exit status of an interrupted run: 143 after SIGTERM, 130 after Ctrl-C."""
+    import signal
+    return 128 + signal.SIGTERM if _interrupted == signal.SIGTERM else 130
 
 
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt when Ctrl-C was pressed (even if its first exception was lost)."""
+    """Raise KeyboardInterrupt (:class:`Terminated` after SIGTERM) when a signal arrived, even if its first
+    exception was lost."""
+    import signal
+    if _interrupted == signal.SIGTERM:
+        raise Terminated
     if _interrupted:
         raise KeyboardInterrupt
+
+
+SHARD_HELP = ("--shard slurm, in a Slurm array job, means --shard $((SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN))"
+              "/$SLURM_ARRAY_TASK_COUNT: array task k of a contiguous --array=LO-HI computes shard k - LO.")
+
+
+def slurm_array_shard() -> tuple[int, int]:
+    """``(i, n)`` of ``--shard slurm``: this array task's position in its Slurm job array.
+
+    ``i = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP`` and
+    ``n = SLURM_ARRAY_TASK_COUNT``, so ``--array=1-8`` gives shards 0/8 .. 7/8 like ``--array=0-7``.
+
+    Raises:
+        ConfigError: not in an array job, or an array that is not evenly spaced (e.g. ``--array=1,4,5``).
+    """
+    import os
+
+    def value(name, default=None):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            if default is not None:
+                return default
+            raise ConfigError(f"--shard slurm needs {name}, which Slurm sets in the tasks of a job array; submit "
+                              f"with `sbatch --array=0-N` or give the shard yourself: --shard I/N")
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--shard slurm: {name}={text!r} is not a whole number") from None
+
+    task, count = value("SLURM_ARRAY_TASK_ID"), value("SLURM_ARRAY_TASK_COUNT")
+    low, step = value("SLURM_ARRAY_TASK_MIN", 0), value("SLURM_ARRAY_TASK_STEP", 1)
+    offset = task - low
+    if step < 1 or offset % step or not 0 <= offset // step < count:
+        raise ConfigError(f"--shard slurm: array task {task} (SLURM_ARRAY_TASK_MIN={low}, STEP={step}, "
+                          f"COUNT={count}) is not one of {count} evenly spaced tasks; submit a contiguous array "
+                          f"(--array=0-{max(count - 1, 0)}) or give the shard yourself: --shard I/N")
+    return offset // step, count
+
+
+def resolve_shard_args(args: Sequence[str], option: str = "--shard") -> list[str]:
+    """A command line with ``--shard slurm`` (or ``--shard=slurm``) replaced by this array task's
+    ``--shard I/N`` (:func:`slurm_array_shard`), said once on stderr; other lines are returned as they are."""
+    out, i, args = [], 0, list(args)
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out.extend(args[i:])
+            break
+        if a == option and i + 1 < len(args) and args[i + 1].strip().lower() == "slurm":
+            out.extend([option, _announce_slurm_shard()])
+            i += 2
+            continue
+        if a.startswith(option + "=") and a.split("=", 1)[1].strip().lower() == "slurm":
+            out.append(f"{option}={_announce_slurm_shard()}")
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _announce_slurm_shard() -> str:
+    i, n = slurm_array_shard()
+    info_line(f"lt: --shard slurm is --shard {i}/{n} (array task {i + 1} of {n})")
+    return f"{i}/{n}"
 
 
 class ProgressBar:

@@ -464,27 +464,28 @@ def test_no_quadratic_model_for_other_directions_or_a_line_without_its_centre(cl
 
 
 # ----------------------------------------------------------------------------- end to end: lt hessian --save-vectors
-def _has_save_vectors() -> bool:
-    r = cli("hessian", "--help")
-    return "--save-vectors" in r.output
-
-
-@pytest.mark.skipif(not _has_save_vectors(), reason="lt hessian --save-vectors is not in this tree yet")
-def test_lt_hessian_save_vectors_then_lt_surface_line_has_the_eigenvalue_as_second_difference(cli_files):
+@pytest.mark.parametrize("vector_dtype", [None, "float64"])
+def test_lt_hessian_save_vectors_then_lt_surface_line_has_the_eigenvalue_as_second_difference(cli_files,
+                                                                                              vector_dtype):
     root = cli_files["root"]
-    h = root / "saved.h5"
+    h = root / f"saved-{vector_dtype}.h5"
+    extra = () if vector_dtype is None else ("--vector-dtype", vector_dtype)
     r = cli("hessian", root / "n.pt", "--model", "test_hessian_directions:double_net", "--data", cli_files["data"],
-            "--batch-size", 7, "--scope", "dataset", "--top-k", 2, "--tol", "1e-10", "--save-vectors", "-o", h)
+            "--batch-size", 7, "--scope", "dataset", "--top-k", 2, "--tol", "1e-10", "--save-vectors", *extra, "-o", h)
     assert r.exit_code == 0, r.output
     hnode = store.read_result(h).models["n"]
-    assert hnode.groups["eigenvectors"].attrs["model_fingerprint"] == S.model_fingerprint(cli_files["model"])
+    vec = hnode.groups["eigenvectors"]
+    assert vec.attrs["model_fingerprint"] == S.model_fingerprint(cli_files["model"])
+    assert vec.data["fc1.weight"].dtype == np.dtype(vector_dtype or "float32")
     for i in (1, 2):
-        out = root / f"e2e{i}.h5"
+        out = root / f"e2e-{vector_dtype}-{i}.h5"
         r = cli_surface(cli_files, "n.pt", "--directions", f"{h}:0", "--eig", i, "--x", "-1e-3:1e-3:3", "-o", out)
         assert r.exit_code == 0, r.output
         node = store.read_result(out).models["n"]
         lam = hnode.data["eigenvalues"][0, i - 1]
         assert abs(second_difference(node.data["loss"]) - lam) <= 1e-4 * abs(lam), (i, lam)
-        assert json.loads(node.groups["directions"].attrs["recipe"])["eigenvalues"] == [lam]
+        recipe = json.loads(node.groups["directions"].attrs["recipe"])
+        assert recipe["eigenvalues"] == [lam] and recipe["vector_dtype"] == (vector_dtype or "float32")
+        assert recipe["params"] is None and recipe["which"] == "LM" and recipe["scope"] == "dataset"
     r = cli_surface(cli_files, "other.pt", "--directions", f"{h}:0", "--dims", 1, "-o", root / "e2e-bad.h5")
     assert r.exit_code != 0 and f"--directions {h}:0: the eigenvectors were computed for other weights" in r.output

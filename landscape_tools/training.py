@@ -55,38 +55,68 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translations (zero-pad by ``pad``, random crop back) and optional horizontal flips."""
-    if x.dim() != 4 or (pad <= 0 and not flip):
-        return x
-    n, _, h, w = x.shape
+def draw_augmentation(n: int, pad: int, flip: bool, generator: torch.Generator
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of :func:`augment_batch` for ``n`` samples, on the CPU from ``generator``:
+    crop offsets ``dx``, ``dy`` in ``[0, 2 * pad]`` (``None`` without padding) and the flip mask
+    (``None`` without ``flip``), drawn in that order."""
+    dx = dy = mask = None
     if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     if flip:
         mask = torch.rand(n, generator=generator) < 0.5
-        if mask.any():
-            x = x.clone()
-            x[mask.to(x.device)] = x[mask.to(x.device)].flip(-1)
+    return dx, dy, mask
+
+
+def apply_augmentation(x: torch.Tensor, pad: int, dx: torch.Tensor | None, dy: torch.Tensor | None,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+    """Translate each image of ``x`` (N, C, H, W) by zero-padding ``pad`` pixels on every side and
+    cropping the H x W window whose top-left corner is ``(dy[i], dx[i])``, then mirror the images
+    where ``mask`` is True; in a few batched operations on ``x``'s device (the draws are moved there)."""
+    n, _, h, w = x.shape
+    if dx is not None and pad > 0:
+        # every H x W window of the padded images as a view (N, C, 2p+1, 2p+1, H, W); one indexing
+        # op picks window (dy[i], dx[i]) of image i
+        windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)
+        x = windows[torch.arange(n, device=x.device), :, dy.to(x.device), dx.to(x.device)]
+    if mask is not None:
+        x = torch.where(mask.to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
     return x
+
+
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random translations (zero-pad by ``pad``, random crop back) and optional horizontal flips,
+    drawn from ``generator`` (:func:`draw_augmentation`) and applied at once (:func:`apply_augmentation`)."""
+    if x.dim() != 4 or (pad <= 0 and not flip):
+        return x
+    return apply_augmentation(x, pad, *draw_augmentation(int(x.shape[0]), pad, flip, generator))
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data: DataSet, batch_size: int = 256) -> dict:
-    """Mean NLL and accuracy of one deterministic pass (dropout off, BN running statistics)."""
+    """Mean NLL and accuracy of one deterministic pass (dropout off, BN running statistics); summed
+    on the device, read once at the end."""
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, 0
+    device = data.y.device
+    total_loss = torch.zeros((), dtype=_sum_dtype(device), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
     with mc_dropout(model, False):
         for x, y in data.batches(batch_size):
             out = model(x)
-            total_loss += float(F.cross_entropy(out.double(), y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            total_loss += F.cross_entropy(out.to(total_loss.dtype), y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
             n += int(y.shape[0])
     model.train(was_training)
+    total_loss, correct = float(total_loss), int(correct)
     return {"nll": total_loss / n, "accuracy": correct / n, "samples": n}
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 sums on the device (float32 where the device has no float64, e.g. MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _lr_at(cfg: TrainConfig, epoch_float: float) -> float:
@@ -114,7 +144,9 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
         per-epoch history (loss, accuracy, lr) and the final test metrics.
 
     Raises:
-        NumericalError: when the loss becomes NaN or infinite (lower --lr).
+        NumericalError: when the loss became NaN or infinite, checked at the end of each epoch (the
+            running loss and accuracy are summed on the device and read once per epoch, so a step
+            never waits for the device); lower --lr.
     """
     config.validate()
     torch.manual_seed(config.seed)
@@ -130,34 +162,53 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
     total = steps_per_epoch * config.epochs
     result = TrainResult()
     start = time.monotonic()
+    device = train_data.y.device
+    augment = config.augment and train_data.x.dim() == 4 and (config.pad > 0 or config.flip)
     step = 0
+    shown = ""
     for epoch in range(config.epochs):
         model.train()
-        order = torch.randperm(n, generator=gen).to(train_data.x.device)
-        loss_sum, correct, seen = 0.0, 0, 0
+        order = torch.randperm(n, generator=gen)
+        # the epoch's augmentation, drawn batch by batch in the order the per-batch draws always had,
+        # and moved to the device with the order in one copy each (no copy, no read back per step)
+        draws = [draw_augmentation(min(config.batch_size, n - b * config.batch_size), config.pad, config.flip, gen)
+                 if augment else (None, None, None) for b in range(steps_per_epoch)]
+        dx, dy, flips = (torch.cat(parts).to(device) if parts[0] is not None else None for parts in zip(*draws))
+        order = order.to(device)
+        # running sums stay on the device: one read per epoch instead of three per step
+        loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            rows = slice(b * config.batch_size, (b + 1) * config.batch_size)
+            idx = order[rows]
             x, y = train_data.x[idx], train_data.y[idx]
-            if config.augment:
-                x = augment_batch(x, config.pad, config.flip, gen)
+            if augment:
+                x = apply_augmentation(x, config.pad, None if dx is None else dx[rows],
+                                       None if dy is None else dy[rows], None if flips is None else flips[rows])
             lr = _lr_at(config, epoch + b / steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             out = model(x)
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                raise NumericalError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); lower --lr "
-                                     f"(now {config.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * int(y.shape[0])
-            correct += int((out.detach().argmax(1) == y).sum())
-            seen += int(y.shape[0])
+            detached = loss.detach()
+            loss_sum += detached.to(loss_sum.dtype) * int(y.shape[0])
+            correct += (out.detach().argmax(1) == y).sum()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), b, first_bad)
             step += 1
-            report(progress, step, total, f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / seen:.3f} "
-                                          f"acc {correct / seen:.3f}")
-        result.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr})
+            report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")
+        loss_total, correct_total, bad = torch.stack([loss_sum.double(), correct.double(),
+                                                      first_bad.double()]).tolist()
+        if bad >= 0 or not math.isfinite(loss_total):
+            raise NumericalError(f"training diverged in epoch {epoch + 1} (the loss was not finite from step "
+                                 f"{int(bad) + 1} of {steps_per_epoch} on); lower --lr (now {config.lr})")
+        mean_loss, accuracy = loss_total / n, correct_total / n
+        shown = f" (epoch {epoch + 1}: loss {mean_loss:.3f} acc {accuracy:.3f})"
+        report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")
+        result.history.append({"epoch": epoch + 1, "loss": mean_loss, "accuracy": accuracy, "lr": lr})
     model.eval()
     if test_data is not None:
         result.test = evaluate_loss(model, test_data)

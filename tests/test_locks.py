@@ -143,3 +143,66 @@ def test_twenty_processes_race_for_a_stale_lock_exactly_one_wins(tmp_path):
         assert all(" is being written by another lt process " in m for m in refused), (kind, refused)
         assert not (tmp_path / f"race{round_}.h5.lock").exists()
     assert litter(tmp_path) == []
+
+
+def _can_unshare_uts() -> bool:
+    try:
+        return subprocess.run(["unshare", "--uts", "sh", "-c", "hostname lt-test-other-node"],
+                              capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_uts(), reason="unshare --uts is not permitted here")
+def test_run_killed_on_another_host_is_refused_while_fresh_and_resumed_once_stale(tmp_path, monkeypatch):
+    """A real `lt surface` in another UTS namespace (host name `node-elsewhere`: another host on the same
+    files) is SIGKILLed mid-run, as a preempted node would be; its lock is refused while its heartbeat
+    is fresh, then the same command here takes it over and resumes, and equals an uninterrupted run."""
+    import h5py
+    import numpy as np
+    from click.testing import CliRunner
+
+    from landscape_tools.cli.main import cli
+    from tiny_files import tiny_checkpoint_and_data
+
+    _, model, data = tiny_checkpoint_and_data(tmp_path)
+    args = ["surface", str(model), "--data", data, "--batch-size", "5", "--x", "-1:1:11", "--y", "-1:1:11",
+            "--device", "cpu"]
+    out = tmp_path / "out.h5"
+    stale = 4.0
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", LT_LOCK_STALE_AFTER=str(stale))
+    script = 'hostname node-elsewhere && exec "$@"'
+    proc = subprocess.Popen(["unshare", "--uts", "sh", "-c", script, "sh", sys.executable, "-m",
+                             "landscape_tools.cli.main", *args, "-o", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def done():
+        try:
+            with h5py.File(store.partial_path(out), "r", locking=False) as f:
+                return int(f["m/done"][()].sum())
+        except Exception:
+            return 0
+
+    end = time.monotonic() + 90
+    while done() == 0:
+        assert proc.poll() is None, "ended before any progress: " + proc.stderr.read()
+        assert time.monotonic() < end, "no progress within 90 s"
+        time.sleep(0.02)
+    proc.kill()                                         # SIGKILL: no clean-up, the lock stays
+    proc.communicate(timeout=30)
+    info = store.read_lock(store.OutputLock(out).path)
+    assert info.host == "node-elsewhere" and info.pid == proc.pid
+    monkeypatch.setenv("LT_LOCK_STALE_AFTER", str(stale))
+    assert info.age < stale                             # it beat every second until it was killed
+    with pytest.raises(StoreError, match=rf"\({proc.pid}@node-elsewhere, started .*; wait for it to finish"):
+        store.OutputLock(out).acquire()                 # fresh: refused (the dead pid is on another host)
+    time.sleep(max(0.0, stale - store.read_lock(store.OutputLock(out).path).age + 0.3))
+    r = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0 and "resumed" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name or p.name.startswith(".lt")) == ["out.h5"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "ref.h5")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got, ref = store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"]
+    assert got.data["done"].all()
+    np.testing.assert_array_equal(got.data["accuracy"], ref.data["accuracy"])
+    np.testing.assert_allclose(got.data["loss"], ref.data["loss"], rtol=1e-7, atol=0)

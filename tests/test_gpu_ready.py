@@ -263,3 +263,29 @@ def test_bf16_refused_on_a_pre_ampere_run_device(fake_gpus):
     P._check_supported(torch.device("cuda", 0), "bf16")      # the Ampere card passes
     P._check_supported(torch.device("cuda"), "bf16")         # no index: the current device
     P._check_supported(torch.device("cuda", 1), "fp16")      # fp16 is native on Turing
+
+
+def test_cli_hessian_fp16_is_one_error_line(tmp_path):
+    """`lt hessian --precision fp16` ends in one `Error:` line naming the alternatives, and no file."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from landscape_tools.checkpoints import save_checkpoint
+    from landscape_tools.cli.main import cli
+    from landscape_tools.data import save_tensors
+    from landscape_tools.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet_dnn_18", width=2, num_classes=3)
+    save_checkpoint(tmp_path / "m.pt", model, "resnet_dnn_18", model.arch_kwargs, meta={})
+    rng = np.random.default_rng(0)
+    save_tensors(tmp_path / "d.npz", x=rng.standard_normal((4, 3, 8, 8)).astype(np.float32),
+                 y=(np.arange(4) % 3).astype(np.int64))
+    out = tmp_path / "h.h5"
+    result = CliRunner().invoke(cli, ["hessian", str(tmp_path / "m.pt"), "--data", f"tensors:{tmp_path / 'd.npz'}",
+                                      "--batch-size", "4", "--top-k", "1", "--device", "cpu", "--precision", "fp16",
+                                      "-o", str(out)])
+    assert result.exit_code != 0
+    assert "Error: --precision fp16 is refused for Hessians" in result.output, result.output
+    assert "use --precision bf16" in result.output and "or fp32 (exact)" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -693,9 +693,13 @@ def load_directions(path: str, fingerprint: str, dims: int | None, label: str | 
             ``row`` / ``eig`` given for a surface file.
         StoreError: unreadable file.
     """
+    with store._open_checked(Path(path)) as f:
+        if store._read_attr(f.attrs.get("kind", "")) == "hessian":
+            # the eigenvectors stay on disk and only the chosen (row, eigenvector) slices are read: a
+            # ResNet-18 file of 10 batches x 5 vectors holds 2.2 GB of them
+            return _hessian_file_directions(_hessian_lazily(f, path), path, fingerprint, dims, label, model, row,
+                                            eig)
     res = store.read_result(path)
-    if res.kind == "hessian":
-        return _hessian_file_directions(res, path, fingerprint, dims, label, model, row, eig)
     if res.kind != "surface":
         raise ConfigError(f"--directions {path} is a {res.kind} result: it holds no directions; give a surface "
                           f"result (its directions are reused) or a hessian result of lt hessian --save-vectors")
@@ -725,6 +729,25 @@ def load_directions(path: str, fingerprint: str, dims: int | None, label: str | 
         raise ConfigError(f"--directions {path} holds {d.dims}-D directions but this run is {dims}-D "
                           f"(--dims {dims}); use a {dims}-D direction file or --dims {d.dims}")
     return d
+
+
+def _hessian_lazily(f, path) -> "store.Result":
+    """An open hessian result as :func:`store.read_result` reads it, except that every dataset of an
+    ``eigenvectors`` group is left an ``h5py.Dataset`` (read by the slice, while ``f`` is open)."""
+    import h5py
+
+    def node(group, lazy: bool) -> store.Node:
+        out = store.Node(attrs={k: store._read_attr(v) for k, v in group.attrs.items()})
+        for name, item in group.items():
+            if isinstance(item, h5py.Dataset):
+                out.data[name] = item if lazy else item[()]
+            else:
+                out.groups[name] = node(item, lazy or name == "eigenvectors")
+        return out
+
+    attrs = {k: store._read_attr(v) for k, v in f.attrs.items()}
+    models = {name: node(g, False) for name, g in f.items() if isinstance(g, h5py.Group)}
+    return store.Result(str(path), attrs, models)
 
 
 def _hessian_file_directions(res, path: str, fingerprint: str, dims: int | None, label: str | None,

@@ -121,6 +121,35 @@ def test_second_difference_along_a_unit_eigenvector_is_its_eigenvalue(tmp_path, 
         assert node.attrs["directions_kind"] == "hessian" and node.attrs["norm"] == "none"
 
 
+def test_only_the_chosen_vectors_are_read_from_the_file(tmp_path, monkeypatch):
+    """The eigenvectors of a hessian file stay on disk: the whole-file reader is never used and each
+    parameter's dataset is read at the one (row, eigenvector) asked for, with the values stored there."""
+    import h5py
+
+    model, d = net(), data()
+    spec = spectrum(model, d.batches(), scope="batch")
+    path = write_hessian(tmp_path / "h.h5", {"m": hessian_node(model, spec, dtype="float64")})
+    reads = []
+    real = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        if "/eigenvectors/" in self.name:
+            reads.append((self.name, key))
+        return real(self, key)
+
+    def whole_file(*a, **kw):
+        raise AssertionError("the whole hessian file was read")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    monkeypatch.setattr(store, "read_result", whole_file)
+    directions = S.load_directions(path, S.model_fingerprint(model), 1, model=model, row=2, eig=[3])
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(reads) == sorted((f"/m/eigenvectors/{n}", (2, 2)) for n in names)
+    want = spec.eigenvectors[2][2].numpy()
+    got = np.concatenate([directions.x[n].numpy().reshape(-1) for n in names])
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=0, atol=1e-15)
+
+
 def test_2d_plane_of_two_eigenvectors_has_their_curvatures_and_no_cross_term(tmp_path):
     model, d = net(1), data()
     spec = spectrum(model, d.batches(), scope="dataset")

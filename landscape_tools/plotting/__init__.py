@@ -2,7 +2,7 @@
 
 :func:`figure` reads files with :mod:`landscape_tools.store`, picks the drawer registered for their
 ``kind`` (and ``--kind`` variant) and returns the Figure; :func:`render` saves it as png / pdf / svg.  Each analysis has its own module here
-(``hessian``, ``surface``, ``featvar``, ``evaluate``) defining ``KINDS`` (variant names, the first the
+(``hessian``, ``surface``, ``featvar``, ``evaluate``, ``compare``) defining ``KINDS`` (variant names, the first the
 default) and ``draw(results, kind, **options) -> Figure`` taking a list of
 :class:`landscape_tools.store.Result`.
 """
@@ -16,7 +16,8 @@ from typing import Sequence
 from ..errors import ConfigError
 
 #: result kind -> drawing module
-DRAWERS = {"hessian": "hessian", "surface": "surface", "featvar": "featvar", "evaluate": "evaluate"}
+DRAWERS = {"hessian": "hessian", "surface": "surface", "featvar": "featvar", "evaluate": "evaluate",
+           "compare": "compare"}
 FORMATS = (".png", ".pdf", ".svg")
 
 

@@ -64,7 +64,7 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
 
     from landscape_tools.checkpoints import save_checkpoint
     from landscape_tools.data import absolute_spec, load_data
-    from landscape_tools.device import resolve_device
+    from landscape_tools.device import is_out_of_memory, out_of_memory_error, resolve_device
     from landscape_tools.errors import CheckpointError, ConfigError
     from landscape_tools.models import UnknownArchitecture, build_model, parse_name
     from landscape_tools.training import TrainConfig, train
@@ -98,7 +98,12 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     n_params = sum(p.numel() for p in model.parameters())
     common.info_line(f"training {arch} ({n_params:,} parameters) on {data_spec} ({len(train_ds)} samples) on {dev}")
     start = time.monotonic()
-    result = train(model, train_ds, test_ds, cfg, progress=common.ProgressBar("train"))
+    try:
+        result = train(model, train_ds, test_ds, cfg, progress=common.ProgressBar("train"))
+    except Exception as exc:
+        if is_out_of_memory(exc):    # one Error: line naming the knob, not a traceback
+            raise out_of_memory_error(exc, "train", dev) from None
+        raise
     meta = {"dataset": absolute_spec(data_spec), "input_shape": list(train_ds.x.shape[1:]), "num_classes": train_ds.num_classes,
             "normalisation": train_ds.normalisation, "epochs": epochs, "train": cfg.__dict__,
             "history": result.history, "metrics": {"test": result.test}, "seconds": round(time.monotonic() - start, 1),

@@ -125,3 +125,40 @@ def test_divergence_is_reported_with_its_epoch_and_step():
     with pytest.raises(NumericalError, match=r"training diverged in epoch 2 \(the loss was not finite from step 2 "
                                              r"of 3 on\); lower --lr \(now 0\.05\)"):
         train(Diverging(bad=5), _data(), None, _config())      # 3 steps per epoch: call 5 is step 2 of epoch 2
+
+
+def test_cli_train_out_of_memory_is_one_error_line(tmp_path, monkeypatch):
+    """An injected CUDA out-of-memory error in `lt train` ends in one `Error:` line naming --batch-size."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    import landscape_tools.training as T
+    from landscape_tools.cli.main import cli
+    from landscape_tools.data import save_tensors
+
+    rng = np.random.default_rng(0)
+    save_tensors(tmp_path / "d.npz", x=rng.standard_normal((8, 3, 8, 8)).astype(np.float32),
+                 y=(np.arange(8) % 3).astype(np.int64))
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.7 GiB total)\nmore")
+
+    monkeypatch.setattr(T, "train", oom)
+    out = tmp_path / "m.pt"
+    result = CliRunner().invoke(cli, ["train", "resnet_dnn_18", "--width", "2", "--data", f"tensors:{tmp_path / 'd.npz'}",
+                                      "--epochs", "1", "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert ("Error: lt train ran out of memory on cpu (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.7 "
+            "GiB total)); lower the peak with a smaller --batch-size") in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_out_of_memory_messages_name_each_commands_knob():
+    from landscape_tools.device import is_out_of_memory, out_of_memory_error
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("x")) and is_out_of_memory(RuntimeError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))
+    exc = RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    assert "--sub-batch N (pieces of each batch processed in turn; the same Hessian)" in str(out_of_memory_error(exc, "hessian"))
+    assert "a smaller --max-batch" in str(out_of_memory_error(exc, "featvar", "cuda:0"))
+    assert "on cuda:0 (CUDA out of memory. Tried to allocate 1.00 GiB)" in str(out_of_memory_error(exc, "featvar", "cuda:0"))
+    assert "--batch-size" in str(out_of_memory_error(exc, "surface")) and "--batch-size" in str(out_of_memory_error(exc))

@@ -189,6 +189,12 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         elif mode == "--directions":
             directions = S.load_directions(directions_path, S.model_fingerprint(model), n_dims, model=model,
                                            row=directions_row, eig=eig)
+            if directions.recipe.get("kind") == "hessian" and (mc or bn != "frozen") and ctx.is_main:
+                common.info_line(f"note: {info.label}: the Hessian was taken with dropout fixed and BatchNorm on its "
+                                 f"running statistics; with {'--mc ' + str(mc) if mc else ''}"
+                                 f"{' and ' if mc and bn != 'frozen' else ''}"
+                                 f"{'--bn ' + bn if bn != 'frozen' else ''} this surface is another function, "
+                                 f"so the quadratic model L0 + l a^2 / 2 that lt plot draws is only indicative")
         else:
             directions = S.random_directions(model, n_dims, norm, ignore, seed)
         jobs.append(S.SurfaceJob(info.label, model, info, data, directions))

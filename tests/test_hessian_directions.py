@@ -378,6 +378,17 @@ def test_cli_line_along_eigenvector_1_has_its_eigenvalue_as_second_difference(cl
     assert abs(np.linalg.norm(flat) - 1) < 1e-14
 
 
+def test_cli_says_when_the_surface_is_not_the_function_the_hessian_was_taken_of(cli_files):
+    """--bn recompute changes the loss away from the Hessian's (running statistics): one note on stderr;
+    the default (--bn frozen, --mc 0) prints none."""
+    args = ("--directions", cli_files["h"], "--dims", 1, "--x", "-1e-3:1e-3:3")
+    r = cli_surface(cli_files, "n.pt", *args, "--bn", "recompute", "-o", cli_files["root"] / "bn.h5")
+    assert r.exit_code == 0, r.output
+    assert "--bn recompute this surface is another function" in r.output and "only indicative" in r.output
+    r = cli_surface(cli_files, "n.pt", *args, "-o", cli_files["root"] / "frozen.h5")
+    assert r.exit_code == 0 and "only indicative" not in r.output, r.output
+
+
 def test_cli_eig_picks_the_vectors_and_sets_the_dimensions(cli_files):
     out = cli_files["root"] / "e3.h5"
     r = cli_surface(cli_files, "n.pt", "--directions", cli_files["h"], "--eig", 3, "--x", "-1e-3:1e-3:3", "-o", out)

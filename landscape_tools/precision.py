@@ -137,10 +137,13 @@ def fp32_math(precision: str = "fp32") -> Iterator[None]:
     cuDNN convolutions and RNNs, restored on leaving.
 
     The matrix-product setting goes through :func:`torch.set_float32_matmul_precision`, which keeps
-    PyTorch's legacy and new TF32 flags in agreement (``torch.compile`` reads the legacy one); cuDNN
-    through ``torch.backends.cudnn.conv/rnn.fp32_precision`` (PyTorch 2.9+; ``allow_tf32`` before).
-    The settings are process-wide: the block should not overlap a block of another precision in
-    another thread.
+    PyTorch's legacy and new TF32 flags in agreement (``torch.compile`` reads the legacy one, and a
+    matmul flag set through ``torch.backends.cuda.matmul.fp32_precision`` alone makes that read
+    raise); cuDNN through ``torch.backends.cudnn.conv/rnn.fp32_precision`` (PyTorch 2.9+, where the
+    legacy ``torch.backends.cudnn.allow_tf32`` setter is deprecated; that setter before).  Inside the
+    block PyTorch refuses to read the legacy ``torch.backends.cudnn.allow_tf32`` (it no longer agrees
+    with the per-operation flags); :func:`tf32_state` reads the new ones.  The settings are
+    process-wide: the block should not overlap a block of another precision in another thread.
     """
     allow = parse_precision(precision) == "tf32"
     try:

@@ -138,7 +138,7 @@ def copies(tmp_path_factory):
     common = ["--data", data, "--split", "train", "--batch-size", 3]
     files = {k: root / f"{k}.h5" for k in ("evaluate", "hessian", "featvar", "surface")}
     run("evaluate", m, m, "--labels", "a,b", *common, "--mc", "1,3", "-o", files["evaluate"])
-    run("hessian", m, m, "--labels", "a,b", *common, "--batches", 8, "--top-k", 2, "--tol", "1e-2",
+    run("hessian", m, m, "--labels", "a,b", *common, "--batches", 8, "--top-k", 2, "--tol", "1e-2", "--max-iter", 10,
         "-o", files["hessian"])
     run("featvar", m, m, "--labels", "a,b", *common, "--mc", 3, "-o", files["featvar"])
     run("surface", m, m, "--labels", "a,b", *common, "--x", "-1:1:3", "--y", "-1:1:3", "-o", files["surface"])

@@ -51,7 +51,7 @@ def command(files, labels, level, resamples, within, seed, output, overwrite, pl
     """
     from pathlib import Path
 
-    from landscape_tools import compare, store
+    from landscape_tools import compare
     from landscape_tools.errors import ConfigError
     from landscape_tools.plotting import check_figure_path
 
@@ -65,15 +65,8 @@ def command(files, labels, level, resamples, within, seed, output, overwrite, pl
     if plot_path:
         check_figure_path(plot_path)
     output = common.resolve_output(output, overwrite, list(files), "compare")
-    results = [store.read_result(f) for f in files]
-    entries = compare.collect(results, names)
-    comparisons = compare.compare_entries(entries, level=level, resamples=resamples, seed=seed, within=within)
-    config = common.dump_config(files=list(files), labels=names, level=level, resamples=resamples, within=within,
-                                seed=seed, entries=[f"{e.path}:{e.group}={e.label}" for e in entries])
-    root = store.provenance("compare", config=config, seed=seed, device="cpu")
-    root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}
-    root.update(compare.settings(level, resamples, seed, within))
-    store.write_result(output, root, compare.to_nodes(comparisons), overwrite=overwrite)
+    comparisons = compare.compare_files(list(files), output, names, level=level, resamples=resamples, seed=seed,
+                                        within=within, overwrite=overwrite)
     for c in comparisons:
         click.echo(compare.table(c, level))
     common.info_line(f"result written to {Path(output)}")

@@ -706,3 +706,28 @@ def settings(level: float, resamples: int, seed: int, within: float) -> dict[str
                                                  f"(scipy.stats.permutation_test, {int(resamples)} resamples) to "
                                                  f"reject at 1 - level",
                 "across training seeds": "Welch t (scipy.stats.ttest_ind, equal_var=False) on per-seed values"})}
+
+
+def compare_files(files: Sequence[str], output: str, labels: Sequence[str] | None = None, level: float = LEVEL,
+                  resamples: int = RESAMPLES, seed: int = 0, within: float = WITHIN, overwrite: bool = False,
+                  command: Sequence[str] | None = None) -> list[Comparison]:
+    """What ``lt compare`` does: read ``files``, compare every label against the first and write ``output``.
+
+    Raises:
+        ConfigError: bad options or labels (see :func:`collect`, :func:`compare_entries`).
+        StoreError: unreadable inputs, or ``output`` exists without ``overwrite``.
+    """
+    from . import store
+
+    check_options(level, resamples, within)
+    store.check_writable(output, overwrite)
+    entries = collect([store.read_result(f) for f in files], labels)
+    comparisons = compare_entries(entries, level=level, resamples=resamples, seed=seed, within=within)
+    config = json.loads(json.dumps({"files": [str(f) for f in files], "labels": None if labels is None else list(labels),
+                                    "level": level, "resamples": resamples, "within": within, "seed": seed,
+                                    "entries": [f"{e.path}:{e.group}={e.label}" for e in entries]}, default=str))
+    root = store.provenance("compare", command=command, config=config, seed=seed, device="cpu")
+    root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}
+    root.update(settings(level, resamples, seed, within))
+    store.write_result(output, root, to_nodes(comparisons), overwrite=overwrite)
+    return comparisons

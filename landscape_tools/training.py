@@ -199,7 +199,8 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
             correct += (out.detach().argmax(1) == y).sum()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), b, first_bad)
             step += 1
-            report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")
+            if b < steps_per_epoch - 1:   # the epoch's last step is reported below, with its figures
+                report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")
         loss_total, correct_total, bad = torch.stack([loss_sum.double(), correct.double(),
                                                       first_bad.double()]).tolist()
         if bad >= 0 or not math.isfinite(loss_total):

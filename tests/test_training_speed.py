@@ -162,3 +162,11 @@ def test_out_of_memory_messages_name_each_commands_knob():
     assert "a smaller --max-batch" in str(out_of_memory_error(exc, "featvar", "cuda:0"))
     assert "on cuda:0 (CUDA out of memory. Tried to allocate 1.00 GiB)" in str(out_of_memory_error(exc, "featvar", "cuda:0"))
     assert "--batch-size" in str(out_of_memory_error(exc, "surface")) and "--batch-size" in str(out_of_memory_error(exc))
+
+
+def test_progress_once_per_step_with_the_epochs_figures_at_its_end():
+    calls = []
+    train(Small(), _data(), None, _config(), progress=lambda done, total, msg: calls.append((done, total, msg)))
+    assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
+    assert calls[0][2] == "epoch 1/2" and calls[3][2].startswith("epoch 2/2 (epoch 1: loss ")
+    assert calls[2][2].startswith("epoch 1/2 (epoch 1: loss ") and " acc " in calls[5][2]

@@ -169,8 +169,8 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
-        # the epoch's augmentation, drawn batch by batch in the order the per-batch draws always had,
-        # and moved to the device with the order in one copy each (no copy, no read back per step)
+        # the epoch's augmentation, drawn batch by batch in the order the per-batch draws always had
+        # (the same crops for a seed), moved to the device once per epoch like the order
         draws = [draw_augmentation(min(config.batch_size, n - b * config.batch_size), config.pad, config.flip, gen)
                  if augment else (None, None, None) for b in range(steps_per_epoch)]
         dx, dy, flips = (torch.cat(parts).to(device) if parts[0] is not None else None for parts in zip(*draws))
@@ -201,11 +201,13 @@ def train(model: nn.Module, train_data: DataSet, test_data: DataSet | None, conf
             step += 1
             if b < steps_per_epoch - 1:   # the epoch's last step is reported below, with its figures
                 report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")
-        loss_total, correct_total, bad = torch.stack([loss_sum.double(), correct.double(),
-                                                      first_bad.double()]).tolist()
+        # the epoch's one read (in the sums' dtype: counts below 2**24 are exact even in float32)
+        loss_total, correct_total, bad = torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                                      first_bad.to(loss_sum.dtype)]).tolist()
         if bad >= 0 or not math.isfinite(loss_total):
-            raise NumericalError(f"training diverged in epoch {epoch + 1} (the loss was not finite from step "
-                                 f"{int(bad) + 1} of {steps_per_epoch} on); lower --lr (now {config.lr})")
+            where = f" from step {int(bad) + 1} of {steps_per_epoch} on" if bad >= 0 else ""
+            raise NumericalError(f"training diverged in epoch {epoch + 1} (the loss was not finite{where}); "
+                                 f"lower --lr (now {config.lr})")
         mean_loss, accuracy = loss_total / n, correct_total / n
         shown = f" (epoch {epoch + 1}: loss {mean_loss:.3f} acc {accuracy:.3f})"
         report(progress, step, total, f"epoch {epoch + 1}/{config.epochs}{shown}")

@@ -358,7 +358,8 @@ class HessianOperator:
         if not diff <= limit:
             where = f" of {label}" if label else ""
             batches = ", ".join(str(i) for i in self.batch_indices[:5]) + (", ..." if len(self.batch_indices) > 5 else "")
-            lowest = max({self.precision, *self.seen_precisions}, key=lambda p: P.rounding(p, self.dtype))
+            ran = sorted({self.precision, *self.seen_precisions}, key=P.PRECISIONS.index)
+            lowest = max(ran, key=lambda p: P.rounding(p, self.dtype))     # ties: the first, fp32 before tf32
             at = "" if lowest == "fp32" else f" at {lowest}"
             raise NumericalError(
                 f"the Hessian{where} (batch {batches}) is not a fixed matrix: two products with the same vector "

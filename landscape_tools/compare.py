@@ -623,7 +623,7 @@ def _across_seeds(kind: str, side_a: Sequence[Entry], side_b: Sequence[Entry], l
         interval = welch_t(va, vb, level)
         note = "values and difference are means over seeds"
         if interval.method.startswith("exact"):
-            note += "; no spread across the seeds of either label (the same file twice?)"
+            note += "; no spread across the seeds of either label: the interval is the difference itself"
         rows.append(Row(kind, q.name, q.metric, q.better, q.wording, float(va.mean()), float(vb.mean()),
                         interval.estimate, interval.low, interval.high, verdict(interval, q.better),
                         interval.method + " on per-seed values", "training seeds", False, len(va), len(vb), note,

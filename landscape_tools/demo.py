@@ -40,6 +40,16 @@ FIGURES = (("evaluate", "curves", "evaluate_curves.png", "NLL, accuracy and ECE 
            ("featvar", "fourier", "featvar_fourier.png", "relative log amplitude of the feature maps' spectra"))
 ANALYSES = ("evaluate", "hessian", "surface", "featvar")
 NLL_TOLERANCE = 0.02
+#: training seeds per model of the full demo: 3 x ~2.5 minutes on 2 idle CPU cores fits in 8 minutes
+DEFAULT_SEEDS = 3
+#: the verdict of a claim from one training run per model
+ONE_SEED = "one seed: no verdict across training runs"
+#: the compare.h5 quantities behind each claim (in judge_claims' order); ``{n}``: the largest N
+CLAIM_QUANTITIES = (("NLL at N={n}", "accuracy at N={n}"),
+                    (f"MC samples to come within {NLL_TOLERANCE:.0%} of the N={{n}} NLL",),
+                    ("median |top eigenvalue| over batches", "negative eigenvalues per batch"),
+                    ("rise from the centre to the border (sharpness)",),
+                    ("mean variance over layers",))
 
 
 @dataclass
@@ -109,6 +119,8 @@ class DemoResult:
     claims: list[dict[str, str]]
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    compare: Path | None = None
+    runs: list["DemoResult"] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -152,6 +164,8 @@ def output_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {label: d / f"{label}.pt" for label, _, _ in MODELS}
     paths.update({kind: d / f"{kind}.h5" for kind in ANALYSES})
     paths.update({fig: d / fig for _, _, fig, _ in FIGURES})
+    paths["compare"] = d / "compare.h5"
+    paths["compare_figure"] = d / "compare_forest.png"
     paths["report"] = d / "report.md"
     return paths
 
@@ -443,13 +457,73 @@ def judge_claims(numbers: dict, plain: str = "mcdo", smooth: str = "smooth") -> 
     return claims
 
 
+def claim_verdict(verdicts: Sequence[str]) -> str:
+    """A claim's verdict from the ``lt compare`` verdicts of its quantities (A = mcdo, B = smooth)."""
+    n, for_smooth, for_plain = len(verdicts), list(verdicts).count("favours B"), list(verdicts).count("favours A")
+    if n == 0:
+        return "not compared"
+    if for_smooth == n:
+        return "yes"
+    if for_plain == n:
+        return "no: the opposite (favours mcdo)"
+    if for_smooth and for_plain:
+        return "mixed"
+    if for_smooth:
+        return f"partly ({for_smooth} of {n} favour smoothing, the rest no detectable difference)"
+    if for_plain:
+        return f"partly the opposite ({for_plain} of {n} favour mcdo, the rest no detectable difference)"
+    return "no detectable difference"
+
+
+def compared_claims(claims: list[dict], comparison, n_max: int, seeds: int) -> list[dict]:
+    """The claims of :func:`judge_claims` with their verdict from ``lt compare`` (``comparison``: the
+    ``smooth-vs-mcdo`` node of compare.h5) and each quantity's difference and interval in the evidence.
+
+    With one seed per model the verdict is :data:`ONE_SEED` (the intervals cover the test data of this
+    run, not training noise); ``within`` then holds what they say.
+    """
+    from .compare import describe_verdict
+
+    names = [str(q) for q in comparison["quantity"]]
+    out = []
+    for claim, wanted in zip(claims, CLAIM_QUANTITIES):
+        rows = [names.index(w.format(n=n_max)) for w in wanted if w.format(n=n_max) in names]
+        verdicts = [str(comparison["verdict"][i]) for i in rows]
+        parts = []
+        for i, v in zip(rows, verdicts):
+            low, high = float(comparison["low"][i]), float(comparison["high"][i])
+            if np.isfinite(low) and np.isfinite(high):
+                said = f"[{low:.3g}, {high:.3g}], {describe_verdict(v, 'mcdo', 'smooth')}"
+            else:
+                said = "(no interval)"
+            parts.append(f"{names[i]}: smooth - mcdo = {float(comparison['estimate'][i]):.3g} {said}")
+        within = claim_verdict(verdicts)
+        verdict = ONE_SEED if seeds == 1 else within
+        scope = "within this run (test data only)" if seeds == 1 else f"across {seeds} seeds per model"
+        out.append(dict(claim, verdict=verdict, within=within,
+                        evidence=f"{claim['evidence']}; {scope}: " + "; ".join(parts)))
+    return out
+
+
+def run_compare_stage(results: dict[str, Sequence[Path]], output: Path, figure: Path, cfg: DemoConfig):
+    """``lt compare`` of the analyses' files (one per seed each) into ``output`` and its forest plot."""
+    from . import store
+    from .compare import compare_files
+    from .plotting import render
+
+    files = [str(p) for kind in ANALYSES for p in results[kind]]
+    compare_files(files, str(output), seed=cfg.seed, overwrite=True)
+    render([str(output)], str(figure))
+    return store.read_result(output).models["smooth-vs-mcdo"]
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def write_report(path: Path, cfg: DemoConfig, numbers: dict, claims: list[dict], seconds: dict[str, float],
-                 device) -> Path:
+                 device, compare_figure: str | None = None) -> Path:
     """``report.md``: configuration, the table of key numbers, the claims, the figures (relative paths)."""
     p, s = (numbers[label] for label, _, _ in MODELS)
     nmax = p["n_max"]
@@ -493,13 +567,19 @@ def write_report(path: Path, cfg: DemoConfig, numbers: dict, claims: list[dict],
               f"samples (`surface.h5`); feature variance: {cfg.featvar_mc} MC samples of {cfg.featvar_samples} test "
               f"images at the zoo's stage outputs (`featvar.h5`).", "",
               "## The paper's claims on this data", "",
-              "| claim (Park & Kim 2022) | showed up here? | evidence (smooth vs mcdo) |", "|---|---|---|"]
+              "| claim (Park & Kim 2022) | showed up here? | evidence (smooth vs mcdo; 95% intervals from `lt compare`) |",
+              "|---|---|---|"]
     lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
-    lines += ["", "Verdicts compare the two numbers only (yes: every comparison favours smoothing; mixed: some do; "
-              "no: none do). They are single runs on a small data set: one test image is 0.22% accuracy, and "
-              "differences of that size are within seed-to-seed noise.", "", "## Figures", ""]
+    lines += ["", f"One training run per model, so no claim gets a verdict: the numbers move more between training "
+              f"seeds than between these models. The intervals beside them (`compare.h5`, made by `lt compare`) "
+              f"cover the noise of this run's test samples, batches and directions only; a difference they detect "
+              f"says these two networks differ, not that smoothing does. `lt demo --seeds {DEFAULT_SEEDS}` trains "
+              f"{DEFAULT_SEEDS} seeds per model and gives verdicts across training runs.", "", "## Figures", ""]
     for _, _, fig, caption in FIGURES:
         lines += [f"### {caption[0].upper() + caption[1:]}", "", f"![{caption}]({fig})", ""]
+    if compare_figure:
+        lines += ["### Differences smooth - mcdo with 95% intervals (`lt compare`)", "",
+                  f"![differences smooth - mcdo]({compare_figure})", ""]
     if seconds:
         lines += ["## Time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
@@ -515,8 +595,14 @@ def write_report(path: Path, cfg: DemoConfig, numbers: dict, claims: list[dict],
 # ----------------------------------------------------------------------------- the whole demo
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, device="cpu", overwrite: bool = False,
              log: Callable[[str], None] | None = None,
-             progress_for: Callable[[str], Progress] | None = None) -> DemoResult:
+             progress_for: Callable[[str], Progress] | None = None, seeds: int = 1) -> DemoResult:
     """Train both models, run every analysis, draw every figure and write ``report.md`` into ``out_dir``.
+
+    ``seeds`` > 1: the whole demo once per seed ``config.seed, config.seed + 1, ...`` into
+    ``out_dir/seed<S>/`` (each with its own report), then ``lt compare`` of every seed's files (seeds
+    as the replicate unit: Welch t on per-seed values) into ``out_dir/compare.h5`` and a report whose
+    claim verdicts come from it.  One seed: the claims get :data:`ONE_SEED`, with the intervals of
+    ``lt compare`` within the run beside the numbers.
 
     Without ``overwrite`` a folder holding ``report.md`` is refused; outputs of an interrupted run
     of the same configuration are reused (checkpoints, finished result files) or resumed (the
@@ -535,9 +621,21 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, devic
         a :class:`DemoResult`.
 
     Raises:
-        ConfigError: the folder holds a finished demo (no ``overwrite``) or outputs of another configuration.
+        ConfigError: the folder holds a finished demo (no ``overwrite``) or outputs of another
+            configuration; ``seeds`` below 1.
         LTError: from the analyses.
     """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds {seeds!r}: expected a whole number of training seeds per model, at least 1 "
+                          f"(e.g. {DEFAULT_SEEDS})")
+    if seeds > 1:
+        return _run_seeds(out_dir, config or DemoConfig.full(), device, overwrite, log or (lambda message: None),
+                          progress_for or (lambda title: None), seeds)
+    return _run_one(out_dir, config, device, overwrite, log, progress_for)
+
+
+def _run_one(out_dir, config, device, overwrite, log, progress_for) -> DemoResult:
+    """One seed: the demo as described in :func:`run_demo`."""
     from .plotting import render
 
     cfg = config or DemoConfig.full()
@@ -549,7 +647,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, devic
     paths = output_paths(out)
     seconds: dict[str, float] = {}
     reused: list[str] = []
-    stages = ["train", *ANALYSES, "figures", "report"]
+    stages = ["train", *ANALYSES, "figures", "compare", "report"]
 
     def header(i: int, text: str) -> None:
         log(f"== [{i + 1}/{len(stages)}] {text}")
@@ -600,9 +698,106 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, devic
             draw(j + 1, len(FIGURES), name)
     seconds["figures"] = time.monotonic() - start
 
-    header(len(ANALYSES) + 2, "report")
+    header(len(ANALYSES) + 2, "compare: smooth - mcdo with 95% intervals (lt compare)")
+    start = time.monotonic()
     results = {kind: paths[kind] for kind in ANALYSES}
+    comparison = run_compare_stage({kind: [path] for kind, path in results.items()}, paths["compare"],
+                                   paths["compare_figure"], cfg)
+    seconds["compare"] = time.monotonic() - start
+
+    header(len(ANALYSES) + 3, "report")
     numbers = key_numbers(results, checkpoints)
-    claims = judge_claims(numbers)
-    write_report(paths["report"], cfg, numbers, claims, seconds, device)
-    return DemoResult(out, checkpoints, results, figures, paths["report"], numbers, claims, seconds, reused)
+    claims = compared_claims(judge_claims(numbers), comparison, numbers[MODELS[0][0]]["n_max"], 1)
+    write_report(paths["report"], cfg, numbers, claims, seconds, device, paths["compare_figure"].name)
+    return DemoResult(out, checkpoints, results, figures + [paths["compare_figure"]], paths["report"], numbers, claims,
+                      seconds, reused, paths["compare"])
+
+
+def _mean_numbers(runs: Sequence[DemoResult]) -> dict:
+    """Each model's key numbers averaged over the runs (per-layer featvar too), for the claims' evidence."""
+    out = {}
+    for label in runs[0].numbers:
+        first = runs[0].numbers[label]
+        mean = {}
+        for key, value in first.items():
+            if isinstance(value, dict):
+                mean[key] = {k: float(np.mean([r.numbers[label][key][k] for r in runs])) for k in value}
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n_max":
+                mean[key] = float(np.mean([r.numbers[label][key] for r in runs]))
+            else:
+                mean[key] = value
+        out[label] = mean
+    return out
+
+
+def _run_seeds(out_dir, cfg: DemoConfig, device, overwrite: bool, log, progress_for, seeds: int) -> DemoResult:
+    from dataclasses import replace
+
+    out = check_output_dir(out_dir, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, seconds = [], {}
+    for k in range(seeds):
+        sub_cfg = replace(cfg, seed=cfg.seed + k)
+        sub = out / f"seed{sub_cfg.seed}"
+        log(f"=== seed {sub_cfg.seed} ({k + 1} of {seeds}) into {sub}/")
+        if not overwrite and (sub / "report.md").exists():
+            (sub / "report.md").unlink()            # a finished seed: its checkpoints and files are reused
+        start = time.monotonic()
+        runs.append(_run_one(sub, sub_cfg, device, overwrite, log, progress_for))
+        seconds[f"seed {sub_cfg.seed}"] = time.monotonic() - start
+    log(f"=== compare across {seeds} seeds per model (lt compare: Welch t on per-seed values)")
+    start = time.monotonic()
+    paths = output_paths(out)
+    comparison = run_compare_stage({kind: [r.results[kind] for r in runs] for kind in ANALYSES}, paths["compare"],
+                                   paths["compare_figure"], cfg)
+    seconds["compare"] = time.monotonic() - start
+    numbers = _mean_numbers(runs)
+    n_max = numbers[MODELS[0][0]]["n_max"]
+    claims = compared_claims(judge_claims(numbers), comparison, n_max, seeds)
+    write_seeds_report(paths["report"], cfg, runs, comparison, claims, seconds, device, paths["compare_figure"].name)
+    return DemoResult(out, {f"{label}@seed{i + cfg.seed}": r.checkpoints[label] for i, r in enumerate(runs)
+                            for label in r.checkpoints},
+                      {f"{kind}@seed{i + cfg.seed}": r.results[kind] for i, r in enumerate(runs) for kind in ANALYSES},
+                      [f for r in runs for f in r.figures] + [paths["compare_figure"]], paths["report"], numbers,
+                      claims, seconds, [x for r in runs for x in r.reused], paths["compare"], runs)
+
+
+def write_seeds_report(path: Path, cfg: DemoConfig, runs: Sequence[DemoResult], comparison, claims: list[dict],
+                       seconds: dict[str, float], device, compare_figure: str) -> Path:
+    """``report.md`` of a demo over several seeds: claims with verdicts across training runs, every
+    difference of ``compare.h5`` with its interval, the per-seed reports and the time taken."""
+    seeds = [cfg.seed + i for i in range(len(runs))]
+    lines = ["# landscape-tools demo report, several training seeds", "",
+             f"The demo (configuration `{cfg.name}`, device {device}) run once per seed {', '.join(map(str, seeds))}: "
+             f"each seed trains both models (**mcdo** = {MODELS[0][2]}, **smooth** = {MODELS[1][2]}) and runs "
+             f"every analysis (`seed<S>/`, each with its own report). `lt compare` then treats the seeds as the "
+             f"replicate unit: each seed's number is one observation and the difference smooth - mcdo of the seed "
+             f"means gets a 95% Welch t interval (`compare.h5`). {sum(seconds.values()):.0f} s in all.", "",
+             "## The paper's claims across training runs", "",
+             "| claim (Park & Kim 2022) | verdict | evidence (means over seeds, smooth vs mcdo; 95% intervals) |",
+             "|---|---|---|"]
+    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
+    lines += ["", "Verdicts: yes = every quantity of the claim favours smoothing (its interval excludes 0 on the "
+              "better side); no detectable difference = every interval contains 0; partly / mixed / the opposite as "
+              "said. With few seeds the intervals are wide (Welch t with few degrees of freedom): no detectable "
+              "difference is not evidence of no difference.", "",
+              "## Every difference (smooth - mcdo)", "",
+              "| analysis | quantity | mcdo | smooth | smooth - mcdo | 95% interval | verdict |",
+              "|---|---|---:|---:|---:|---|---|"]
+    from .compare import describe_verdict
+    for i in range(len(comparison["quantity"])):
+        low, high = float(comparison["low"][i]), float(comparison["high"][i])
+        interval = f"[{low:.4g}, {high:.4g}]" if np.isfinite(low) and np.isfinite(high) else "-"
+        lines.append(f"| {comparison['analysis'][i]} | {comparison['quantity'][i]} | {float(comparison['value_a'][i]):.4g} "
+                     f"| {float(comparison['value_b'][i]):.4g} | {float(comparison['estimate'][i]):.4g} | {interval} | "
+                     f"{describe_verdict(str(comparison['verdict'][i]), 'mcdo', 'smooth')} |")
+    lines += ["", "## Per seed", ""]
+    lines += [f"- seed {s}: [seed{s}/report.md](seed{s}/report.md)" for s in seeds]
+    lines += ["", f"![differences smooth - mcdo]({compare_figure})", "", "## Time", "", "| stage | seconds |",
+              "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+    lines += [""]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path

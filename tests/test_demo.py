@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from landscape_tools import store
 from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.demo import ANALYSES, FIGURES, MODELS, DemoConfig, judge_claims, key_numbers
+from landscape_tools.demo import (ANALYSES, FIGURES, MODELS, ONE_SEED, DemoConfig, claim_verdict, compared_claims,
+                                  judge_claims, key_numbers)
 
 LABELS = [label for label, _, _ in MODELS]
 KEY_ARRAYS = {"evaluate": ("nll", "accuracy", "ece", "brier"), "hessian": ("eigenvalues", "residuals"),
@@ -63,6 +64,11 @@ def test_quick_demo_writes_everything(demo_dir):
     for claim in ("NLL and accuracy", "fewer MC samples", "Hessian eigenvalues", "loss surface",
                   "feature-map variance"):
         assert claim in report
+    compared = store.read_result(demo_dir / "compare.h5")
+    assert compared.kind == "compare" and list(compared.models) == ["smooth-vs-mcdo"]
+    assert set(compared.models["smooth-vs-mcdo"]["analysis"]) == set(ANALYSES)
+    assert (demo_dir / "compare_forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](compare_forest.png)" in report
 
 
 def test_report_numbers_are_the_files_numbers(demo_dir):
@@ -79,8 +85,13 @@ def test_report_numbers_are_the_files_numbers(demo_dir):
         border = np.concatenate([loss[0], loss[-1], loss[1:-1, 0], loss[1:-1, -1]])
         assert numbers[label]["surface_rise"] == pytest.approx(border.mean() - loss[c, c])
     report = (demo_dir / "report.md").read_text()
-    for claim in judge_claims(numbers):
-        assert f"| {claim['claim']} | **{claim['verdict']}** |" in report
+    comparison = store.read_result(demo_dir / "compare.h5").models["smooth-vs-mcdo"]
+    claims = compared_claims(judge_claims(numbers), comparison, numbers["mcdo"]["n_max"], 1)
+    for claim in claims:              # one seed: no verdict, the intervals within the run beside the numbers
+        assert f"| {claim['claim']} | **{ONE_SEED}** | {claim['evidence']} |" in report
+        assert "within this run (test data only): " in claim["evidence"]
+    nll = list(comparison["quantity"]).index(f"NLL at N={numbers['mcdo']['n_max']}")
+    assert f"smooth - mcdo = {comparison['estimate'][nll]:.3g} [{comparison['low'][nll]:.3g}, " in claims[0]["evidence"]
 
 
 def test_same_seed_same_numbers(demo_dir, tmp_path):
@@ -141,3 +152,38 @@ def test_quick_config_is_smaller_than_full():
     quick, full = DemoConfig.quick(), DemoConfig.full()
     assert quick.digest() != full.digest() and DemoConfig.quick(1).digest() != quick.digest()
     assert quick.epochs < full.epochs and quick.surface_points < full.surface_points
+
+
+def test_claim_verdict_from_compare_verdicts():
+    assert claim_verdict(["favours B", "favours B"]) == "yes"
+    assert claim_verdict(["favours A"]) == "no: the opposite (favours mcdo)"
+    assert claim_verdict(["favours A", "favours B"]) == "mixed"
+    assert claim_verdict(["favours B", "no detectable difference"]).startswith("partly (1 of 2 favour smoothing")
+    assert claim_verdict(["no detectable difference"] * 2) == "no detectable difference"
+
+
+def test_two_seeds_compare_across_training_runs(demo_dir, tmp_path):
+    """--seeds 2: seed 0 (copied from the one-seed demo, so reused) and seed 1 in their own folders,
+    compare.h5 across the seeds (Welch t on per-seed values) and a report whose verdicts come from it."""
+    out = tmp_path / "seeds"
+    (out / "seed0").mkdir(parents=True)
+    for name in [f"{label}.pt" for label in LABELS] + [f"{k}.h5" for k in ANALYSES] + ["report.md"]:
+        (out / "seed0" / name).write_bytes((demo_dir / name).read_bytes())
+    result = _demo(out, "--seeds", 2)
+    assert "seeds 0..1" in result.output and "reused from an earlier run: mcdo.pt, smooth.pt" in result.output
+    for seed in (0, 1):
+        assert (out / f"seed{seed}" / "report.md").exists() and (out / f"seed{seed}" / "compare.h5").exists()
+    node = store.read_result(out / "compare.h5").models["smooth-vs-mcdo"]
+    assert set(node["unit"]) == {"training seeds"} and set(node["n_a"]) == {2} and set(node["n_b"]) == {2}
+    i = list(node["quantity"]).index("mean variance over layers")
+    per_seed = [float(np.nanmean(store.read_result(out / f"seed{s}" / "featvar.h5").models["smooth"]["variance"]))
+                for s in (0, 1)]
+    assert node["value_b"][i] == pytest.approx(np.mean(per_seed))
+    report = (out / "report.md").read_text()
+    numbers = {label: key_numbers({k: out / f"seed{s}" / f"{k}.h5" for k in ANALYSES},
+                                  {lab: out / f"seed{s}" / f"{lab}.pt" for lab in LABELS})[label]
+               for label in LABELS for s in (0,)}
+    for claim in compared_claims(judge_claims(numbers), node, numbers["mcdo"]["n_max"], 2):
+        assert f"| {claim['claim']} | **{claim['verdict']}** |" in report
+        assert claim["verdict"] != ONE_SEED
+    assert "[seed1/report.md](seed1/report.md)" in report and "](compare_forest.png)" in report

@@ -66,6 +66,7 @@ def command(files, kind, models, title, log, dpi, output):
       lt plot surface.h5 --kind heatmap --dpi 300 -o surface.png
       lt plot surface.h5 --log -o surface-log.png          # geometric contour levels
       lt plot surface.h5 --kind filled --no-log -o lin.png  # linear even when the loss spans decades
+      lt plot compare.h5 -o forest.png                      # lt compare: differences with intervals
     """
     from landscape_tools.errors import ConfigError
     from landscape_tools.plotting import render

@@ -335,14 +335,17 @@ def _evaluate_quantities(a: Entry, b: Entry, within: float) -> list[Quantity]:
 
 def ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> np.ndarray:
     """Expected calibration error along the last axis, binned as :class:`~landscape_tools.evaluate.MetricAccumulator`
-    (bin ``b`` holds ``(edges[b], edges[b+1]]``, 0 in the first bin)."""
+    (bin ``b`` holds ``(edges[b], edges[b+1]]``, 0 in the first bin): ``sum_b |sum_{i in b} (correct_i -
+    confidence_i)| / n``, vectorised over leading axes."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    gap = np.broadcast_to(np.asarray(correct, dtype=np.float64), conf.shape) - conf
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges[1:-1], confidence, side="left"), 0, n_bins - 1)
-    total = np.zeros(confidence.shape[:-1])
-    for k in range(n_bins):
-        inside = bins == k
-        total += np.abs(np.where(inside, correct, 0.0).sum(axis=-1) - np.where(inside, confidence, 0.0).sum(axis=-1))
-    return total / confidence.shape[-1]
+    bins = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
+    lead = conf.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    slot = (np.arange(rows).reshape(lead + (1,)) * n_bins + bins).ravel()
+    sums = np.bincount(slot, weights=gap.ravel(), minlength=rows * n_bins).reshape(lead + (n_bins,))
+    return np.abs(sums).sum(axis=-1) / conf.shape[-1]
 
 
 def _hessian_quantities(a: Entry, b: Entry) -> list[Quantity]:

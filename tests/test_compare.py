@@ -108,18 +108,18 @@ def seeds(rng, shift):                 # 3 training seeds per model
     return interval, interval.p_value
 
 
-def median_units(rng, shift):          # median |top eigenvalue| of 30 batches, paired, 199 resamples
+def median_units(rng, shift):          # median |top eigenvalue| of 30 batches, paired, 99 resamples
     base = rng.normal(5.0, 1.0, 30)
     a, b = base + rng.normal(0, 0.3, 30), base + shift + rng.normal(0, 0.3, 30)
-    return C.statistic_difference(lambda v: np.median(v, axis=-1), (a,), (b,), True, resamples=199,
+    return C.statistic_difference(lambda v: np.median(v, axis=-1), (a,), (b,), True, resamples=99,
                                   seed=int(rng.integers(1 << 31)))
 
 
-def ece_units(rng, shift, n=150):      # ECE of 150 test samples, paired; B over-confident by `shift`
+def ece_units(rng, shift, n=150):      # ECE of 150 test samples, paired, 99 resamples; B over-confident by `shift`
     z = rng.normal(1.0, 1.0, n)
     conf_a, conf_b = (1 / (1 + np.exp(-(z + rng.normal(0, 0.3, n)))) for _ in range(2))
     ok_a, ok_b = rng.random(n) < conf_a, rng.random(n) < np.clip(conf_b - shift, 0, 1)
-    return C.statistic_difference(C.ece, (conf_a, ok_a), (conf_b, ok_b), True, resamples=199,
+    return C.statistic_difference(C.ece, (conf_a, ok_a), (conf_b, ok_b), True, resamples=99,
                                   seed=int(rng.integers(1 << 31)))
 
 

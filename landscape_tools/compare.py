@@ -538,12 +538,16 @@ def compare_entries(entries: Sequence[Entry], level: float = LEVEL, resamples: i
             counts = {comp.a: len(side_a), comp.b: len(side_b)}
             if min(counts.values()) == 1 and max(counts.values()) > 1:
                 raise ConfigError(f"{kind}: label {comp.a!r} has {counts[comp.a]} and {comp.b!r} {counts[comp.b]} "
-                                  f"files; give at least 2 per label for a comparison across training seeds, or "
-                                  f"exactly 1 each for a comparison within one run")
+                                  f"model groups; give at least 2 per label for a comparison across training seeds, "
+                                  f"or exactly 1 each for a comparison within one run")
             if counts[comp.a] == 1:
                 comp.rows += _within_run(kind, side_a[0], side_b[0], level, resamples, seed, within)
             else:
                 comp.rows += _across_seeds(kind, side_a, side_b, level, within)
+    empty = [f"{c.b} vs {c.a}" for c in comparisons if not c.rows]
+    if empty:
+        raise ConfigError(f"nothing to compare for {', '.join(empty)}: no analysis holds both labels (with ensemble "
+                          f"sizes in common); give files of the same analysis for each label")
     return comparisons
 
 

@@ -227,7 +227,9 @@ def test_bad_inputs_are_explained(copies, tmp_path):
     res = run("compare", files["evaluate"], "--labels", "a,a", "-o", tmp_path / "x.h5", code=1)
     assert "lt compare needs two labels" in res.output
     res = run("compare", files["evaluate"], files["evaluate"], "--labels", "a,b,a,a", "-o", tmp_path / "x.h5", code=1)
-    assert "label 'a' has 3 and 'b' 1 files" in res.output
+    assert "label 'a' has 3 and 'b' 1 model groups" in res.output
+    res = run("compare", files["evaluate"], files["hessian"], "--labels", "a,x,y,b", "-o", tmp_path / "x.h5", code=1)
+    assert "nothing to compare for y vs a, b vs a: no analysis holds both labels" in res.output
     res = run("compare", files["evaluate"], "--level", 1.5, "-o", tmp_path / "x.h5", code=1)
     assert "--level 1.5: expected a confidence level between 0.5 and 1" in res.output
     assert not (tmp_path / "x.h5").exists()

@@ -20,6 +20,11 @@ def command(shards, output, overwrite, plot_path):
     Example:
       for i in 0 1 2 3; do lt surface smooth.pt --shard $i/4 -o part$i.h5; done
       lt merge part0.h5 part1.h5 part2.h5 part3.h5 -o surf.h5 --plot surf.png
+
+    In a Slurm job array, `lt surface ... --shard slurm` computes the array task's shard
+    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) into
+    MODEL.surface.shard<k>of<n>.h5; examples/slurm/submit_surface_array.sh submits the array and
+    this merge as a job that starts when every task succeeded (afterok).
     """
     import sys
 

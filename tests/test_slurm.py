@@ -1,9 +1,8 @@
 """Slurm without torchrun: ranks from an srun step's SLURM_* variables, the rendezvous at the first host
-of the step's node list, `--shard slurm` in job arrays; two tasks started like `srun -n 2` equal one
-process (real subprocesses, gloo)."""
+of the step's node list, `--shard slurm` in job arrays.  Two real `lt` tasks started by a stand-in
+`srun -n 2` (no RANK; gloo) equal one process for every analysis in tests/test_slurm_jobs.py, which
+runs them through the job files of examples/slurm."""
 import os
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +12,7 @@ from landscape_tools import store
 from landscape_tools.cli import common
 from landscape_tools.cli.main import cli
 from landscape_tools.errors import ConfigError
-from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
+from tiny_files import assert_same_nodes, tiny_checkpoint_and_data
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -151,61 +150,3 @@ def test_shard_slurm_through_lt_surface(clean_env, tmp_path):
                       store.read_result(tmp_path / "one.h5").models["m"], rtol=1e-6)
     r = CliRunner().invoke(cli, [*args, "--shard", "slurm"])
     assert r.exit_code == 1 and "Error: --shard slurm needs SLURM_ARRAY_TASK_ID" in r.output
-
-
-def srun_env(n_tasks, job_id, **extra):
-    """The environment `srun -n N` gives its tasks on one node (no torchrun variables)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARS}
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", SLURM_JOB_ID=str(job_id), SLURM_NTASKS=str(n_tasks),
-               SLURM_STEP_NUM_TASKS=str(n_tasks), SLURM_STEP_ID="0", SLURM_STEP_NODELIST="localhost",
-               SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_NODEID="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])), **extra)
-    return env
-
-
-def job_id_with_a_free_port() -> int:
-    """A SLURM_JOB_ID whose derived port (20000 + id % 20000) is free here."""
-    for _ in range(100):
-        port = free_port()
-        if 20000 <= port < 40000:
-            return 40000 + port - 20000
-    pytest.skip("no free port in 20000..39999")
-
-
-def srun(n_tasks, args, cwd):
-    """Start `lt ARGS` as the N tasks of one srun step; returns their (returncode, stdout, stderr)."""
-    job = job_id_with_a_free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "landscape_tools.cli.main", *args], cwd=cwd,
-                              env=srun_env(n_tasks, job, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n_tasks)]
-    out = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, o, e))
-    return out
-
-
-@pytest.mark.parametrize("command", ["surface", "hessian"])
-def test_srun_two_tasks_equal_one_process(tmp_path, command):
-    _, model, data = tiny_checkpoint_and_data(tmp_path)
-    if command == "surface":
-        args = ["surface", str(model), "--data", data, "--batch-size", "5", "--x", "-1:1:3", "--y", "-0.5:0.5:3",
-                "--device", "cpu"]
-    else:
-        args = ["hessian", str(model), "--data", data, "--batch-size", "6", "--top-k", "2", "--device", "cpu"]
-    tasks = srun(2, [*args, "-o", "two.h5"], tmp_path)
-    for rc, o, e in tasks:
-        assert rc == 0, o + e
-    assert "per rank x 2 ranks" in tasks[0][2] if command == "surface" else True
-    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("two")) == ["two.h5"]
-    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "one.h5")], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    two, one = store.read_result(tmp_path / "two.h5"), store.read_result(tmp_path / "one.h5")
-    assert two.config == one.config
-    assert_same_nodes(two.models["m"], one.models["m"], rtol=1e-6 if command == "surface" else 0)

@@ -50,6 +50,8 @@ def test_torchrun_two_ranks_equal_single_process(files):
     got, ref = store.read_result(root / "edist.h5"), store.read_result(root / "esingle.h5")
     assert got.config == ref.config and got.models["m"].attrs == ref.models["m"].attrs
     assert got.models["m"].attrs["mc_active"] and got.models["m"]["nll"].shape == (3,)
+    # per-sample values (batches 0 and 2 on rank 0, batch 1 on rank 1) come back in sample order
+    assert got.models["m"]["per_sample/log_prob"].shape == (3, 12)
     assert_same_nodes(got.models["m"], ref.models["m"])
 
 

@@ -47,6 +47,7 @@ def test_torchrun_two_ranks_equal_single_process(files):
     assert got.models["m"].attrs == ref.models["m"].attrs
     assert got.models["m"]["sums/done"].all() and got.models["m"]["sums/var_sum"].shape == (3, 5)
     assert np.all(got.models["m"]["variance"][1:] > 0)
+    assert got.models["m"]["batch_variance"].shape == (3, 5) and np.all(got.models["m"]["batch_variance"][:, 1:] > 0)
     assert_same_nodes(got.models["m"], ref.models["m"])
 
 

@@ -21,14 +21,17 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
-    """`lt surface` on an 11 x 11 grid of the tiny zoo model (seconds of work) and `lt hessian --scope
-    batch` on 40 batches of a 23-parameter MLP; each with its uninterrupted reference result."""
+    """`lt surface` on an 11 x 11 grid of the tiny zoo model (seconds of work), `lt hessian --scope
+    batch` on 40 batches of a 23-parameter MLP and `lt featvar` on 30 batches of 4 samples of the tiny
+    model; each with its uninterrupted reference result."""
     import lt_user_models
     import torch
     from landscape_tools.data import save_tensors
 
     root = tmp_path_factory.mktemp("sigterm")
     _, model, data = tiny_checkpoint_and_data(root)
+    (root / "fv").mkdir()
+    _, _, fv_data = tiny_checkpoint_and_data(root / "fv", n=120)        # the same model, 120 samples
     torch.manual_seed(0)
     torch.save(lt_user_models.tiny_mlp().state_dict(), root / "mlp.pt")
     rng = np.random.default_rng(0)
@@ -39,6 +42,8 @@ def commands(tmp_path_factory):
         "hessian": (["hessian", str(root / "mlp.pt"), "--model", "lt_user_models:tiny_mlp", "--data",
                      f"tensors:{root / 'mlp.npz'}", "--batch-size", "2", "--top-k", "2", "--scope", "batch",
                      "--device", "cpu"], "mlp/done", 40),
+        "featvar": (["featvar", str(model), "--data", fv_data, "--split", "train", "--batch-size", "4", "--mc", "4",
+                     "--source", "noise:0.1", "--device", "cpu"], "m/sums/done", 30),
     }
     refs = {}
     for name, (args, _, _) in cmds.items():
@@ -69,7 +74,7 @@ def assert_same_node(a, b, where=""):
         assert_same_node(a.groups[name], group, where + name + "/")
 
 
-@pytest.mark.parametrize("name", ["surface", "hessian"])
+@pytest.mark.parametrize("name", ["surface", "hessian", "featvar"])
 def test_sigterm_mid_run_exits_143_and_the_rerun_equals_an_uninterrupted_run(commands, name):
     root = commands["root"]
     args, flags, n_units = commands["cmds"][name]

@@ -21,7 +21,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
-    """`lt surface` on an 11 x 11 grid of the tiny zoo model (seconds of work), `lt hessian --scope
+    """`lt surface` on a 13 x 13 grid of the tiny zoo model (seconds of work), `lt hessian --scope
     batch` on 40 batches of a 23-parameter MLP and `lt featvar` on 30 batches of 4 samples of the tiny
     model; each with its uninterrupted reference result."""
     import lt_user_models
@@ -37,8 +37,8 @@ def commands(tmp_path_factory):
     rng = np.random.default_rng(0)
     save_tensors(root / "mlp.npz", x=rng.normal(size=(80, 4)).astype(np.float32), y=rng.integers(0, 2, 80))
     cmds = {
-        "surface": (["surface", str(model), "--data", data, "--batch-size", "5", "--x", "-1:1:11", "--y", "-1:1:11",
-                     "--device", "cpu"], "m/done", 121),
+        "surface": (["surface", str(model), "--data", data, "--batch-size", "5", "--x", "-1:1:13", "--y", "-1:1:13",
+                     "--device", "cpu"], "m/done", 169),
         "hessian": (["hessian", str(root / "mlp.pt"), "--model", "lt_user_models:tiny_mlp", "--data",
                      f"tensors:{root / 'mlp.npz'}", "--batch-size", "2", "--top-k", "2", "--scope", "batch",
                      "--device", "cpu"], "mlp/done", 40),

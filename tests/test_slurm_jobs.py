@@ -106,7 +106,7 @@ def test_analysis_job_file_with_two_srun_tasks_equals_one_process(cluster, analy
 
 def test_requeue_job_stops_on_sigterm_requeues_and_resumes(cluster, monkeypatch):
     root = cluster["root"]
-    env = dict(cluster["env"], LT_X="-1:1:9", LT_Y="-1:1:9", LT_SAMPLES="12", LT_BATCH_SIZE="6", LT_OUT="surf.h5",
+    env = dict(cluster["env"], LT_X="-1:1:15", LT_Y="-1:1:15", LT_SAMPLES="12", LT_BATCH_SIZE="6", LT_OUT="surf.h5",
                LT_LOCK_STALE_AFTER="5")
     job = subprocess.Popen(["sbatch", str(JOBS / "requeue.sbatch")], cwd=root, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
@@ -160,7 +160,7 @@ def test_array_job_with_shard_slurm_then_afterok_merge(cluster, monkeypatch):
 
 def test_merge_waits_for_every_array_task_afterok(cluster):
     p = subprocess.run([str(JOBS / "submit_surface_array.sh")], cwd=cluster["root"], capture_output=True, text=True,
-                       timeout=300, env=dict(cluster["env"], LT_ARRAY="0-1", LT_MODEL="missing.pt"))
+                       timeout=300, env=dict(cluster["env"], LT_ARRAY="0", LT_MODEL="missing.pt"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Error: " in p.stderr and "dependency afterok:" in p.stderr and "did not succeed" in p.stderr
     assert not (cluster["root"] / "missing.surface.h5").exists()

@@ -103,6 +103,27 @@ def test_heartbeat_keeps_a_lock_alive_and_a_stalled_holder_stops(tmp_path, monke
     assert not second.path.exists() and litter(tmp_path) == []
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_late_contender_never_removes_the_winners_fresh_lock(tmp_path, legacy):
+    """The interleaving a plain remove-and-recreate gets wrong: B judges the stale lock, A takes it over
+    and makes a fresh one, then B acts on its old judgement.  B must leave A's lock alone."""
+    out = tmp_path / "out.h5"
+    lock = other_hosts_lock(out, age=500, legacy=legacy)
+    b = store.OutputLock(out)
+    b.token = "latecomer"
+    judged = store.read_lock(lock)                      # B: "stale"
+    a = store.OutputLock(out).acquire()                 # A: takes it over, its own fresh lock
+    assert b._take_over(judged) in ("busy", "lost")     # B acts on what it saw
+    info = store.read_lock(lock)
+    assert info.token == a.token and info.pid == os.getpid()
+    assert b._take_over(judged, abandoned=True) == "lost"   # even when B thinks the takeover was abandoned
+    assert store.read_lock(lock).token == a.token
+    with pytest.raises(StoreError, match="last heartbeat 0 s ago"):
+        b.acquire()
+    a.release()
+    assert not lock.exists() and litter(tmp_path) == []
+
+
 def _contender(out, start, attempted, results):
     start.wait()
     try:

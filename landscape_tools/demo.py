@@ -432,7 +432,7 @@ def judge_claims(numbers: dict, plain: str = "mcdo", smooth: str = "smooth") -> 
         checks.append(s["n_needed"] < p["n_needed"])
     claims.append({"claim": "smoothing needs fewer MC samples", "verdict": _verdict(checks),
                    "evidence": f"N to come within {NLL_TOLERANCE:.0%} of the N={p['n_max']} NLL: "
-                               f"{s['n_needed']} vs {p['n_needed']}; NLL gained from N=1 to N={p['n_max']}: "
+                               f"{s['n_needed']:.3g} vs {p['n_needed']:.3g}; NLL gained from N=1 to N={p['n_max']}: "
                                f"{s['nll_gain']:.4f} vs {p['nll_gain']:.4f}"})
     checks = [s["top_median"] < p["top_median"]]
     if not s["negatives"] == p["negatives"] == 0:
@@ -440,7 +440,7 @@ def judge_claims(numbers: dict, plain: str = "mcdo", smooth: str = "smooth") -> 
     claims.append({"claim": "smoothing gives smaller-magnitude Hessian eigenvalues and fewer negative ones",
                    "verdict": _verdict(checks),
                    "evidence": f"median top abs(eigenvalue) {s['top_median']:.4g} vs {p['top_median']:.4g}; negative "
-                               f"eigenvalues {s['negatives']} vs {p['negatives']} of {p['eigenvalues']}"
+                               f"eigenvalues {s['negatives']:.3g} vs {p['negatives']:.3g} of {p['eigenvalues']:.3g}"
                                + (" (none in either)" if s["negatives"] == p["negatives"] == 0 else "")})
     claims.append({"claim": "smoothing flattens the loss surface", "verdict": _verdict([s["surface_rise"] < p["surface_rise"]]),
                    "evidence": f"mean loss rise from the centre to the grid's border {s['surface_rise']:.4f} vs "

@@ -36,12 +36,13 @@ _ROUNDING = 4      # floor: this many machine epsilons (basis storage + products
 
 
 def _min_basis(k: int, quadratic: bool = True) -> int:
-    """Ritz values a basis must have before the solve may stop for the top k (as ARPACK's
-    ``ncv > 2k``, and at least 8: a few products in, the Ritz values say little about the rest of
-    the spectrum), and before the gap bound is trusted (at least 12: with 8 or 10, a pair
-    1.5 / 1.45 under a top of 5 was still one Ritz value whose gap bound was 1.4x too small,
-    ``tests/test_certificates.py``; the residual bound needs no gap)."""
-    return max(2 * int(k) + 2, 12 if quadratic else 8)
+    """Ritz values a basis must have before the solve may stop for the top k (``2k + 2``, as
+    ARPACK's ``ncv > 2k``: a few products in, the Ritz values say little about the rest of the
+    spectrum; 4 for the top one, where a trained net's well separated top eigenvalue is certain by
+    its residual after 4-5 products), and before the gap bound is trusted (at least 12: with 8 or
+    10, a pair 1.5 / 1.45 under a top of 5 was still one Ritz value whose gap bound was 1.4x too
+    small, ``tests/test_certificates.py``; the residual bound needs no gap)."""
+    return max(2 * int(k) + 2, 12) if quadratic else 2 * int(k) + 2
 
 
 def order(values: np.ndarray, which: str) -> np.ndarray:
@@ -166,7 +167,7 @@ def _ritz_certificates(theta, res, sel, which, tol, floor, rounding, previous=No
     The quadratic (gap) bound of :func:`certificates` is used only when
 
     * the basis holds at least :func:`_min_basis` Ritz values (a few products in, the Ritz values
-      say little about the rest of the spectrum; the solve may stop earlier, from 8, on residual
+      say little about the rest of the spectrum; the solve may stop earlier, from 2k + 2, on residual
       bounds alone);
     * the wanted values are :func:`settled` (nothing unwanted can still overtake the k-th);
     * the basis is not nearly invariant (``beta`` above :data:`_INVARIANT` of the Ritz spread:

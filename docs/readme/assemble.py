@@ -3,7 +3,8 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["00-intro", "demo", "hessian", "surface", "featvar", "evaluate", "plot", "interop", "cluster", "90-schema"]
+ORDER = ["00-intro", "demo", "hessian", "surface", "featvar", "evaluate", "compare", "plot", "interop", "cluster", "gpu",
+         "90-schema"]
 
 
 def section(name: str) -> str:

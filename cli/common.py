@@ -139,10 +139,14 @@ def precision_options(compile_option: bool = True, hessian: bool = False, compil
     with ``compile_modes`` ``auto`` (the default) / ``on`` / ``off`` (a bare ``--compile`` is ``on``)."""
     note = (" Hessians are computed in full precision unless you ask for less." if hessian else
             " Losses and statistics are always accumulated in full precision.")
-    decorators = [click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+    # fp16 stays a choice of lt hessian so that its refusal comes with the reason and the alternatives
+    choices = ["fp32", "tf32", "bf16", "fp16"]
+    decorators = [click.option("--precision", type=click.Choice(choices), default="fp32",
                                show_default=True,
-                               help="Dtype of the model's forward pass (torch.autocast; bf16/fp16 are for GPUs)."
-                                    + note)]
+                               help="Arithmetic of the model's forward pass: fp32 (TF32 off on GPUs), tf32 (TF32 "
+                                    "matmuls and convolutions), or torch.autocast to bf16/fp16"
+                                    + (" (fp16 is refused for Hessians: it underflows)" if hessian else "")
+                                    + " (for GPUs; see GPU notes)." + note)]
     if compile_option and compile_modes:
         decorators.append(click.option("--compile", "compile_model", type=CompileMode(), is_flag=False,
                                        flag_value="on", default="auto", show_default=True,

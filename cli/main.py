@@ -76,6 +76,11 @@ class LazyGroup(click.Group):
             click.echo(f"\nError: {what}. No half-written result file is left; surface, hessian and featvar "
                        "keep their progress in OUT.h5.partial and resume when run again.", err=True)
             sys.exit(status)
+        except Exception as exc:
+            from landscape_tools.device import is_out_of_memory, out_of_memory_error
+            if is_out_of_memory(exc):
+                raise click.ClickException(str(out_of_memory_error(exc, ctx.invoked_subcommand))) from None
+            raise
 
 
 def _adopt_slurm_step() -> None:

@@ -552,7 +552,8 @@ def _run_hessian_dataset(ctx: Context, jobs, output, *, overwrite: bool = False,
                     weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"], scope="dataset", seed=opts["seed"],
                     trace=opts["trace"], trace_probes=opts["trace_probes"], density=opts["density"],
                     density_runs=opts["density_runs"], density_steps=opts["density_steps"], form=opts["form"],
-                    precision=opts["precision"], sub_batch=opts["sub_batch"], make_operator=make, label=job.label)
+                    precision=opts["precision"], sub_batch=opts["sub_batch"], make_operator=make, label=job.label,
+                    save_vectors=opts["save_vectors"])
                 if ctx.is_main:
                     H.write_row(part, job.label, 0, res)
             except Exception as exc:

@@ -146,14 +146,17 @@ def hessian_operator(model: nn.Module, batches, params=None, weight_decay: float
 
 def _make_operator(model, batches, batch_indices, params, weight_decay, mc_seed, form, precision="fp32",
                    sub_batch: int | str | None = "auto"):
-    from .precision import parse_precision
-    if parse_precision(precision) == "fp32":
+    from .precision import parse_hessian_precision
+    precision = parse_hessian_precision(precision)
+    if precision in ("fp32", "tf32"):
         return HessianOperator(model, batches, batch_indices=batch_indices, params=params,
-                               weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch)
+                               weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch,
+                               precision=precision)
     restore = _autocast_forward(model, precision)
     try:
         op = HessianOperator(model, batches, batch_indices=batch_indices, params=params,
-                             weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch)
+                             weight_decay=weight_decay, mc_seed=mc_seed, form=form, sub_batch=sub_batch,
+                             precision=precision)
     except BaseException:
         restore()
         raise
@@ -433,8 +436,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     return_vectors = bool(return_vectors or save_vectors)
     if form not in FORMS + ("auto",):
         raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
-    from .precision import parse_precision
-    precision = parse_precision(precision)
+    from .precision import parse_hessian_precision
+    precision = parse_hessian_precision(precision)
     k = int(k)
     max_iter = int(max_iter) if max_iter is not None else default_max_iter(method, k)
     mc_seed = 0 if mc_seed is None else int(mc_seed)
@@ -555,7 +558,10 @@ def _basis_dtype(op, tol: float) -> torch.dtype:
 
 
 def _precision(op) -> float:
-    """Relative rounding of an operator's products: its model's dtype's machine epsilon."""
+    """Relative rounding of an operator's products: the lowest precision its forward passes ran in
+    (``op.rounding()``), else its model's dtype's machine epsilon."""
+    if callable(getattr(op, "rounding", None)):
+        return float(op.rounding())
     dtype = getattr(op, "dtype", torch.float64)
     return float(torch.finfo(dtype).eps) if dtype.is_floating_point else float(torch.finfo(torch.float64).eps)
 
@@ -763,7 +769,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
     import json
 
     from . import store
-    from .precision import parse_precision
+    from .precision import parse_hessian_precision as parse_precision
 
     if not jobs:
         raise ConfigError("no models to analyse")

@@ -169,12 +169,11 @@ def _check_precision(model: nn.Module, precision: str) -> str:
 
 
 def _logits(forward: nn.Module, bx: torch.Tensor, precision: str, dtype: torch.dtype) -> torch.Tensor:
-    """``forward(bx)`` at ``precision``, cast back to the model's dtype (fp32: the plain call)."""
-    if precision == "fp32":
-        return forward(bx)
+    """``forward(bx)`` at ``precision``, cast back to the model's dtype (fp32 and tf32: as computed;
+    fp32 with TF32 off, see :func:`landscape_tools.precision.autocast`)."""
     with autocast(bx.device, precision):
         out = forward(bx)
-    return full_precision(out, dtype)
+    return out if precision in ("fp32", "tf32") else full_precision(out, dtype)
 
 
 def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int, precision: str = "fp32",

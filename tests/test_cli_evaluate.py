@@ -125,7 +125,7 @@ def test_evaluate_precision_is_recorded_and_bf16_differs_slightly(files):
     assert not np.array_equal(a.models["mcdo"]["nll"], b.models["mcdo"]["nll"])
     np.testing.assert_allclose(a.models["mcdo"]["nll"], b.models["mcdo"]["nll"], rtol=0.05)
     res = run("evaluate", paths["resnet_mcdo_18"], "--precision", "fp8", "-o", root / "fp8.h5")
-    assert res.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not one of 'fp32', 'bf16', 'fp16'" \
+    assert res.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not one of 'fp32', 'tf32', 'bf16', 'fp16'" \
         in res.output
     assert not (root / "fp8.h5").exists()
 

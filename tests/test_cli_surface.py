@@ -195,7 +195,7 @@ def test_precision_is_recorded_and_bad_values_are_refused(files):
     assert not np.array_equal(a, b) and np.allclose(a, b, rtol=5e-2)
     assert store.read_result(fp32).models["m0"].attrs["precision"] == "fp32"
     r = surf(files, "--precision", "int8", "-o", files["root"] / "bad.h5")
-    assert r.exit_code == 2 and "Invalid value for '--precision': 'int8' is not one of 'fp32', 'bf16', 'fp16'" \
+    assert r.exit_code == 2 and "Invalid value for '--precision': 'int8' is not one of 'fp32', 'tf32', 'bf16', 'fp16'" \
         in r.output
 
 

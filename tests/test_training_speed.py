@@ -170,3 +170,25 @@ def test_progress_once_per_step_with_the_epochs_figures_at_its_end():
     assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
     assert calls[0][2] == "epoch 1/2" and calls[3][2].startswith("epoch 2/2 (epoch 1: loss ")
     assert calls[2][2].startswith("epoch 1/2 (epoch 1: loss ") and " acc " in calls[5][2]
+
+
+def test_every_command_turns_out_of_memory_into_one_error_line(tmp_path, monkeypatch):
+    """The lt group catches an out-of-memory error of any command (here lt hessian, injected into the
+    solver) and prints one `Error:` line naming that command's knob, no traceback."""
+    from click.testing import CliRunner
+
+    import landscape_tools.hessian as H
+    from landscape_tools.cli.main import cli
+    from tiny_files import tiny_checkpoint_and_data
+
+    _, ckpt, data = tiny_checkpoint_and_data(tmp_path)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(H, "top_eigenvalues", oom)
+    result = CliRunner().invoke(cli, ["hessian", str(ckpt), "--data", data, "--batches", "1", "--batch-size", "4",
+                                      "--top-k", "1", "-o", str(tmp_path / "h.h5")])
+    assert result.exit_code == 1, result.output
+    assert "Error: lt hessian ran out of memory" in result.output and "--sub-batch" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "h.h5").exists()

@@ -34,7 +34,7 @@ from .errors import StoreError
 FORMAT = "landscape-tools"
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
-KINDS = ("hessian", "surface", "featvar", "evaluate")
+KINDS = ("hessian", "surface", "featvar", "evaluate", "compare")
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -25,8 +25,12 @@ def _show_result(path: str) -> None:
         click.echo(f"  config: {_fmt(attrs['config'], 300)}")
     for label, model in d["models"].items():
         a = model["attrs"]
-        click.echo(f"  model {label}: {a.get('arch', '?')}, {a.get('num_params', '?')} parameters, "
-                   f"checkpoint {a.get('checkpoint', '?')}")
+        if attrs.get("kind") == "compare":
+            # a comparison's groups are pairs of models, not models
+            click.echo(f"  comparison {label}: " + ", ".join(f"{k} {_fmt(v, 60)}" for k, v in sorted(a.items())))
+        else:
+            click.echo(f"  model {label}: {a.get('arch', '?')}, {a.get('num_params', '?')} parameters, "
+                       f"checkpoint {a.get('checkpoint', '?')}")
         for name, shape in model["data"].items():
             click.echo(f"    {name}: {shape}")
         for name in model["groups"]:

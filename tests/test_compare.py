@@ -174,6 +174,8 @@ def test_file_records_method_and_provenance_and_is_never_overwritten(copies):
     assert "generated_by" in res.attrs and "command" in res.attrs and res.attrs["seed"] == 5
     node = res.models["b-vs-a"]
     assert set(node["method"]) >= {"exact (no spread)"}
+    shown = run("info", out).output
+    assert "comparison b-vs-a:" in shown and "parameters, checkpoint ?" not in shown, shown
     again = run("compare", files["evaluate"], "-o", out, code=1)
     assert "already exists; pass --overwrite" in again.output
     run("compare", files["evaluate"], "-o", out, "--overwrite")

@@ -10,17 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from landscape_tools import _lanczos
+from test_power import spectrum_operator
 
 
 def operator(values, seed: int = 0):
     """``Q diag(values) Q^T`` (random orthogonal ``Q``) as ``(op, dense, its eigenvalues)``."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    Q, _ = np.linalg.qr(rng.standard_normal((len(values), len(values))))
-    A = (Q * values) @ Q.T
-    A = 0.5 * (A + A.T)
-    At = torch.from_numpy(A)
-    return (lambda v: At @ v.to(torch.float64)), A, np.linalg.eigvalsh(A)
+    op, A = spectrum_operator(values, seed)
+    return op, A, np.linalg.eigvalsh(A)
 
 
 def true_error(theta, ev):

@@ -99,7 +99,44 @@ def data_options(split: str = "train", batch_size: int = 128):
                           "has is an error [default: all]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
                      help="Mini-batch size."),
+        click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
+                     callback=_remember("image_size"),
+                     help="imagefolder data: resize every image's shorter side to N pixels and centre-crop "
+                          "N x N (e.g. --image-size 224 for ImageNet) [default: images as stored, all of the "
+                          "first image's size]."),
+        click.option("--data-memory", default=None, metavar="SIZE", expose_value=False,
+                     callback=_remember("data_memory"),
+                     help="Data whose decoded inputs fit in SIZE (e.g. 2GiB, 500MB; 0 streams everything) is "
+                          "loaded onto the device once (fastest); larger data is streamed batch by batch "
+                          "through DataLoader workers, each process reading only its batches. The numbers do "
+                          "not depend on it [default: $LT_DATA_MEMORY, else 2GiB]."),
     )
+
+
+#: where the data options without a parameter of their own are kept (``click.Context.meta``)
+DATA_META = "landscape_tools.data_options"
+
+
+def _remember(name: str):
+    """A click callback keeping an option's value in the context for :func:`load_data_for`, so every
+    command gets the option without a parameter of its own."""
+    def callback(ctx, param, value):
+        if name == "data_memory" and value is not None:
+            from landscape_tools.streaming import parse_memory
+            try:
+                value = parse_memory(value)
+            except ConfigError as exc:
+                raise click.BadParameter(str(exc).replace("--data-memory ", "", 1), ctx, param) from None
+        ctx.meta.setdefault(DATA_META, {})[name] = value
+        return value
+    return callback
+
+
+def data_loading_options() -> dict:
+    """``--image-size`` and ``--data-memory`` of the running command (None when not given)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.meta.get(DATA_META, {}) if ctx is not None else {}
+    return {"image_size": found.get("image_size"), "memory": found.get("data_memory")}
 
 
 device_option = click.option("--device", default="auto", show_default=True,
@@ -241,7 +278,8 @@ def load_data_for(info, model, data_spec: str | None, split: str, samples: int |
         raise DataError(f"{info.path} does not record the data set it was trained on; pass --data SPEC "
                         f"(digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, tensors:FILE)")
     ds = load_data(spec, split=split, samples=samples, seed=seed, batch_size=batch_size,
-                   in_channels=model_in_channels(model), device=device, dtype=dtype or torch.float32)
+                   in_channels=model_in_channels(model), device=device, dtype=dtype or torch.float32,
+                   **data_loading_options())
     check_data_fits(model, info, ds)
     return ds
 
@@ -251,12 +289,13 @@ def check_data_fits(model, info, ds) -> None:
     import torch
 
     param = next(model.parameters(), None)
-    x = ds.x[:1] if param is None or not ds.x.is_floating_point() else ds.x[:1].to(param.dtype)
+    x = ds.sample_input(1)
+    x = x if param is None or not x.is_floating_point() else x.to(param.dtype)
     try:
         with torch.no_grad():
             out = model(x)
     except RuntimeError as exc:
-        raise DataError(f"data {ds.spec!r} (inputs of shape {tuple(ds.x.shape[1:])}) does not fit {info.label} "
+        raise DataError(f"data {ds.spec!r} (inputs of shape {tuple(ds.input_shape)}) does not fit {info.label} "
                         f"({info.arch}): {str(exc).splitlines()[0]}. Use data shaped as the model was trained on") from None
     if out.dim() != 2:
         raise DataError(f"{info.label} returns outputs of shape {tuple(out.shape)}; expected (batch, classes) logits")

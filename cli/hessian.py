@@ -100,6 +100,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     """
     from landscape_tools import hessian as H
     from landscape_tools.device import resolve_device
+    from landscape_tools.streaming import batch_sizes
     from landscape_tools.errors import ConfigError
 
     which = which.upper()
@@ -145,7 +146,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     if ctx.is_main:
         common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of "
                          f"{'one batch' if scope == 'batch' else 'all batches'}"
-                         f" ({sum(int(x.shape[0]) for x, _ in first.batches)} samples, {split}), top-{top_k} {which} "
+                         f" ({sum(batch_sizes(first.batches))} samples, {split}), top-{top_k} {which} "
                          f"by {method}, {dev}{'' if precision == 'fp32' else f', {precision} forward passes'}"
                          f"{_sharing(scope, ctx.world_size) if ctx.distributed else ''}")
         if precision != "fp32":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from . import precision as P
 from .errors import ConfigError, NumericalError
+from .streaming import as_sequence, batch_sizes
 
 FORMS = ("graph", "double", "func")
 #: samples per piece of a batch on a CPU (see the module docstring)
@@ -141,7 +142,7 @@ class HessianOperator:
         if not batches:
             raise ConfigError("no batches to build a Hessian from")
         self.model = model
-        self.batches = list(batches)
+        self.batches = as_sequence(batches)     # streamed batches are read when a product needs them
         self.batch_indices = list(range(len(self.batches))) if batch_indices is None else list(batch_indices)
         self.named = select_parameters(model, params)
         self.params = [p for _, p in self.named]
@@ -153,7 +154,7 @@ class HessianOperator:
         self.device = self.params[0].device
         self.weight_decay = float(weight_decay)
         self.mc_seed = int(mc_seed)
-        sizes = [int(x.shape[0]) for x, _ in self.batches]
+        sizes = batch_sizes(self.batches)
         total = float(sum(sizes))
         self.batch_sizes = sizes
         self.weights = [s / total for s in sizes]

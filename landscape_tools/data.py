@@ -1,11 +1,18 @@
-"""Data sources -> a fixed, ordered set of ``(x, y)`` batches, materialised once on a device.
+"""Data sources -> a fixed, ordered set of ``(x, y)`` batches, on a device.
+
+Data whose decoded inputs fit in the memory budget (``--data-memory``, ``$LT_DATA_MEMORY``, default
+2 GiB) is materialised once on the device (a :class:`DataSet`); larger data is streamed batch by batch
+(a :class:`landscape_tools.streaming.StreamedDataSet`).  Images are stored as uint8 and normalised on
+the device in both cases, so the batches hold the same numbers either way.
 
 Specs:
   ``digits``          scikit-learn's bundled 8x8 digits (no download), a fixed stratified 75/25
                       train/test split, upsampled to 32x32 and normalised; 1 or 3 channels.
   ``cifar10:DIR``     the python batch files of CIFAR-10 (``cifar-10-batches-py``), read with an
   ``cifar100:DIR``    unpickler that only admits numpy arrays, never downloaded.
-  ``imagefolder:DIR`` ``DIR/<split>/<class>/*.png`` (or ``DIR/<class>/...`` for both splits).
+  ``imagefolder:DIR`` ``DIR/<split>/<class>/*.png`` (the test split: ``DIR/test``, else ``DIR/val`` as in
+                      ImageNet's layout; or ``DIR/<class>/...`` for both splits), read with torchvision's
+                      ``ImageFolder``; ``image_size`` resizes and centre-crops every image.
   ``tensors:FILE``    ``.npz``, ``.pt`` or ``.h5`` holding ``x``, ``y`` (and optionally ``x_test``,
                       ``y_test``), used exactly as stored: no normalisation, no reordering.
 """
@@ -57,8 +64,21 @@ class DataSet:
     normalisation: dict = field(default_factory=dict)
     sample_seed: int | None = None
 
+    streamed = False
+
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    def sample_input(self, n: int = 1) -> torch.Tensor:
+        """The first ``n`` inputs."""
+        return self.x[:n]
+
+    def close(self) -> None:
+        """Nothing to release (a :class:`~landscape_tools.streaming.StreamedDataSet` stops its workers)."""
 
     def batches(self, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The batches in fixed order (views of :attr:`x` and :attr:`y`, no copies)."""
@@ -127,6 +147,7 @@ def _read_cifar_batch(path: Path) -> dict:
 
 
 def _cifar(kind: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict, int]:
+    """uint8 pixels (N, 3, 32, 32), labels, the normalisation to apply, number of classes."""
     if kind == "cifar10":
         sub, files = "cifar-10-batches-py", ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
         label_key, n_classes = b"labels", 10
@@ -147,41 +168,7 @@ def _cifar(kind: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, d
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[label_key], dtype=np.int64))
     mean, std = CIFAR_STATS[kind]
-    x = np.concatenate(xs).astype(np.float32) / 255.0
-    x = (x - np.array(mean, np.float32)[None, :, None, None]) / np.array(std, np.float32)[None, :, None, None]
-    return x, np.concatenate(ys), {"scale": "1/255", "mean": list(mean), "std": list(std)}, n_classes
-
-
-def _imagefolder(root: Path, split: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray, dict, int]:
-    from PIL import Image
-
-    folder = root / split if (root / split).is_dir() else root
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    if not classes:
-        raise DataError(f"imagefolder {root}: expected class sub-folders ({root}/<class>/*.png or "
-                        f"{root}/{split}/<class>/*.png), found none")
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-    xs, ys = [], []
-    size = image_size
-    for label, cls in enumerate(classes):
-        for p in sorted((folder / cls).iterdir()):
-            if p.suffix.lower() not in exts:
-                continue
-            try:
-                img = Image.open(p).convert("RGB")
-            except OSError as exc:
-                raise DataError(f"cannot read image {p}: {exc}") from None
-            if size is None:
-                size = img.size[0]
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-            ys.append(label)
-    if not xs:
-        raise DataError(f"imagefolder {folder}: the class folders hold no images ({', '.join(sorted(exts))})")
-    x = (np.stack(xs) - 0.5) / 0.5
-    return x, np.asarray(ys, np.int64), {"scale": "1/255", "mean": [0.5] * 3, "std": [0.5] * 3,
-                                         "classes": classes, "size": size}, len(classes)
+    return np.concatenate(xs), np.concatenate(ys), {"scale": "1/255", "mean": list(mean), "std": list(std)}, n_classes
 
 
 def _tensors(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -242,50 +229,104 @@ def absolute_spec(spec: str) -> str:
     return kind if arg is None else f"{kind}:{os.path.abspath(arg)}"
 
 
+def _image_folder(root: Path, split: str) -> Path:
+    """The folder of a split: ``DIR/train``; ``DIR/test`` or else ``DIR/val`` (ImageNet's layout); or ``DIR``
+    itself (its class folders serve both splits) when it has no split folders."""
+    names = ("train",) if split == "train" else ("test", "val")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    present = [n for n in ("train", "test", "val") if (root / n).is_dir()]
+    if present:
+        raise DataError(f"imagefolder {root} has {', '.join(f'{n}/' for n in present)} but no "
+                        f"{' or '.join(f'{n}/' for n in names)} folder for the {split} split: use --split "
+                        f"{'test' if split == 'train' else 'train'}, or add {root}/{names[-1]}/<class>/*.png")
+    return root
+
+
+def _folder_source(root: Path, split: str, image_size: int | None):
+    from .streaming import FolderSource
+
+    folder = _image_folder(root, split)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise DataError(f"imagefolder {root}: expected class sub-folders ({root}/<class>/*.png or "
+                        f"{root}/{split}/<class>/*.png), found none")
+    source = FolderSource(folder, image_size)
+    if len(source) == 0:
+        raise DataError(f"imagefolder {folder}: the class folders hold no images (.bmp, .jpeg, .jpg, .pgm, .png, "
+                        f".ppm, .tif, .tiff, .webp)")
+    _, h, w = source.shape
+    norm = {"scale": "1/255", "mean": [0.5] * 3, "std": [0.5] * 3, "classes": source.classes,
+            "size": source.image_size if source.image_size is not None else w,
+            "resize": (f"shorter side to {source.image_size} (bilinear, antialiased), centre crop "
+                       f"{source.image_size}x{source.image_size}") if source.image_size is not None
+            else f"none (every image {w}x{h})"}
+    return source, source.targets, norm, len(source.classes)
+
+
 def load_data(spec: str, split: str = "train", samples: int | None = None, seed: int = 0, batch_size: int = 128,
               in_channels: int | None = None, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, image_size: int | None = None) -> DataSet:
-    """Resolve a data spec to a :class:`DataSet` on ``device``.
+              dtype: torch.dtype = torch.float32, image_size: int | None = None,
+              memory: str | int | None = None):
+    """Resolve a data spec to a :class:`DataSet` on ``device``, or a
+    :class:`landscape_tools.streaming.StreamedDataSet` when its decoded inputs exceed the memory budget.
 
     Args:
         spec: see the module docstring.
-        split: ``train`` or ``test``.
+        split: ``train`` or ``test`` (``imagefolder``: ``DIR/test``, else ``DIR/val``).
         samples: keep a seeded random subset of this many samples (in their original order;
             indices recorded); None (or exactly the split's size) keeps all; more is an error.
         seed: seed of that subset.
         batch_size: the batch size of :meth:`DataSet.batches`.
         in_channels: the channels the model expects; grey images are repeated to 3 channels.
         device, dtype: where and in which floating type the inputs live.
-        image_size: for ``imagefolder``: resize to this square size.
+        image_size: for ``imagefolder``: resize every image's shorter side to this and centre-crop a
+            square of this size (None: images are used at their size, which must be the same for all).
+        memory: the memory budget (bytes, or a size such as ``"2GiB"``; ``0`` streams everything)
+            for the decoded inputs kept whole on the device; None: ``$LT_DATA_MEMORY``, else 2 GiB.
+            Either way the batches hold the same numbers.
 
     Raises:
         DataError: unknown spec, missing folder or file, empty data, bad shapes, ``samples`` larger
-            than the split.
+            than the split, images of different sizes without ``image_size``.
+        ConfigError: a bad ``memory`` or ``image_size``.
     """
+    from .streaming import ArraySource, Normaliser, StreamedDataSet, default_workers, memory_budget
+
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not 'train' or 'test'")
     if int(batch_size) < 1:
         raise DataError(f"batch size {batch_size} must be at least 1")
+    budget = memory_budget(memory)
     kind, arg = parse_spec(spec)
+    if image_size is not None and kind != "imagefolder":
+        raise DataError(f"--image-size applies to imagefolder: data only, not {spec!r} (its samples are used at "
+                        f"their stored size)")
     normalisation: dict = {}
     n_classes: int | None = None
+    stats = None                               # (mean, std) of uint8 pixels, applied on the device
     if kind == "digits":
         x, y, normalisation = _digits(split)
         n_classes = 10
+        source = ArraySource(x)
     elif kind in ("cifar10", "cifar100"):
         root = Path(arg)
         if not root.is_dir():
             raise DataError(f"{kind} folder {root} does not exist: expected a folder holding "
                             f"{'cifar-10-batches-py' if kind == 'cifar10' else 'cifar-100-python'}/ (nothing is downloaded)")
         x, y, normalisation, n_classes = _cifar(kind, root, split)
+        source, stats = ArraySource(x), (normalisation["mean"], normalisation["std"])
     elif kind == "imagefolder":
         root = Path(arg)
         if not root.is_dir():
             raise DataError(f"imagefolder {root} does not exist")
-        x, y, normalisation, n_classes = _imagefolder(root, split, image_size)
+        source, y, normalisation, n_classes = _folder_source(root, split, image_size)
+        stats = (normalisation["mean"], normalisation["std"])
     else:
         x, y, n_classes = _tensors(Path(arg), split)
         normalisation = {"none": "used exactly as stored"}
+        source = ArraySource(x)
     if len(y) == 0:
         raise DataError(f"data {spec!r} ({split}) is empty: nothing to analyse")
     if y.min() < 0:
@@ -293,6 +334,7 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
     if n_classes is None:
         n_classes = int(y.max()) + 1
     indices = None
+    positions = np.arange(len(y))
     if samples is not None:
         samples = int(samples)
         if samples < 1:
@@ -303,18 +345,41 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
         if samples < len(y):
             rng = np.random.default_rng(seed)
             indices = np.sort(rng.choice(len(y), size=samples, replace=False))
-            x, y = x[indices], y[indices]
-    xt = torch.as_tensor(np.ascontiguousarray(x))
-    if xt.is_floating_point():
-        xt = xt.to(dtype)
-    if in_channels is not None and xt.dim() == 4 and xt.shape[1] != in_channels:
-        if xt.shape[1] == 1:
-            xt = xt.expand(-1, in_channels, -1, -1).contiguous()
+            positions, y = indices, y[indices]
+    shape = tuple(source.shape)
+    if in_channels is not None and len(shape) == 3 and shape[0] != in_channels:
+        if shape[0] == 1:
             normalisation = dict(normalisation, channels=f"grey repeated to {in_channels}")
         else:
-            raise DataError(f"data {spec!r} has {xt.shape[1]} channels but the model expects {in_channels}")
-    return DataSet(xt.to(device), torch.as_tensor(y, dtype=torch.int64).to(device), spec, split, n_classes,
-                   int(batch_size), indices, normalisation, seed if indices is not None else None)
+            raise DataError(f"data {spec!r} has {shape[0]} channels but the model expects {in_channels}")
+    device = torch.device(device)
+    normaliser = Normaliser(mean=None if stats is None else tuple(stats[0]),
+                            std=None if stats is None else tuple(stats[1]), in_channels=in_channels)
+    floating = stats is not None or source.dtype.is_floating_point
+    itemsize = (torch.empty((), dtype=dtype) if floating else torch.empty((), dtype=source.dtype)).element_size()
+    per_sample = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if normalisation.get("channels"):
+        per_sample *= int(in_channels)
+    decoded = per_sample * len(positions)
+    labels = torch.as_tensor(y, dtype=torch.int64).to(device)
+    streamed = StreamedDataSet(source, np.asarray(positions, dtype=np.int64), labels, spec, split, n_classes,
+                               int(batch_size), indices, normalisation, seed if indices is not None else None,
+                               normaliser, device, dtype, decoded, budget, default_workers(source))
+    if decoded > budget:
+        return streamed
+    # in memory: the streamed batches (same decoding, same normalisation on the device), put together
+    xt = None
+    for b, (bx, _) in enumerate(streamed.batches(_LOAD_CHUNK)):
+        if xt is None:
+            xt = torch.empty((len(positions),) + tuple(bx.shape[1:]), dtype=bx.dtype, device=device)
+        xt[b * _LOAD_CHUNK:b * _LOAD_CHUNK + bx.shape[0]] = bx
+    streamed.close()
+    return DataSet(xt, labels, spec, split, n_classes, int(batch_size), indices, normalisation,
+                   seed if indices is not None else None)
+
+
+#: samples decoded per step when data is loaded whole
+_LOAD_CHUNK = 1024
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, LTError
+from .streaming import select
 
 __all__ = ["launched", "env_rank", "slurm_step", "slurm_rendezvous", "adopt_slurm_environment", "expand_hostlist",
            "init", "destroy", "Context", "barrier", "all_reduce", "all_ok", "rank_device",
@@ -538,7 +539,7 @@ def _run_hessian_dataset(ctx: Context, jobs, output, *, overwrite: bool = False,
             share = dataset_share(len(job.batches), ctx.rank, ctx.world_size)
 
             def make(idx, _job=job, _share=share):
-                return H.SharedDataOperator(_job.model, [_job.batches[i] for i in idx], _share, reduce,
+                return H.SharedDataOperator(_job.model, select(_job.batches, idx), _share, reduce,
                                             rank=ctx.rank, world_size=ctx.world_size, params=opts["params"],
                                             weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"],
                                             form=opts["form"], precision=opts["precision"],

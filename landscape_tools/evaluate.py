@@ -38,6 +38,7 @@ from .device import Progress, report
 from .errors import ConfigError, DataError, NumericalError
 from .models import MCDropout, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
+from .streaming import as_sequence, batch_sizes
 
 #: lower clamp of probabilities inside the NLL's log
 PROB_FLOOR = 1e-12
@@ -419,7 +420,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
     precision = P.parse_precision(precision)
     max_batch = check_max_batch(max_batch)
-    batches = list(batches)
+    batches = as_sequence(batches)     # streamed batches: each rank reads its own when it gets to them
     if not batches:
         raise DataError("no data batches to evaluate")
     distributed = ctx is not None and ctx.distributed
@@ -429,7 +430,7 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     column = {n: j for j, n in enumerate(sizes)}
     width = MetricAccumulator(n_bins).state_size()
     table = np.zeros((len(batches), len(sizes), width))      # per batch, per N: the accumulator's sums
-    offsets = np.concatenate([[0], np.cumsum([int(y.shape[0]) for _, y in batches])])
+    offsets = np.concatenate([[0], np.cumsum(batch_sizes(batches))])
     per_sample = np.zeros((len(_PER_SAMPLE), len(sizes), int(offsets[-1])))   # per value, per N, per data sample
     computed = np.zeros(len(batches))
     params = next(iter(model.parameters()), None)

@@ -44,6 +44,7 @@ from .evaluate import DEFAULT_MAX_BATCH, _is_oom, check_max_batch
 from .models import Smoothing, dropout_modules, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 from .precision import autocast, full_precision, model_dtype, parse_precision
+from .streaming import batch_sizes, inputs_of
 
 OVER = ("mc", "spatial")
 LAYER_PRESETS = ("stages", "blocks")
@@ -691,7 +692,7 @@ def feature_variance(model: nn.Module, batches: Sequence[tuple[torch.Tensor, Any
     Raises:
         ConfigError: bad options or layers; NumericalError: a model that mixes samples.
     """
-    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    xs = inputs_of(batches)
     if not xs:
         raise ConfigError("no data batches to analyse")
     analysis = FeatureVariance(model, xs[0], over, mc, source, layers, fourier, seed, max_batch, precision)
@@ -699,7 +700,7 @@ def feature_variance(model: nn.Module, batches: Sequence[tuple[torch.Tensor, Any
     for i, x in enumerate(xs):
         stats.append(analysis.batch_stats(i, x))
         report(progress, i + 1, len(xs), "")
-    return analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+    return analysis.finish(stats, sum(batch_sizes(xs)))
 
 
 # ----------------------------------------------------------------------------- result files
@@ -822,14 +823,14 @@ def _prepare(jobs: Sequence[Job], options: tuple):
     """The analysis of every job, the partial file's layout and the run's fingerprint."""
     analyses, layout, prints = [], {}, []
     for job in jobs:
-        xs = [b[0] if isinstance(b, (tuple, list)) else b for b in job.batches]
+        xs = inputs_of(job.batches)       # streamed: read when computed
         if not xs:
             raise ConfigError(f"no data batches for {job.label}")
         analysis = FeatureVariance(job.model, xs[0], *options)
         analyses.append((job, analysis, xs))
         layout[job.label] = _layout(analysis, len(xs), dict(job.attrs, precision=analysis.precision))
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.data,
-                       "batch_sizes": [int(x.shape[0]) for x in xs], **analysis.settings()})
+                       "batch_sizes": batch_sizes(xs), **analysis.settings()})
     fingerprint = json.dumps({"kind": "featvar", "models": prints}, sort_keys=True, default=str)
     return analyses, layout, fingerprint
 
@@ -867,7 +868,7 @@ def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarR
                 part.write(base + key, ..., sums[job.label][key])
             part.write(base + "done", ..., np.ones(len(xs), dtype=bool))
         stats = [BatchStats(*(part.read(base + k)[i] for k in _SUMS)) for i in range(len(xs))]
-        result = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+        result = analysis.finish(stats, sum(batch_sizes(xs)))
         part.write(job.label + "/variance", ..., result.variance)
         if job.label + "/batch_variance" in part.file:     # absent from partial files of older versions
             part.write(job.label + "/batch_variance", ..., batch_variance(stats))
@@ -968,7 +969,7 @@ def _run_ranks(ctx, jobs, output, root_attrs, overwrite, progress, options) -> d
             results = {}
             for job, analysis, xs in _prepare(jobs, options)[0]:
                 stats = [BatchStats(*(sums[job.label][k][i] for k in _SUMS)) for i in range(len(xs))]
-                results[job.label] = analysis.finish(stats, sum(int(x.shape[0]) for x in xs))
+                results[job.label] = analysis.finish(stats, sum(batch_sizes(xs)))
     except Exception as exc:
         error = exc
     failed = all_ok(ctx, error is None)

@@ -26,6 +26,7 @@ from . import _lanczos
 from ._hvp import FORMS, HessianOperator, default_form, resolve_sub_batch, select_parameters
 from .device import Progress, report
 from .errors import ConfigError, LTError
+from .streaming import as_sequence, batch_sizes, select
 
 __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
            "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values",
@@ -264,15 +265,16 @@ class SharedDataOperator:
             raise ConfigError(f"rank {rank} is outside 0..{int(world_size) - 1}")
         self.reduce, self.rank, self.world_size = reduce, int(rank), int(world_size)
         self.weight_decay = float(weight_decay)
-        total = sum(int(x.shape[0]) for x, _ in batches)
-        local = sum(int(batches[i][0].shape[0]) for i in mine)
+        sizes = batch_sizes(batches)
+        total = sum(sizes)
+        local = sum(sizes[i] for i in mine)
         self.empty = not mine
         # a process without batches keeps an operator over batch 0 for the parameter layout only
         # (never applied: its part of every product is zero)
         idx = mine or [0]
         if form == "auto":
             form = default_form(next(model.parameters()).device, len(batches))
-        self.inner = _make_operator(model, [batches[i] for i in idx], idx, params, 0.0, mc_seed, form, precision,
+        self.inner = _make_operator(model, select(batches, idx), idx, params, 0.0, mc_seed, form, precision,
                                     sub_batch)
         self.scale = 0.0 if self.empty else local / total
         self.dim, self.device, self.dtype = self.inner.dim, self.inner.device, self.inner.dtype
@@ -329,12 +331,12 @@ class SharedDataOperator:
         self.close()
 
 
-def _as_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _as_batches(batches) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(batches, "batches") and callable(batches.batches):
         return batches.batches()
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], torch.Tensor):
         return [batches]
-    return list(batches)
+    return as_sequence(batches)     # streamed batches stay unread until used
 
 
 def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
@@ -442,7 +444,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     max_iter = int(max_iter) if max_iter is not None else default_max_iter(method, k)
     mc_seed = 0 if mc_seed is None else int(mc_seed)
     sub_batch = resolve_sub_batch(sub_batch, next(model.parameters()).device)
-    sizes = np.asarray([int(x.shape[0]) for x, _ in batch_list], dtype=np.int64)
+    sizes = np.asarray(batch_sizes(batch_list), dtype=np.int64)
     groups = [[i] for i in range(len(batch_list))] if scope == "batch" else [list(range(len(batch_list)))]
     rows = len(groups)
     config = {"params": params, "weight_decay": float(weight_decay), "mc_seed": mc_seed, "seed": int(seed),
@@ -477,7 +479,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     def operator(r):
         idx = groups[r]
         return (make_operator(idx) if make_operator is not None else
-                _make_operator(model, [batch_list[i] for i in idx], idx, params, weight_decay, mc_seed, form,
+                _make_operator(model, select(batch_list, idx), idx, params, weight_decay, mc_seed, form,
                                precision, sub_batch))
 
     def solve(op, r, warm_vectors, vectors):
@@ -802,7 +804,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
     options["sub_batch"] = resolve_sub_batch(sub_batch, next(jobs[0].model.parameters()).device)
     key = {"options": key_options, "data": data_description,
            "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
-                       "batch_sizes": [int(x.shape[0]) for x, _ in j.batches]} for j in jobs]}
+                       "batch_sizes": batch_sizes(j.batches)} for j in jobs]}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
     root = {key: str(value) if isinstance(value, str) else value
@@ -819,7 +821,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
                       "sub_batch": _sub_batch_attr(options["sub_batch"]),
                       "data": _short(data_description)})
         vectors = vector_meta(job.model, params, which, save_vectors) if save_vectors else None
-        layout[job.label] = result_layout(rows, k, [int(x.shape[0]) for x, _ in job.batches], attrs, trace,
+        layout[job.label] = result_layout(rows, k, batch_sizes(job.batches), attrs, trace,
                                           trace_probes, density, density_runs, density_steps, vectors=vectors)
     return RunPlan(options, fingerprint, root, layout, rows_of)
 

@@ -44,6 +44,7 @@ from .errors import ConfigError, StoreError
 from .models import mc_dropout
 from .models.mc import MCDropout, replaced_forwards, sampling_dropout_modules
 from .precision import autocast, compile_model, full_precision, model_dtype, parse_precision
+from .streaming import batch_sizes
 
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
@@ -507,7 +508,7 @@ class SurfaceEvaluator:
             return
         bx = batches[0][0]
         size = int(bx.shape[0])
-        full = sum(1 for b, _ in batches if int(b.shape[0]) == size)
+        full = sum(1 for n in batch_sizes(batches) if n == size)
         outside = [m for _, m in sampling_dropout_modules(self.model) if isinstance(m, MCDropout)] if self.mc > 0 else []
         t_eager = None
         if option == "auto":

@@ -597,12 +597,36 @@ def _copies_dropout(module: nn.Module, index: int, holder: list, channelwise: bo
     return forward
 
 
+def _copies_mask(holder: list):
+    """The masks :func:`_copies_dropout` multiplies by, as a :data:`landscape_tools._compiled.MaskOf` for
+    the compiled forward pass: the same seeds, the same generator, the same numbers."""
+    from .models.mc import module_seed, seeded_mask
+
+    def mask_of(index: int, module: nn.Module, shape, dtype, device):
+        plan = holder[0]
+        p = float(getattr(module, "p", 0.0))
+        if plan is None or p == 0.0:
+            return None
+        channelwise = isinstance(module, _CHANNEL_DROPOUTS)
+        if not plan.stacked:
+            return seeded_mask(torch.empty(shape, dtype=dtype, device=device), p, module_seed(plan.seeds[0], index),
+                               channelwise)
+        n = len(plan.seeds)
+        lead = int(shape[0]) if len(shape) else 0
+        if lead != n * plan.rows:
+            raise _NotBatchFirst(tuple(shape))
+        part = torch.empty((lead // n,) + tuple(shape[1:]), dtype=dtype, device=device)
+        return torch.cat([seeded_mask(part, p, module_seed(s, index), channelwise) for s in plan.seeds])
+    return mask_of
+
+
 @contextlib.contextmanager
 def _sampling(model: nn.Module, holder: list, active: bool, compile_model: bool):
     """For the block: every sampled dropout module of ``model`` runs :func:`_copies_dropout` (masks
     from ``holder[0]``, a :class:`_Plan`), and the yielded forward is the model itself or, with
-    ``compile_model``, ``torch.compile(model)`` with the dropout modules outside the compiled graph
-    (``torch.compiler.disable``); restored on exit.
+    ``compile_model``, a :class:`landscape_tools._compiled.SeededCompiled` wrapper: the same masks
+    (:func:`_copies_mask`), drawn outside the compiled graph and passed in (one graph, no break at the
+    dropout modules, no recompilation per seed); restored on exit.
 
     Raises:
         ConfigError: ``compile_model`` with MC sampling of ordinary ``nn.Dropout`` modules (user models).
@@ -614,12 +638,14 @@ def _sampling(model: nn.Module, holder: list, active: bool, compile_model: bool)
         raise ConfigError("--compile supports MC sampling of zoo models (MCDropout layers) and models without "
                           "dropout; this model's torch.nn.Dropout modules are sampled by a forward of ours that "
                           "torch.compile would trace into the graph: drop --compile")
-    forwards = []
-    for index, (_, m) in enumerate(sampled):
-        fwd = _copies_dropout(m, index, holder, isinstance(m, _CHANNEL_DROPOUTS))
-        forwards.append((m, torch.compiler.disable(fwd) if compile_model else fwd))
+    if compile_model:               # one graph: the masks are drawn outside it and passed in as tensors
+        from ._compiled import SeededCompiled
+        yield SeededCompiled(model, [m for _, m in sampled], _copies_mask(holder), dynamic=None)
+        return
+    forwards = [(m, _copies_dropout(m, index, holder, isinstance(m, _CHANNEL_DROPOUTS)))
+                for index, (_, m) in enumerate(sampled)]
     with replaced_forwards(forwards):
-        yield P.compile_model(model, True) if compile_model else model
+        yield model
 
 
 def _is_oom(exc: BaseException) -> bool:

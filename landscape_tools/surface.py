@@ -20,7 +20,6 @@ shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -42,9 +41,10 @@ from .data import DataSet
 from .device import Progress, report
 from .errors import ConfigError, StoreError
 from .models import mc_dropout
-from .models.mc import MCDropout, replaced_forwards, sampling_dropout_modules
-from .precision import autocast, compile_model, full_precision, model_dtype, parse_precision
+from .models.mc import MCDropout, sampling_dropout_modules
+from .precision import autocast, full_precision, model_dtype, parse_precision
 from .streaming import batch_sizes
+from ._compiled import SeededCompiled
 
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
@@ -144,7 +144,7 @@ def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0, 
             is not float32.
     """
     precision = _check_precision(model, precision)
-    forward = compile_model(model, compile)
+    forward = SeededCompiled(model, dynamic=None) if compile else model
     was_training = _training_flags(model)
     model.eval()
     try:
@@ -281,8 +281,8 @@ COMPILE_MODES = ("auto", "on", "off")
 #: CPU: 0.48 for a CIFAR ResNet-20, 0.45 for resnet_dnn_18 width 16, 0.25 for width 4; 0.22 for
 #: resnet_mcdo_18 width 8 with its MCDropout layers outside the graph), and checks it after compiling
 AUTO_COMPILE_GAIN = 0.3
-#: ``auto``'s estimate of one compilation: seconds per graph (1, plus one per MCDropout layer run outside
-#: it with ``--mc``) and per leaf module.  Measured on the 2-core CPU with cold caches: 15 s for a
+#: ``auto``'s estimate of one compilation: seconds per graph (one: the dropout masks are graph inputs,
+#: :mod:`landscape_tools._compiled`) and per leaf module.  Measured on the 2-core CPU with cold caches: 15 s for a
 #: 5-module model, 47-49 s for resnet_dnn_18 width 4 (68 modules) and a ResNet-20 (50), 70 s for
 #: resnet_mcdo_18 width 8 with --mc (12 graphs); Inductor's cache makes later compilations faster
 COMPILE_SECONDS_PER_GRAPH = 5.0
@@ -318,8 +318,8 @@ def estimated_compile_seconds(model: nn.Module, graphs: int = 1) -> float:
 def _compile_blocker(model: nn.Module, mc: int) -> str | None:
     """Why ``model`` cannot be compiled for ``mc`` samples without recompiling at every seed, or None.
 
-    A model's :class:`MCDropout` layers read their seed from a Python attribute: they are run outside the
-    compiled graph.  Ordinary ``nn.Dropout`` modules that MC sampling switches (models outside the zoo)
+    A model's :class:`MCDropout` layers get their masks as inputs of the compiled graph
+    (:class:`landscape_tools._compiled.SeededCompiled`).  Ordinary ``nn.Dropout`` modules that MC sampling switches (models outside the zoo)
     get a new forward with the seed at every sample, which a compiled graph would recompile for.
     """
     if mc <= 0:
@@ -377,7 +377,8 @@ class SurfaceEvaluator:
             wrapper shares the parameters, so the in-place point updates reach it).  Only batches of the
             first batch's size go through it (a shorter last batch runs eagerly: one graph, one
             compilation); the BN re-estimation passes of ``bn="recompute"`` run eagerly; with ``mc``,
-            :class:`MCDropout` layers run outside the graph, so no seed recompiles it.  ``auto``
+            :class:`MCDropout` masks are drawn outside the graph and passed in as tensors (one graph,
+            no break, no recompilation per seed).  ``auto``
             compiles when the estimated saving, ``points x max(mc, 1) x full batches`` forward passes
             times one eager batch (timed on entry) times :data:`AUTO_COMPILE_GAIN`, exceeds
             :func:`estimated_compile_seconds`, keeps the compiled pass only if a timed batch is faster
@@ -509,7 +510,6 @@ class SurfaceEvaluator:
         bx = batches[0][0]
         size = int(bx.shape[0])
         full = sum(1 for n in batch_sizes(batches) if n == size)
-        outside = [m for _, m in sampling_dropout_modules(self.model) if isinstance(m, MCDropout)] if self.mc > 0 else []
         t_eager = None
         if option == "auto":
             t_eager = self._timed_batch(self.model, bx)
@@ -517,7 +517,7 @@ class SurfaceEvaluator:
                 t_eager = min(t_eager, self._timed_batch(self.model, bx))
             points = int(self.points or 0)
             calls = points * max(self.mc, 1) * full
-            cost = estimated_compile_seconds(self.model, 1 + len(outside))
+            cost = estimated_compile_seconds(self.model, 1)     # one graph: the masks are its inputs
             saving = calls * t_eager * AUTO_COMPILE_GAIN
             what = (f"{points} point(s) x {max(self.mc, 1)} pass(es) x {full} batch(es) of {size} = {calls} forward "
                     f"passes of ~{_ms(t_eager)} eagerly")
@@ -530,10 +530,8 @@ class SurfaceEvaluator:
                             f"saved; --compile off skips it)")
         stack = contextlib.ExitStack()
         try:
-            # MCDropout layers read their seed from a Python attribute: outside the graph, nothing recompiles
-            stack.enter_context(replaced_forwards(
-                (m, torch.compiler.disable(functools.partial(type(m).forward, m))) for m in outside))
-            compiled = torch.compile(self.model, dynamic=False)
+            # the dropout masks are drawn outside the graph and passed in: no break, no recompile per seed
+            compiled = SeededCompiled(self.model, dynamic=False)
             start = time.perf_counter()
             self._timed_batch(compiled, bx)
             seconds = time.perf_counter() - start

@@ -217,19 +217,24 @@ class HessianOperator:
             self._grads = [[torch.autograd.grad(self._loss(b, piece), self.params, create_graph=True)
                             for piece in self.pieces[b]] for b in range(len(self.batches))]
 
-    def free_gradient(self) -> torch.Tensor | None:
-        """The gradient of the loss (flat float64, weight decay excluded) when it comes for free: in
-        the ``graph`` form it is the first-order result every product differentiates again (the
-        graph is built now if it was not yet).  ``None`` for the other forms, where it would cost a
-        forward and backward pass of its own."""
-        if self.form != "graph":
-            return None
-        with self._arithmetic():
-            self._build_graph()
+    def free_gradient(self) -> torch.Tensor:
+        """The gradient of the loss (flat float64, weight decay excluded), the solvers' start vector
+        (:func:`landscape_tools.hessian._checked_start`), the same in every form: in the ``graph`` form
+        the first-order result every product differentiates again (free: the graph is built now if it
+        was not yet); in the ``double`` and ``func`` forms one forward and backward pass per batch piece
+        (about a third of a product), summed batch by batch."""
         total = None
-        for grads, w in zip(self._grads, self.weights):
-            part = self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
-            total = part * w if total is None else total.add_(part, alpha=w)
+        with self._arithmetic():
+            if self.form == "graph":
+                self._build_graph()
+            for b, w in enumerate(self.weights):
+                if self.form == "graph":
+                    grads = self._grads[b]
+                else:
+                    grads = [torch.autograd.grad(self._loss(b, piece), self.params) for piece in self.pieces[b]]
+                part = self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
+                total = part * w if total is None else total.add_(part, alpha=w)
+                del grads
         return total
 
     def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> list[torch.Tensor]:

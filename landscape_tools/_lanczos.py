@@ -204,16 +204,27 @@ def _ritz_certificates(theta, res, sel, which, tol, floor, rounding, previous=No
     return linear, False
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) % (2**63 - 1))
+def _generator(seed: int, device=None) -> torch.Generator:
+    """A generator seeded with ``seed``, on ``device`` (default: the CPU).  A CUDA generator (Philox)
+    draws other numbers than the CPU's (Mersenne twister) for the same seed."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return torch.Generator(device=device).manual_seed(int(seed) % (2**63 - 1))
 
 
-def _random_unit(n: int, seed: int, device, kind: str = "gaussian") -> torch.Tensor:
-    gen = _generator(seed)
+def _rademacher(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A vector of n random signs (float64), drawn by ``gen`` on its own device."""
+    return torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8, device=gen.device).to(torch.float64) * 2 - 1
+
+
+def _random_unit(n: int, seed: int, device, kind: str = "gaussian", draw_on_device: bool = False) -> torch.Tensor:
+    """A seeded random unit vector on ``device``: drawn on the CPU and copied there (the solvers' start
+    vectors: the same on every device), or with ``draw_on_device`` by a generator on ``device`` (probes;
+    the CPU's numbers on a CPU)."""
+    gen = _generator(seed, device if draw_on_device else None)
     if kind == "rademacher":
-        v = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+        v = _rademacher(n, gen)
     else:
-        v = torch.randn(n, generator=gen, dtype=torch.float64)
+        v = torch.randn(n, generator=gen, dtype=torch.float64, device=gen.device)
     v = v.to(device)
     return v / torch.linalg.vector_norm(v)
 
@@ -620,17 +631,18 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
 
 
 def hutchinson(op: Operator, n: int, probes: int, seed: int = 0, device=None) -> dict:
-    """Hutchinson's trace estimate with Rademacher probes.
+    """Hutchinson's trace estimate with Rademacher probes, drawn on ``device`` (default: the CPU) by a
+    generator there seeded with ``seed``: on a CPU the numbers of every earlier version, on a GPU its
+    own stream (reproducible on that device; another sample of the same estimator than a CPU's).
 
     Returns:
         dict with ``samples`` (probes,) of ``z^T H z``, ``estimate`` (their mean) and ``stderr``
         (sample standard deviation / sqrt(probes)).
     """
-    gen = _generator(seed)
+    gen = _generator(seed, device)
     samples = np.empty(probes)
     for i in range(probes):
-        z = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1)
-        z = z.to(device) if device is not None else z
+        z = _rademacher(n, gen)
         samples[i] = float(z @ op(z).to(z))
     stderr = float(samples.std(ddof=1) / np.sqrt(probes)) if probes > 1 else float("nan")
     return {"samples": samples, "estimate": float(samples.mean()), "stderr": stderr}
@@ -640,7 +652,8 @@ def hutchpp(op: Operator, n: int, hvps: int, seed: int = 0, device=None) -> dict
     """Hutch++: exact trace on a sketched top subspace plus Hutchinson on the rest.
 
     With ``s = hvps // 3`` sketch vectors: ``Q = orth(H S)`` (s products), ``tr(Q^T H Q)`` (s products)
-    and ``hvps - 2s`` Hutchinson probes of ``(I - QQ^T) H (I - QQ^T)``.
+    and ``hvps - 2s`` Hutchinson probes of ``(I - QQ^T) H (I - QQ^T)``.  Probes are drawn on ``device``
+    (see :func:`hutchinson`).
 
     Returns:
         dict with ``estimate``, ``stderr`` (from the Hutchinson part; the sketch part is exact given Q)
@@ -648,11 +661,10 @@ def hutchpp(op: Operator, n: int, hvps: int, seed: int = 0, device=None) -> dict
     """
     s = max(1, min(hvps // 3, n))
     g = max(2, hvps - 2 * s)
-    gen = _generator(seed + 99_991)
+    gen = _generator(seed + 99_991, device)
 
     def rademacher():
-        z = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-        return z.to(device) if device is not None else z
+        return _rademacher(n, gen)
 
     HS = torch.stack([op(rademacher()).to(torch.float64) for _ in range(s)])
     Q, _ = torch.linalg.qr(HS.T)
@@ -674,7 +686,8 @@ def slq(op: Operator, n: int, runs: int, steps: int, seed: int = 0, device=None)
 
     Lanczos with full reorthogonalisation (float64) for ``min(steps, n)`` steps (fewer when the Krylov
     space becomes invariant); nodes are the eigenvalues of the tridiagonal matrix, weights the squared
-    first components of its eigenvectors (each run's weights sum to one).
+    first components of its eigenvectors (each run's weights sum to one).  Each run's start vector is
+    drawn on ``device`` (see :func:`hutchinson`).
 
     Returns:
         ``nodes``, ``weights``: (runs, steps) float64; unused slots hold NaN nodes and zero weights.
@@ -685,7 +698,8 @@ def slq(op: Operator, n: int, runs: int, steps: int, seed: int = 0, device=None)
     nodes = np.full((runs, steps), np.nan)
     weights = np.zeros((runs, steps))
     for r in range(runs):
-        v = _random_unit(n, seed + 7_777 * (r + 1), "cpu", kind="rademacher")
+        v = _random_unit(n, seed + 7_777 * (r + 1), device if device is not None else "cpu", kind="rademacher",
+                         draw_on_device=True)
         V = None
         alphas, betas = [], []
         for j in range(steps_eff):

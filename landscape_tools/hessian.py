@@ -315,6 +315,29 @@ class SharedDataOperator:
 
     __call__ = matvec
 
+    def free_gradient(self) -> torch.Tensor:
+        """The gradient of the mean loss over every process's batches (float64 on the model's device,
+        weight decay excluded), summed like a product: the start vector of a one-process run."""
+        error = None
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        try:
+            if self.empty:
+                part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            else:
+                part = self.inner.free_gradient().to(torch.float64) * self.scale
+        except Exception as exc:   # still join the sum below, flagged, so nobody waits forever
+            error = exc
+            part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            flags[self.rank] = 1.0
+        total = self.reduce(torch.cat([part, flags]))
+        failed = [int(r) for r in torch.nonzero(total[self.dim:] > 0).flatten()]
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerFailed(f"process(es) {', '.join(map(str, failed))} of {self.world_size} failed while "
+                             f"forming the gradient (see their messages)")
+        return total[:self.dim].contiguous()
+
     def checked_matvec(self, v: torch.Tensor, label: str = "") -> tuple[float, torch.Tensor]:
         """:meth:`HessianOperator.checked_matvec` of the summed operator: both products go through
         the sum, so every process sees the same difference and passes or fails the check together."""
@@ -582,8 +605,9 @@ def _checked_start(op, dim: int, which: str, seed: int, label: str = "",
     For the top of the spectrum (LM, LA) ``v`` is the unit gradient plus a seeded unit random
     vector, normalised: the gradient of a trained net lies mostly in the top eigenspace (gradient
     descent happens in a tiny subspace, Gur-Ari et al. 2018), so the top pairs converge in fewer
-    products, and the random half keeps every other direction in the Krylov space.  For SA, for
-    operators whose gradient is not free, or a zero gradient, ``v`` is the seeded random unit vector.
+    products, and the random half keeps every other direction in the Krylov space; every product form
+    gives it (``free_gradient``).  For SA, for operators without ``free_gradient``, or a zero gradient,
+    ``v`` is the seeded random unit vector.
 
     ``warm`` (rows: orthonormal Ritz vectors of a related Hessian, e.g. another batch's): ``v`` is
     their unit sum plus :data:`WARM_MIX` times the vector above.  A Krylov space started from a

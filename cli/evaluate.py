@@ -44,6 +44,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
       lt evaluate smooth.pt                      # writes smooth.evaluate.h5
       lt evaluate plain.pt smooth.pt --mc 1,2,5,10,20,50 -o evaluate.h5 --plot evaluate.png
       lt evaluate smooth.pt --data cifar100:~/data --samples 2000 --device cuda --precision bf16 -o eval.h5
+      lt evaluate smooth.pt --data imagefolder:~/imagenet --image-size 224 --data-memory 8GiB --device cuda -o in.h5
       torchrun --nproc-per-node 4 -m landscape_tools.cli.main evaluate smooth.pt --device cuda -o eval.h5
     """
     from pathlib import Path

@@ -113,6 +113,13 @@ def test_folder_over_budget_streams_with_bounded_memory_and_same_numbers(folder,
     assert res.hvp_count[0] > 3                  # every product read the 12 batches again
     assert largest < BUDGET and peak < BUDGET, (largest, peak)
     np.testing.assert_allclose(res.eigenvalues, ref.eigenvalues, rtol=1e-12, atol=0)
+    # a surface point and the feature-map variance
+    from landscape_tools.featvar import feature_variance
+    from landscape_tools.surface import evaluate_model
+    assert evaluate_model(model, streamed, mc=2, seed=1) == evaluate_model(model, whole, mc=2, seed=1)
+    fv = feature_variance(model, streamed.batches(), over="mc", mc=3, layers="0,1", seed=2)
+    fv_whole = feature_variance(model, whole.batches(), over="mc", mc=3, layers="0,1", seed=2)
+    np.testing.assert_array_equal(fv.variance, fv_whole.variance)
     # the in-memory batches are exactly the streamed ones
     for (sx, sy), (wx, wy) in zip(streamed.batches(), whole.batches()):
         assert torch.equal(sx, wx) and torch.equal(sy, wy)

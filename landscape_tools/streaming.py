@@ -297,7 +297,7 @@ class StreamedBatches(Sequence):
         return StreamedBatches(self.data, self.batch_size, [self.order[int(i)] for i in indices])
 
     def _make_loader(self):
-        workers = self.data.workers
+        workers = self.data.workers if len(self) > 1 else 0      # one batch: nothing to read ahead
         reader = _BatchReader(self.data.source, self.data.positions, self.batch_size)
         kwargs: dict[str, Any] = {}
         if workers > 0:

@@ -231,3 +231,25 @@ def test_cli_streams_over_the_budget_and_writes_the_same_file(tmp_path, folder):
             np.testing.assert_allclose(b.data[key], a.data[key], rtol=1e-12, atol=0, err_msg=key)
     res = CliRunner().invoke(cli, ["evaluate", str(ckpt), "--data-memory", "lots", "-o", str(tmp_path / "x.h5")])
     assert res.exit_code == 2 and "Invalid value for '--data-memory': 'lots' is not a memory size" in res.output
+
+
+def test_a_rank_of_a_shared_hessian_reads_only_its_batches(folder, monkeypatch):
+    """Rank 1 of 4 under --scope dataset: its products (and gradient) read batches 1, 5, 9 only, and its
+    part equals the same batches' part from in-memory data."""
+    from landscape_tools.hessian import SharedDataOperator
+
+    monkeypatch.setenv("LT_DATA_WORKERS", "0")
+    whole, ds = _load(folder, None), _load(folder, 0)
+    reads = []
+    original = ds.source.read
+    monkeypatch.setattr(ds.source, "read", lambda positions: reads.append(int(positions[0]) // 4) or original(positions))
+    model = _net()
+    v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    parts = []
+    for data in (ds, whole):
+        with SharedDataOperator(model, data.batches(), [1, 5, 9], lambda t: t, rank=1, world_size=4,
+                                form="double") as op:
+            parts.append((op.matvec(v), op.free_gradient()))
+    assert reads and set(reads) == {1, 5, 9}
+    torch.testing.assert_close(parts[0][0], parts[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(parts[0][1], parts[1][1], rtol=1e-12, atol=0)

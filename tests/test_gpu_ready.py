@@ -102,8 +102,7 @@ def test_hessian_products_run_with_tf32_off_and_deterministic_cudnn(tf32_on, for
     try:
         with HessianOperator(model, [(x, y)], form=form) as op:
             op.matvec(torch.ones(op.dim, dtype=torch.float64))
-            if form == "graph":
-                op.free_gradient()
+            op.free_gradient()          # every form computes the gradient start (in the graph form: free)
         assert model.forward_states and model.backward_states
         expected = {"matmul": False, "cudnn": False, "deterministic": True, "benchmark": False}
         assert all(s == expected for s in model.forward_states + model.backward_states), \

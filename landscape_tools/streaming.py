@@ -112,7 +112,11 @@ class ArraySource(PixelSource):
     def __init__(self, array: np.ndarray):
         self.array = array
         self.shape = tuple(int(s) for s in array.shape[1:])
-        self.dtype = torch.from_numpy(array[:0].copy()).dtype if array.dtype != object else torch.float32
+        try:
+            self.dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+        except TypeError:
+            raise DataError(f"inputs of dtype {array.dtype} cannot become a torch tensor; store them as "
+                            f"float32, float64 or an integer type") from None
 
     def __len__(self) -> int:
         return int(self.array.shape[0])

@@ -230,7 +230,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     kinds = ("digits", "cifar10", "cifar100", "imagefolder", "tensors") + CIFAR_C_KINDS
     if kind not in kinds:
         raise DataError(f"unknown data spec {spec!r}: expected digits, cifar10:DIR, cifar100:DIR, "
-                        f"imagefolder:DIR, tensors:FILE, or cifar10c:DIR / cifar100c:DIR (lt evaluate)")
+                        f"imagefolder:DIR or tensors:FILE")
     if kind == "digits":
         if arg:
             raise DataError(f"data spec {spec!r}: 'digits' takes no argument")
@@ -388,7 +388,7 @@ def read_cifar_c(spec: str, name: str, severity: int, samples: int | None = None
         raise DataError(f"{root / 'labels.npy'} has {labels.dtype} {labels.shape}; expected {5 * n} (or {n}) integer "
                         f"labels for the {5 * n} images of {path.name}")
     block = images[(severity - 1) * n:severity * n]
-    y = np.asarray(labels[(severity - 1) * n:severity * n] if labels.shape[0] == 5 * n else labels, dtype=np.int64)
+    y = np.array(labels[(severity - 1) * n:severity * n] if labels.shape[0] == 5 * n else labels, dtype=np.int64)
     indices = None
     if samples is not None:
         samples = int(samples)

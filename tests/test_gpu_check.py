@@ -124,3 +124,22 @@ def test_exit_status_torchrun_arguments_and_no_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert g.main(["--device", "cuda"]) == 2
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_a_failing_stage_is_reported_and_the_rest_still_runs(tmp_path):
+    g = load_script()
+    original = g.stages
+
+    def only_evaluate(*args):
+        runs = [r for r in original(*args) if r["analysis"] == "evaluate" and r["variant"] in ("fp32", "bf16")]
+        bad = runs[1]["args"]
+        bad[bad.index("--mc") + 1] = "0"              # refused by lt evaluate
+        return runs
+    g.stages = only_evaluate
+    report = g.check("cpu", tiny=True, json_path=None, compile_backend_name="eager", say=lambda *a, **k: None)
+    rows = {(r.analysis, r.variant): r for r in report.rows}
+    assert rows[("evaluate", "fp32")].ok is None and rows[("evaluate", "fp32")].seconds > 0
+    bad = rows[("evaluate", "bf16")]
+    assert bad.ok is False and bad.note.startswith("FAILED: ") and "ensemble size 0 must be at least 1" in bad.note
+    assert "fp32" not in report.projection and g.exit_status(report) == 1      # no surface: no projection
+    assert "FAILED" in g.table(report)

@@ -41,6 +41,11 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     without dropout gives the same prediction for every N (said in the output). The result file
     holds one group per model; a table per model is printed.
 
+    --corrupt scores CIFAR-C-style corruptions of the data too (generated from the clean images in
+    [0, 1] pixel space, seeded, severities 1-5), and --data cifar100c:DIR / cifar10c:DIR the published
+    corrupted files: one row per severity and column per N in the group corruptions/<name>/ of each
+    model (`lt plot --kind corruption` draws them against severity).
+
     Under torchrun (same command line) each process takes every WORLD-th batch on its own device
     (cuda:LOCAL_RANK, or CPU with gloo); the per-batch sums are all-reduced and rank 0 writes the
     same file as one process would.

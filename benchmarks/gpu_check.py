@@ -372,8 +372,8 @@ def projection(seconds: dict, s: dict) -> dict:
         if ("surface", variant) not in seconds or ("surface", f"{variant} warm-up") not in seconds:
             continue
         per_point = max(seconds[("surface", variant)] - seconds[("surface", f"{variant} warm-up")], 0.0) / (points - 9)
-        out[variant] = {"seconds_per_point": per_point,
-                        "full_cifar_51x51_seconds": per_point * FULL_CIFAR_TRAIN / s["surface_samples"] * FULL_GRID ** 2}
+        full = per_point * FULL_CIFAR_TRAIN / s["surface_samples"] * FULL_GRID ** 2
+        out[variant] = {"seconds_per_point": per_point, "full_cifar_51x51_seconds": full}
     return out
 
 

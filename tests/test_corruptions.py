@@ -14,7 +14,7 @@ from landscape_tools import corruptions as C
 from landscape_tools import store
 from landscape_tools.checkpoints import save_checkpoint
 from landscape_tools.cli.main import cli
-from landscape_tools.data import CIFAR_STATS, DataSet, load_data, read_cifar_c, save_tensors
+from landscape_tools.data import CIFAR_STATS, load_data, read_cifar_c, save_tensors
 from landscape_tools.errors import ConfigError, DataError
 from landscape_tools.evaluate import ensemble_curve
 from landscape_tools.models import build_model

@@ -113,7 +113,8 @@ def test_table_json_and_projection(tiny_run):
 
 def test_exit_status_torchrun_arguments_and_no_cuda(monkeypatch, capsys):
     g = load_script()
-    bad = g.Report("cuda:0", "card", "2", "12", False, rows=[g.Row("evaluate", "bf16", "w", 1.0, 2.0, 0.5, 0.05, False)])
+    bad = g.Report("cuda:0", "card", "2", "12", False,
+                   rows=[g.Row("evaluate", "bf16", "w", 1.0, 2.0, 0.5, 0.05, False)])
     assert g.exit_status(bad) == 1
     args = ["evaluate", "m.pt", "--device", "cuda:0", "--mc", "1,2", "-o", "one.h5"]
     cmd = g.torchrun_args(args, Path("two.h5"))

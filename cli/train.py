@@ -14,6 +14,15 @@ def _parse_filter(text: str) -> tuple[float, ...]:
     return values
 
 
+def _parse_milestones(ctx, param, text):
+    if text is None:
+        return []
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole epochs, e.g. 60,120,160") from None
+
+
 @click.command("train")
 @click.argument("arch")
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
@@ -26,9 +35,20 @@ def _parse_filter(text: str) -> tuple[float, ...]:
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
-@click.option("--step-size", type=click.IntRange(min=1), default=30, show_default=True, help="Epochs per step (step schedule).")
+@click.option("--step-size", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epochs per step (step schedule without --milestones).")
+@click.option("--milestones", default=None, callback=_parse_milestones, metavar="E1,E2,...",
+              help="Step schedule: multiply the learning rate by --gamma at these epochs (the paper: 60,120,160); "
+                   "replaces --step-size.")
+@click.option("--gamma", type=float, default=0.1, show_default=True,
+              help="Factor of each step of the step schedule (the paper: 0.2).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Epochs of linear learning-rate warm-up from 0 to --lr before the schedule (0: none).")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random translations (and flips with --flip) of image data.")
+@click.option("--translate", type=click.IntRange(min=0), default=2, show_default=True, metavar="PIXELS",
+              help="Random translations of up to PIXELS in each direction (zero-pad, random crop; CIFAR "
+                   "practice: 4).")
 @click.option("--flip", is_flag=True, help="Also random horizontal flips (not for digits).")
 @click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="Base channel count (paper: 64).")
 @click.option("--stem", type=click.Choice(["cifar", "imagenet"]), default="cifar", show_default=True)
@@ -44,8 +64,8 @@ def _parse_filter(text: str) -> tuple[float, ...]:
 @common.seed_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="MODEL.pt")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint.")
-def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, momentum, schedule, step_size, augment,
-            flip, width, stem, dropout, smoothing, tau, blur_filter, pad_mode, device, seed, output, overwrite):
+def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, momentum, schedule, step_size, milestones,
+            gamma, warmup_epochs, augment, translate, flip, width, stem, dropout, smoothing, tau, blur_filter, pad_mode, device, seed, output, overwrite):
     """Train a zoo model (ARCH, see `lt info --zoo`) and save a checkpoint.
 
     MC dropout stays active during training; the test split's NLL and accuracy (one deterministic
@@ -56,6 +76,10 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
     Example:
       lt train resnet_mcdo_smoothing_18 --width 16 --data digits --epochs 15 -o smooth.pt
       lt train vgg_dnn_11 --data cifar10:~/data --width 32 --epochs 100 --flip -o vgg.pt
+      # the paper's ResNet-18 / CIFAR-100 recipe (examples/paper/reproduce.sh runs all four models)
+      lt train resnet_mcdo_smoothing_18 --data cifar100:~/data --epochs 200 --batch-size 128 --lr 0.1 \\
+          --weight-decay 5e-4 --warmup-epochs 1 --schedule step --milestones 60,120,160 --gamma 0.2 \\
+          --flip --translate 4 -o smooth.pt
     """
     import time
     from pathlib import Path
@@ -75,7 +99,8 @@ def command(arch, data_spec, samples, epochs, batch_size, lr, weight_decay, mome
         raise ConfigError(str(exc)) from None
     # every option is checked before any data is read
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                      schedule=schedule, step_size=step_size, augment=augment, flip=flip, seed=seed)
+                      schedule=schedule, step_size=step_size, milestones=milestones, gamma=gamma,
+                      warmup_epochs=warmup_epochs, augment=augment, flip=flip, pad=translate, seed=seed)
     cfg.validate()
     sfilter = _parse_filter(blur_filter)
     if Path(output).exists() and not overwrite:

@@ -15,6 +15,10 @@ Specs:
                       ``ImageFolder``; ``image_size`` resizes and centre-crops every image.
   ``tensors:FILE``    ``.npz``, ``.pt`` or ``.h5`` holding ``x``, ``y`` (and optionally ``x_test``,
                       ``y_test``), used exactly as stored: no normalisation, no reordering.
+  ``cifar10c:DIR``    the published corrupted test sets (CIFAR-10-C / CIFAR-100-C): ``DIR/<corruption>.npy``
+  ``cifar100c:DIR``   (uint8, 5 x 10000 images stacked by severity 1..5) and ``DIR/labels.npy``; read by
+                      ``lt evaluate`` one corruption and severity at a time (:func:`read_cifar_c`),
+                      normalised with the clean data set's statistics.
 """
 from __future__ import annotations
 
@@ -210,7 +214,7 @@ def _tensors(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, int | None
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``"cifar10:/data" -> ("cifar10", "/data")``; validates the kind."""
     kind, _, arg = spec.partition(":")
-    kinds = ("digits", "cifar10", "cifar100", "imagefolder", "tensors")
+    kinds = ("digits", "cifar10", "cifar100", "imagefolder", "tensors") + CIFAR_C_KINDS
     if kind not in kinds:
         raise DataError(f"unknown data spec {spec!r}: expected digits, cifar10:DIR, cifar100:DIR, "
                         f"imagefolder:DIR or tensors:FILE")
@@ -300,6 +304,10 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
         raise DataError(f"batch size {batch_size} must be at least 1")
     budget = memory_budget(memory)
     kind, arg = parse_spec(spec)
+    if kind in CIFAR_C_KINDS:
+        raise DataError(f"data {spec!r}: the published corrupted test sets are scored by lt evaluate (every "
+                        f"<corruption>.npy at every severity, or those of --corrupt NAME[:SEVERITY]); other "
+                        f"analyses take the clean data, e.g. {kind[:-1]}:DIR")
     if image_size is not None and kind != "imagefolder":
         raise DataError(f"--image-size applies to imagefolder: data only, not {spec!r} (its samples are used at "
                         f"their stored size)")
@@ -380,6 +388,92 @@ def load_data(spec: str, split: str = "train", samples: int | None = None, seed:
 
 #: samples decoded per step when data is loaded whole
 _LOAD_CHUNK = 1024
+
+
+CIFAR_C_KINDS = ("cifar10c", "cifar100c")
+
+
+def _cifar_c_root(spec: str) -> tuple[str, Path]:
+    kind, arg = parse_spec(spec)
+    if kind not in CIFAR_C_KINDS:
+        raise DataError(f"data {spec!r} is not a cifar10c:DIR / cifar100c:DIR spec")
+    root = Path(arg)
+    if not root.is_dir():
+        raise DataError(f"{kind} folder {root} does not exist: expected the extracted "
+                        f"{'CIFAR-10-C' if kind == 'cifar10c' else 'CIFAR-100-C'} folder holding <corruption>.npy "
+                        f"and labels.npy (nothing is downloaded)")
+    return kind, root
+
+
+def cifar_c_names(spec: str) -> list[str]:
+    """The corruptions of a ``cifar10c:DIR`` / ``cifar100c:DIR`` folder: its ``*.npy`` files but ``labels.npy``, sorted.
+
+    Raises:
+        DataError: missing folder, no ``labels.npy``, no corruption files.
+    """
+    kind, root = _cifar_c_root(spec)
+    if not (root / "labels.npy").is_file():
+        raise DataError(f"{kind} folder {root} has no labels.npy: expected <corruption>.npy files and labels.npy "
+                        f"as published")
+    names = sorted(p.stem for p in root.glob("*.npy") if p.name != "labels.npy")
+    if not names:
+        raise DataError(f"{kind} folder {root} holds no <corruption>.npy files besides labels.npy")
+    return names
+
+
+def read_cifar_c(spec: str, name: str, severity: int, samples: int | None = None, seed: int = 0,
+                 batch_size: int = 128, in_channels: int | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> DataSet:
+    """One corruption at one severity of a ``cifar10c:DIR`` / ``cifar100c:DIR`` folder, as a DataSet.
+
+    ``DIR/<name>.npy`` holds uint8 images (5 N, 32, 32, 3) (or (5 N, 3, 32, 32)), severity ``s`` in rows
+    ``(s - 1) N .. s N - 1``; ``DIR/labels.npy`` holds 5 N labels (or N).  Images are scaled by 1/255 and
+    normalised with the clean CIFAR-10 / CIFAR-100 statistics (as ``cifar10:`` / ``cifar100:``);
+    ``samples`` picks the same seeded subset as :func:`load_data` does on the clean split.
+
+    Raises:
+        DataError: missing files, shapes that do not fit, ``samples`` larger than N.
+    """
+    kind, root = _cifar_c_root(spec)
+    path = root / f"{name}.npy"
+    if not path.is_file():
+        raise DataError(f"{kind} folder {root} has no {name}.npy")
+    if severity not in (1, 2, 3, 4, 5):
+        raise DataError(f"severity {severity!r} of {path}: expected 1..5")
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(root / "labels.npy", mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path} / labels.npy as numpy arrays: {exc}") from None
+    if images.ndim != 4 or images.shape[0] % 5 or 3 not in (images.shape[1], images.shape[3]):
+        raise DataError(f"{path} has shape {images.shape}; expected (5 x N, 32, 32, 3) uint8 images stacked by "
+                        f"severity 1..5")
+    n = images.shape[0] // 5
+    if labels.ndim != 1 or labels.shape[0] not in (n, 5 * n) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{root / 'labels.npy'} has {labels.dtype} {labels.shape}; expected {5 * n} (or {n}) integer "
+                        f"labels for the {5 * n} images of {path.name}")
+    block = images[(severity - 1) * n:severity * n]
+    y = np.array(labels[(severity - 1) * n:severity * n] if labels.shape[0] == 5 * n else labels, dtype=np.int64)
+    indices = None
+    if samples is not None:
+        samples = int(samples)
+        if not 1 <= samples <= n:
+            raise DataError(f"--samples {samples}: the {kind} sets hold {n} images each; use 1..{n} or all")
+        if samples < n:
+            indices = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
+            block, y = block[indices], y[indices]
+    x = np.asarray(block, dtype=np.float32) / 255.0
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.transpose(0, 3, 1, 2)
+    mean, std = CIFAR_STATS[kind[:-1]]
+    x = (x - np.array(mean, np.float32)[None, :, None, None]) / np.array(std, np.float32)[None, :, None, None]
+    xt = torch.as_tensor(np.ascontiguousarray(x)).to(dtype)
+    if in_channels is not None and in_channels != 3:
+        raise DataError(f"data {spec!r} has 3 channels but the model expects {in_channels}")
+    norm = {"scale": "1/255", "mean": list(mean), "std": list(std),
+            "corruption": f"{name}.npy severity {severity} (published file)"}
+    return DataSet(xt.to(device), torch.as_tensor(y).to(device), spec, "test", 10 if kind == "cifar10c" else 100,
+                   int(batch_size), indices, norm, seed if indices is not None else None)
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Training for the model zoo: SGD with momentum, cosine or step schedule, simple image augmentation."""
+"""Training for the model zoo: SGD with momentum, cosine or step schedule (every ``step_size`` epochs
+or at given milestones) after a linear warm-up, simple image augmentation (translations, flips)."""
 from __future__ import annotations
 
 import math
@@ -34,10 +35,31 @@ class TrainConfig:
     pad: int = 2
     seed: int = 0
     warmup_epochs: int = 1
+    #: step schedule: multiply the learning rate by ``gamma`` at each of these epochs (0-based epoch
+    #: index from which the new rate holds, as torch's MultiStepLR); empty: every ``step_size`` epochs
+    milestones: list = field(default_factory=list)
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"--gamma {self.gamma} must be a positive finite factor, e.g. --gamma 0.2")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs!r} must be a whole number of epochs >= 0 "
+                              f"(0: no warm-up)")
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
+            raise ConfigError(f"--translate {self.pad!r} must be a whole number of pixels >= 0, e.g. --translate 4")
+        if self.milestones:
+            ms = list(self.milestones)
+            if self.schedule != "step":
+                raise ConfigError(f"--milestones {','.join(map(str, ms))} needs --schedule step (now "
+                                  f"{self.schedule}); add --schedule step")
+            if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in ms) or ms != sorted(set(ms)):
+                raise ConfigError(f"--milestones {','.join(map(str, ms))}: expected increasing whole epochs >= 1, "
+                                  f"e.g. --milestones 60,120,160")
+            if ms[-1] >= self.epochs:
+                raise ConfigError(f"--milestones {','.join(map(str, ms))}: milestone {ms[-1]} is not before the "
+                                  f"end of training (--epochs {self.epochs}); drop it or train longer")
         if not (self.lr > 0 and math.isfinite(self.lr)):   # NaN / inf compare False: refused too
             raise ConfigError(f"--lr {self.lr} must be a positive finite number, e.g. --lr 0.05")
         if self.schedule not in SCHEDULES:
@@ -125,6 +147,8 @@ def _lr_at(cfg: TrainConfig, epoch_float: float) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, epoch_float / cfg.epochs)))
     if cfg.schedule == "step":
+        if cfg.milestones:
+            return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch_float >= m)
         return cfg.lr * cfg.gamma ** int(epoch_float // cfg.step_size)
     return cfg.lr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("curves", "reliability")
+KINDS = ("curves", "reliability", "corruption")
 
 _PANELS = (("nll", "NLL (nats)", 1.0), ("accuracy", "accuracy (%)", 100.0), ("ece", "ECE (%)", 100.0))
 
@@ -49,6 +49,9 @@ def draw(results, kind: str, **options):
     entries = _entries(results)
     if kind == "reliability":
         return _reliability(entries, results, **options)
+    if kind == "corruption":
+        from . import corruption
+        return corruption.draw(entries, results, **options)
     return _curves(entries, results, **options)
 
 

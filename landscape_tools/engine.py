@@ -50,7 +50,7 @@ from .distributed import RankFailed
 from .errors import ConfigError, StoreError
 
 __all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "run_identity", "parse_shard", "shard_units",
-           "shard_path", "shard_suffix", "open_run", "vote", "check_shard", "run_ranks", "merge", "merge_done", "node_dict",
+           "shard_path", "shard_suffix", "open_run", "replace_partial", "vote", "check_shard", "run_ranks", "merge", "merge_done", "node_dict",
            "RankFailed"]
 
 #: the seed derivation in force; part of every run's key (older partial files are refused, not resumed)
@@ -170,6 +170,20 @@ def open_run(output, root: dict, identity: dict, layout: dict, overwrite: bool =
     attrs = {k: (str(v) if isinstance(v, str) else v) for k, v in root.items()}
     attrs.update({k: v for k, v in identity.items() if k != "fingerprint"})
     return store.open_partial(output, attrs, identity["fingerprint"], layout, overwrite=overwrite)
+
+
+def replace_partial(part: "store.PartialResult", models: dict[str, dict]) -> Path:
+    """Finish a run whose whole-run file has another layout than its partial file (evaluate: curves
+    instead of per-batch units): write ``models`` under the partial file's root attributes to the
+    final path (atomically, under the lock), then remove the partial file and release the lock."""
+    part.lock.check()
+    root = part.attrs("/")
+    store.write_result(part.final, root, models, overwrite=True)   # open_partial checked the final path
+    part.file.close()
+    part.file = None
+    part.partial.unlink(missing_ok=True)
+    part.lock.release()
+    return part.final
 
 
 def _difference(old: dict, identity: dict, explain) -> str:

@@ -428,13 +428,14 @@ def merge(paths: Sequence[str], output, overwrite: bool = False, command: Sequen
     run_fp = attrs["run_fingerprint"]
     attrs.update({"created": prov["created"], "generated_by": str(prov["generated_by"]), "shard": 0, "n_shards": 1,
                   "fingerprint": run_fp})
-    try:                # the configuration of the one command that all shards are parts of
-        config = json.loads(attrs.get("config", "null"))
-    except (TypeError, ValueError):
-        config = None
+    config = attrs.get("config")     # the configuration of the one command that all shards are parts of
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            config = None
     if isinstance(config, dict) and "shard" in config:
-        config["shard"] = None
-        attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+        attrs["config"] = dict(config, shard=None)
     if not ranks:       # the rank files of one torchrun / srun job give the file one process would write
         attrs["merged_from"] = [str(r.attrs.get("fingerprint")) for r in results]
         if command is not None:

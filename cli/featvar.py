@@ -37,7 +37,8 @@ from . import common
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, over, mc, source, layers, fourier, data_spec, split,
-            samples, batch_size, max_batch, shard_spec, precision, compile_model, device, seed, output, overwrite, plot_path):
+            samples, batch_size, max_batch, shard_spec, precision, compile_model, device, seed, output, overwrite,
+            plot_path):
     """Feature-map variance of MODELS, layer by layer (Park & Kim 2022, section 6).
 
     With --over mc (default) each batch is repeated once per MC sample and run as batched

@@ -50,14 +50,14 @@ from .distributed import RankFailed
 from .errors import ConfigError, StoreError
 
 __all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "run_identity", "parse_shard", "shard_units",
-           "shard_path", "shard_suffix", "open_run", "replace_partial", "vote", "check_shard", "run_ranks", "merge", "merge_done", "node_dict",
+           "shard_path", "shard_suffix", "open_run", "replace_partial", "array_of", "vote", "check_shard", "run_ranks",
+           "merge", "merge_done", "node_dict",
            "RankFailed"]
 
 #: the seed derivation in force; part of every run's key (older partial files are refused, not resumed)
 SEED_SCHEME = 1
 #: the kinds ``lt merge`` assembles (each module ``landscape_tools.<kind>`` has ``merge_units``)
 KINDS = ("hessian", "surface", "featvar", "evaluate")
-_MASK64 = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------- identity
@@ -159,8 +159,9 @@ def open_run(output, root: dict, identity: dict, layout: dict, overwrite: bool =
     """
     part = store.partial_path(output)
     if part.exists() and not overwrite:
-        try:
-            old = store.read_result(part).attrs
+        try:                 # the root attributes only: a partial file may hold gigabytes of vectors
+            with store._open_checked(part) as f:
+                old = {k: store._read_attr(v) for k, v in f.attrs.items()}
         except StoreError:
             old = None
         if old is not None and old.get("fingerprint") != identity["fingerprint"]:
@@ -308,7 +309,8 @@ def node_dict(node) -> dict:
             "groups": {k: node_dict(g) for k, g in node.groups.items()}}
 
 
-def _array(node: dict, name: str) -> np.ndarray:
+def array_of(node: dict, name: str) -> np.ndarray:
+    """The array ``name`` of a node dict (its value, without the attributes it may carry)."""
     value = node["data"][name]
     return value[0] if isinstance(value, tuple) else value
 
@@ -334,7 +336,7 @@ def merge_done(results: Sequence["store.Result"], label: str, done: str = "done"
     target = base
     for p in group_path:
         target = target["groups"][p]
-    covered = np.zeros(np.shape(_array(target, mask_name)), dtype=bool)
+    covered = np.zeros(np.shape(array_of(target, mask_name)), dtype=bool)
     for r in results:
         if label not in r.models:
             raise StoreError(f"{r.path} has no model {label!r}: not a shard of the same run")
@@ -360,7 +362,7 @@ def _copy_units(dst: dict, src, mask: np.ndarray) -> None:
         value = np.asarray(value)
         if value.ndim < mask.ndim or value.shape[:mask.ndim] != mask.shape or value.dtype == object:
             continue
-        _array(dst, name)[mask] = value[mask]
+        array_of(dst, name)[mask] = value[mask]
     for name, group in src.groups.items():
         if name in dst["groups"]:
             _copy_units(dst["groups"][name], group, mask)

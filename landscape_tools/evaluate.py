@@ -688,8 +688,9 @@ def merge_units(results) -> dict[str, dict]:
         node = engine.merge_done(results, label, "units/done")
         samples = engine.merge_done(results, label, "sample_units/done")["groups"]["sample_units"]
         u = node["groups"]["units"]
-        units = {"attrs": u["attrs"], "state": engine._array(u, "state"), "batch_first": engine._array(u, "batch_first")}
-        merged[label] = _finished_node(node["attrs"], node["data"], units, engine._array(samples, "values"))[0]
+        units = {"attrs": u["attrs"], "state": engine.array_of(u, "state"),
+                 "batch_first": engine.array_of(u, "batch_first")}
+        merged[label] = _finished_node(node["attrs"], node["data"], units, engine.array_of(samples, "values"))[0]
     return merged
 
 

@@ -840,7 +840,7 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
 
 def _run_shard(prepared, output, root_attrs: dict, shard: tuple[int, int], overwrite: bool,
                progress: Progress) -> dict[str, FeatVarResult]:
-    from . import engine, store
+    from . import engine
 
     analyses, layout, key = prepared
     device = analyses[0][2][0].device
@@ -946,18 +946,18 @@ def merge_units(results) -> dict[str, dict]:
     merged = {}
     for label in results[0].models:
         node = engine.merge_done(results, label, "sums/done")
-        sums = {k: engine._array(node["groups"]["sums"], k) for k in node["groups"]["sums"]["data"]}
+        sums = {k: engine.array_of(node["groups"]["sums"], k) for k in node["groups"]["sums"]["data"]}
         fourier = node.get("groups", {}).get("fourier")
-        lengths = None if fourier is None else engine._array(fourier, "length")
+        lengths = None if fourier is None else engine.array_of(fourier, "length")
         variance, frequency, amplitude = finish_sums(sums["var_sum"], sums["count"], sums["fourier_sum"],
                                                      sums["fourier_count"], lengths, sums.get("fourier_axis"))
-        engine._array(node, "variance")[...] = variance
+        engine.array_of(node, "variance")[...] = variance
         if "batch_variance" in node["data"]:
             with np.errstate(invalid="ignore", divide="ignore"):
-                engine._array(node, "batch_variance")[...] = np.where(
+                engine.array_of(node, "batch_variance")[...] = np.where(
                     sums["count"] > 0, sums["var_sum"] / np.maximum(sums["count"], 1), np.nan)
         if fourier is not None:
-            engine._array(fourier, "frequency")[...] = frequency
-            engine._array(fourier, "amplitude")[...] = amplitude
+            engine.array_of(fourier, "frequency")[...] = frequency
+            engine.array_of(fourier, "amplitude")[...] = amplitude
         merged[label] = node
     return merged

@@ -86,8 +86,8 @@ def test_merge_refuses_other_runs_missing_and_repeated_shards(files, tmp_path):
     for i in range(3):
         run(*common, "--shard", f"{i}/3", "-o", tmp_path / f"a{i}.h5")
     run(*common, "--seed", "9", "--shard", "1/3", "-o", tmp_path / "other1.h5")
-    run("evaluate", files["model"], "--data", files["data"], "--split", "train", "--batch-size", "5", "--mc", "1,2", "--shard", "0/3",
-        "-o", tmp_path / "e0.h5")
+    run("evaluate", files["model"], "--data", files["data"], "--split", "train", "--batch-size", "5", "--mc", "1,2",
+        "--shard", "0/3", "-o", tmp_path / "e0.h5")
     out = tmp_path / "m.h5"
 
     def refused(*paths):

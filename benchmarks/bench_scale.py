@@ -12,7 +12,8 @@ per rank, in parallel) and the merge on rank 0, measured as the same command on 
 "units" column is each process's share of the work (the engine's interleaved split).
 
     python benchmarks/bench_scale.py [--procs 2] [--side 9] [--samples 128] [--width 4] [--batches 4]
-                                     [--only surface|hessian|featvar|evaluate] [--repeat 1]
+                                     [--mc 8] [--mc-samples 512] [--only surface|hessian|featvar|evaluate]
+                                     [--repeat 1]
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="hessian: batches of --hessian-batch-size samples")
     ap.add_argument("--hessian-batch-size", type=int, default=32)
     ap.add_argument("--mc", type=int, default=8, help="featvar / evaluate: MC samples (batches of 32)")
+    ap.add_argument("--mc-samples", type=int, default=512, help="featvar / evaluate: data samples (batches of 32)")
     ap.add_argument("--only", choices=["surface", "hessian", "featvar", "evaluate"], default=None,
                     help="run one of the four")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting (best is reported)")
@@ -74,7 +76,7 @@ def main() -> None:
         save_checkpoint(root / "mc.pt", mc, "resnet_mcdo_18", mc.arch_kwargs, {})
         n_params = sum(p.numel() for p in m.parameters())
         rng = np.random.default_rng(0)
-        samples = max(args.samples, args.batches * args.hessian_batch_size)
+        samples = max(args.samples, args.batches * args.hessian_batch_size, args.mc_samples)
         save_tensors(root / "d.npz", x=rng.normal(size=(samples, 3, 16, 16)).astype(np.float32),
                      y=rng.integers(0, 10, samples))
         common = ["m.pt", "--data", "tensors:d.npz", "--device", "cpu"]
@@ -105,8 +107,10 @@ def main() -> None:
                 got = next(iter(store.read_result(root / f"{name}{procs}.h5").models.values())).data[key]
                 same = np.allclose(got, ref, rtol=rtol, atol=0, equal_nan=True)
                 share = "/".join(str(len(range(r, units, procs))) for r in range(procs))
+                work = (f"{(base - base_fixed) / (wall - cost):.2f}x" if wall > cost and base > base_fixed
+                        else "n/a (noise larger than the work)")
                 print(f"  {procs:>9}  {share:>9}  {wall:7.2f}s  {cost:6.2f}s  {wall - cost:11.2f}s  {base / wall:.2f}x / "
-                      f"{(base - base_fixed) / max(wall - cost, 1e-9):.2f}x (ideal {procs}x)"
+                      f"{work} (ideal {procs}x)"
                       f"{'' if same else '  RESULTS DIFFER'}")
                 if not same:
                     sys.exit(1)
@@ -126,20 +130,20 @@ def main() -> None:
             # the fixed cost: one batch per process
             compare("h", [*hessian, "--batches", str(args.batches)],
                     [*hessian, "--batches", str(max(args.procs))], "eigenvalues", 1e-6, args.batches)
-        n_batches = -(-args.samples // 32)
+        n_batches = -(-args.mc_samples // 32)
         if args.only in (None, "featvar"):
             featvar = ["featvar", *common, "--split", "train", "--batch-size", "32", "--mc", str(args.mc)]
-            print(f"lt featvar: the same model, {args.mc} MC samples (input noise 0.1) of {args.samples} samples in "
+            print(f"lt featvar: the same model, {args.mc} MC samples (input noise 0.1) of {args.mc_samples} samples in "
                   f"{n_batches} batches of 32, 1 thread per process")
-            compare("f", [*featvar, "--samples", str(args.samples), "--source", "noise:0.1"],
+            compare("f", [*featvar, "--samples", str(args.mc_samples), "--source", "noise:0.1"],
                     [*featvar, "--samples", str(32 * max(args.procs)), "--source", "noise:0.1"], "variance", 0, n_batches)
         if args.only in (None, "evaluate"):
             sizes = ",".join(str(n) for n in (1, 2, 4, 8, 16, 32) if n <= args.mc)
             evaluate = ["evaluate", "mc.pt", "--data", "tensors:d.npz", "--device", "cpu", "--split", "train",
                         "--batch-size", "32", "--mc", sizes]
-            print(f"lt evaluate: resnet_mcdo_18 width {args.width}, N = {sizes} of {args.samples} samples in "
+            print(f"lt evaluate: resnet_mcdo_18 width {args.width}, N = {sizes} of {args.mc_samples} samples in "
                   f"{n_batches} batches of 32, 1 thread per process")
-            compare("e", [*evaluate, "--samples", str(args.samples)],
+            compare("e", [*evaluate, "--samples", str(args.mc_samples)],
                     [*evaluate, "--samples", str(32 * max(args.procs))], "nll", 0, n_batches)
 
 

@@ -374,6 +374,28 @@ SHARD_HELP = ("--shard slurm, in a Slurm array job, means --shard $((SLURM_ARRAY
               "/$SLURM_ARRAY_TASK_COUNT: array task k of a contiguous --array=LO-HI computes shard k - LO.")
 
 
+def shard_option(units: str):
+    """``--shard I/N`` of every analysis (parsed by :func:`parse_shard`); ``units`` names what is split."""
+    return click.option("--shard", "shard_spec", default=None, metavar="I/N",
+                        help=f"Compute only shard I of N (from 0: {units} I, I+N, I+2N, ...) into its own file "
+                             f"(default MODEL.<command>.shardIofN.h5); `lt merge` assembles the N files into the "
+                             f"file one process writes. In a Slurm job array, --shard slurm is this array task's "
+                             f"shard. Not with torchrun / srun ranks (they already share the {units}).")
+
+
+def parse_shard(spec: str | None, command: str):
+    """``(i, n)`` of ``--shard I/N`` (None when not given); refused under torchrun / srun ranks."""
+    if spec is None:
+        return None
+    from landscape_tools import distributed
+    from landscape_tools.engine import parse_shard as parse
+    shard = parse(spec)
+    if distributed.launched():
+        raise ConfigError(f"--shard {spec} cannot be combined with torchrun or srun ranks: the ranks already share "
+                          f"the work of lt {command} (drop --shard, or start one process per shard)")
+    return shard
+
+
 def slurm_array_shard() -> tuple[int, int]:
     """``(i, n)`` of ``--shard slurm``: this array task's position in its Slurm job array.
 

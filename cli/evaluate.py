@@ -24,13 +24,14 @@ from . import common
                    "(repeatable, or comma-separated). NAME: gaussian_noise, shot_noise, impulse_noise, "
                    "speckle_noise, gaussian_blur, defocus_blur, contrast, brightness, pixelate. With --data "
                    "cifar100c:DIR / cifar10c:DIR it picks the published files' sets instead (default there: all).")
+@common.shard_option("data batches")
 @common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, split, samples, batch_size, max_batch,
-            corrupt, precision, compile_model, device, seed, output, overwrite, plot_path):
+            corrupt, shard_spec, precision, compile_model, device, seed, output, overwrite, plot_path):
     """Predictive metrics of MC-dropout ensembles of N samples, for every N in --mc.
 
     For each N the prediction is the mean softmax of N stochastic forward passes (eval mode,
@@ -47,8 +48,10 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     model (`lt plot --kind corruption` draws them against severity).
 
     Under torchrun (same command line) each process takes every WORLD-th batch on its own device
-    (cuda:LOCAL_RANK, or CPU with gloo); the per-batch sums are all-reduced and rank 0 writes the
-    same file as one process would.
+    (cuda:LOCAL_RANK, or CPU with gloo) into a rank file; rank 0 merges the per-batch sums and
+    writes the same file as one process would. --shard I/N scores every N-th batch from batch I
+    into its own file and `lt merge` joins the shards into that same file, bit for bit. Scored
+    batches are kept in OUT.h5.partial: an interrupted run resumes when the same command is run again.
 
     \b
     Example:
@@ -61,96 +64,98 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
       lt evaluate smooth.pt --data cifar100c:~/data/CIFAR-100-C -o c.h5   # the published corrupted files
       lt plot robust.h5 --kind corruption -o robust.png                  # NLL / accuracy / ECE vs severity
       torchrun --nproc-per-node 4 -m landscape_tools.cli.main evaluate smooth.pt --device cuda -o eval.h5
+      lt evaluate smooth.pt --shard 0/2; lt evaluate smooth.pt --shard 1/2   # smooth.evaluate.shard0of2.h5, ...
+      lt merge smooth.evaluate.shard*.h5 -o smooth.evaluate.h5
     """
     from pathlib import Path
 
     from landscape_tools import distributed, store
     from landscape_tools.device import resolve_device
-    from landscape_tools.evaluate import ensemble_curve, parse_ensemble_sizes
+    from landscape_tools.engine import shard_suffix
+    from landscape_tools.errors import ConfigError
+    from landscape_tools.evaluate import Job, ensemble_curve, parse_ensemble_sizes, run_to_file
+    from landscape_tools.plotting import check_figure_path
     from landscape_tools import corruptions as C
     from landscape_tools.data import CIFAR_C_KINDS, parse_spec
-    from landscape_tools.plotting import check_figure_path
 
     sizes = parse_ensemble_sizes(mc)
+    shard = common.parse_shard(shard_spec, "evaluate")
     pairs = C.parse_corruptions(corrupt) if corrupt else None
     published = data_spec is not None and parse_spec(data_spec)[0] in CIFAR_C_KINDS
     if published and split != "test":
         raise click.UsageError(f"--data {data_spec} holds corrupted test images only; drop --split {split}")
+    if shard is not None and plot_path:
+        raise ConfigError(f"--plot with --shard {shard_spec}: a shard holds only some batches' sums; plot the merged "
+                          f"file (lt merge ... -o OUT.h5 --plot FIG.png)")
+    what = "--corrupt" if pairs else f"--data {data_spec}"
+    if (pairs or published) and shard is not None:
+        raise ConfigError(f"{what} with --shard {shard_spec}: corrupted sets are scored whole in one process; "
+                          f"drop --shard (or shard the clean evaluation alone, without {what})")
     if plot_path:
         check_figure_path(plot_path)
-    output = common.resolve_output(output, overwrite, models, "evaluate")
+    output = common.resolve_output(output, overwrite, models, "evaluate", shard_suffix(shard))
     dev = resolve_device(device)
     ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
     dev = ctx.device
+    if (pairs or published) and ctx.distributed:
+        raise ConfigError(f"{what} under torchrun / srun ({ctx.world_size} ranks): corrupted sets are scored whole "
+                          f"in one process; run it as one process, or without {what}")
     say = common.info_line if ctx.is_main else (lambda message: None)
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
-    nodes, tables, notes = {}, [], []
-    shared = f", batches shared by {ctx.world_size} ranks" if ctx.distributed else ""
 
     def score(model, info, ds, what=""):
         return ensemble_curve(model, ds.batches(), sizes, seed=seed, precision=precision,
-                              compile_model=compile_model, ctx=ctx, max_batch=max_batch,
+                              compile_model=compile_model, max_batch=max_batch,
                               progress=common.ProgressBar(f"evaluate {info.label}{what}", quiet=not ctx.is_main))
 
-    for model, info, ds, robust in _data_and_corruptions(loaded, data_spec, split, samples, batch_size, seed, dev,
-                                                          pairs, published, score):
-        say(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
-            f"N = {','.join(map(str, sizes))}, on {dev}, {precision}{' compiled' if compile_model else ''}{shared}"
-            f"{f', {robust.count} corrupted sets' if robust is not None else ''}")
-        curve = None if published else score(model, info, ds)
-        if robust is not None:
-            robust = robust.evaluate()
-        if published:
-            curve = C.pool_curves(list(robust.curves.values()))
-        data = ds.describe()
-        if published:
-            data["num_samples"] = curve.num_samples
-            data["normalisation"] = {k: v for k, v in data["normalisation"].items() if k != "corruption"}
-        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
-                     compiled=bool(compile_model),
-                     data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
-        node = curve.to_node(attrs)
-        if data["indices"] is not None:
-            where = "each corrupted set (the same in every set)" if published else f"the {split} split"
-            node["data"]["sample_indices"] = (data["indices"], {"description": f"indices into {where} "
-                                                                              f"(seed {ds.sample_seed})"})
-        if robust is not None:
-            node.setdefault("groups", {})["corruptions"] = robust.to_node()
-            if published:
-                node["attrs"]["note"] = (f"top-level arrays: all {len(robust.curves)} corrupted sets of {ds.spec} "
-                                         f"pooled (the clean split is not part of the folder)"
-                                         + (f"; {curve.note}" if curve.note else ""))
-        nodes[info.label] = node
-        tables.append(_table(info.label, curve))
-        if robust is not None:
-            tables.append(_corruption_table(info.label, robust))
-        if curve.note:
-            notes.append(f"note: {info.label}: {curve.note}")
     config = common.dump_config(models=list(models), labels=labels, mc=list(sizes), data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, max_batch=max_batch, device=str(dev), seed=seed,
                                 arch=arch, model=model_factory, precision=precision, compile=bool(compile_model),
-                                corrupt=[f"{n}:{s}" for n, s in pairs] if pairs else None)
-    error = None
-    if ctx.is_main:
-        try:
-            root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
-            root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}  # torch.__version__: str subclass
-            store.write_result(output, root, nodes, overwrite=overwrite)
-        except Exception as exc:
-            error = exc
-    if ctx.distributed:              # rank 0 may fail to write: then every rank fails
-        failed = distributed.all_ok(ctx, error is None)
-        if error is None and failed:
-            raise distributed.RankFailed(f"rank 0 could not write {output} (see its message)")
-    if error is not None:
-        raise error
+                                corrupt=[f"{n}:{s}" for n, s in pairs] if pairs else None, shard=shard_spec)
+    root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
+    if published:
+        _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pairs, sizes, precision,
+                       compile_model, score, root, output, overwrite, plot_path)
+        return
+    jobs, robust_tables = [], []
+    shared = f", batches shared by {ctx.world_size} ranks" if ctx.distributed else ""
+    shared += f", shard {shard[0]}/{shard[1]}" if shard is not None else ""
+    for model, info, ds, robust in _data_and_corruptions(loaded, data_spec, split, samples, batch_size, seed, dev,
+                                                          pairs, False, score):
+        say(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
+            f"N = {','.join(map(str, sizes))}, on {dev}, {precision}{' compiled' if compile_model else ''}{shared}"
+            f"{f', {robust.count} corrupted sets' if robust is not None else ''}")
+        groups = {}
+        if robust is not None:          # scored first, whole (not resumable); the clean batches resume
+            robust = robust.evaluate()
+            groups["corruptions"] = robust.to_node()
+            robust_tables.append(_corruption_table(info.label, robust))
+        data = ds.describe()
+        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
+                     compiled=bool(compile_model),
+                     data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
+        extra = {}
+        if data["indices"] is not None:
+            extra["sample_indices"] = (data["indices"], {"description": f"indices into the {split} split "
+                                                                       f"(seed {ds.sample_seed})"})
+        description = dict(data, corrupt=[f"{n}:{s}" for n, s in pairs] if pairs else None)
+        jobs.append(Job(info.label, model, attrs, ds.batches(), extra, description, groups=groups))
+    run_to_file(jobs, output, root, sizes, seed=seed, precision=precision, compile_model=compile_model,
+                max_batch=max_batch, overwrite=overwrite, ctx=ctx, shard=shard,
+                progress=common.ProgressBar("evaluate", quiet=not ctx.is_main))
     if not ctx.is_main:
         return
-    for table in tables:
+    if shard is not None:
+        click.echo(f"shard {shard[0]}/{shard[1]} written to {output}; `lt merge` joins the {shard[1]} shards")
+        return
+    res = store.read_result(output)
+    for label, node in res.models.items():
+        click.echo(_table(label, node))
+        if node.attrs.get("note"):
+            common.info_line(f"note: {label}: {node.attrs['note']}")
+    for table in robust_tables:
         click.echo(table)
-    for note in notes:
-        common.info_line(note)
     common.info_line(f"result written to {Path(output)}")
     if plot_path:
         common.render_plot([output], plot_path)
@@ -218,11 +223,59 @@ def _corruption_table(label: str, robust) -> str:
     return "\n".join(lines)
 
 
-def _table(label: str, curve) -> str:
-    mode = "MC dropout" if curve.mc_active else "deterministic (no MC dropout)"
-    lines = [f"{label}: {mode}, {curve.num_samples} samples",
+def _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pairs, sizes, precision, compile_model,
+                   score, root, output, overwrite, plot_path) -> None:
+    """--data cifar100c:DIR / cifar10c:DIR: every published set scored whole in one process; the
+    top-level arrays of each model are all its sets pooled (the folder has no clean images)."""
+    from pathlib import Path
+
+    from landscape_tools import corruptions as C
+    from landscape_tools import store
+
+    nodes, tables = {}, []
+    for model, info, ds, robust in _data_and_corruptions(loaded, data_spec, split, samples, batch_size, seed, dev,
+                                                          pairs, True, score):
+        common.info_line(f"evaluating {info.label} ({info.arch}) on {robust.count} corrupted sets of {data_spec} "
+                         f"({len(ds)} samples each), N = {','.join(map(str, sizes))}, on {dev}, {precision}"
+                         f"{' compiled' if compile_model else ''}")
+        robust = robust.evaluate()
+        curve = C.pool_curves(list(robust.curves.values()))
+        data = ds.describe()
+        data["num_samples"] = curve.num_samples
+        data["normalisation"] = {k: v for k, v in data["normalisation"].items() if k != "corruption"}
+        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
+                     compiled=bool(compile_model),
+                     data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
+        node = curve.to_node(attrs)
+        if data["indices"] is not None:
+            node["data"]["sample_indices"] = (data["indices"], {"description": f"indices into each corrupted set "
+                                                                              f"(the same in every set) (seed "
+                                                                              f"{ds.sample_seed})"})
+        node.setdefault("groups", {})["corruptions"] = robust.to_node()
+        node["attrs"]["note"] = (f"top-level arrays: all {len(robust.curves)} corrupted sets of {ds.spec} pooled "
+                                 f"(the clean split is not part of the folder)" + (f"; {curve.note}" if curve.note else ""))
+        nodes[info.label] = node
+        tables.append(_corruption_table(info.label, robust))
+    root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}   # torch.__version__: a str subclass
+    store.write_result(output, root, nodes, overwrite=overwrite)
+    res = store.read_result(output)
+    for label, node in res.models.items():
+        click.echo(_table(label, node))
+        common.info_line(f"note: {label}: {node.attrs['note']}")
+    for table in tables:
+        click.echo(table)
+    common.info_line(f"result written to {Path(output)}")
+    if plot_path:
+        common.render_plot([output], plot_path)
+
+
+def _table(label: str, node) -> str:
+    """The printed table of one model's group of the result file."""
+    mode = "MC dropout" if node.attrs.get("mc_active") else "deterministic (no MC dropout)"
+    lines = [f"{label}: {mode}, {int(node.attrs['num_samples'])} samples",
              f"{'N':>5}  {'NLL':>8}  {'accuracy':>8}  {'ECE':>8}  {'Brier':>8}"]
-    for i, n in enumerate(curve.sizes):
-        lines.append(f"{int(n):>5}  {curve.nll[i]:8.4f}  {curve.accuracy[i]:8.4f}  {curve.ece[i]:8.4f}  "
-                     f"{curve.brier[i]:8.4f}")
+    d = node.data
+    for i, n in enumerate(d["n_samples"]):
+        lines.append(f"{int(n):>5}  {d['nll'][i]:8.4f}  {d['accuracy'][i]:8.4f}  {d['ece'][i]:8.4f}  "
+                     f"{d['brier'][i]:8.4f}")
     return "\n".join(lines)

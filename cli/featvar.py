@@ -30,13 +30,15 @@ from . import common
                    "up to N rows, and a batch larger than N runs in pieces of N rows (same masks; each piece "
                    "redraws the batch's masks, so prefer a smaller --batch-size). The numbers do not depend on "
                    "it  [default: copies stacked up to 128 rows on CPU, 4096 on CUDA; batches are not split]")
+@common.shard_option("data batches")
 @common.precision_options()
 @common.device_option
 @common.seed_option
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, over, mc, source, layers, fourier, data_spec, split,
-            samples, batch_size, max_batch, precision, compile_model, device, seed, output, overwrite, plot_path):
+            samples, batch_size, max_batch, shard_spec, precision, compile_model, device, seed, output, overwrite,
+            plot_path):
     """Feature-map variance of MODELS, layer by layer (Park & Kim 2022, section 6).
 
     With --over mc (default) each batch is repeated once per MC sample and run as batched
@@ -46,9 +48,10 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     file, one group each, and are overlaid by `--plot` against normalised depth.
 
     Under torchrun (same command line) each process takes every WORLD-th batch on its own device
-    (cuda:LOCAL_RANK, or CPU with gloo) into a resumable OUT.rank<r>of<n>.h5.partial; the per-batch
-    sums are all-reduced and rank 0 writes the file one process would. --compile is refused: the
-    feature hooks change every batch, which compiled graphs do not follow.
+    (cuda:LOCAL_RANK, or CPU with gloo) into a resumable OUT.rank<r>of<n>.h5.partial; rank 0 adds
+    up the per-batch sums and writes the file one process would. --shard I/N computes every N-th
+    batch from batch I into its own file; `lt merge` adds the shards up into the same file, bit for
+    bit. --compile is refused: the feature hooks change every batch, which compiled graphs do not follow.
 
     \b
     Example:
@@ -57,6 +60,8 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
       lt featvar dnn.pt --source noise:0.1 --layers blocks --fourier -o dnn_featvar.h5
       lt plot dnn_featvar.h5 --kind fourier -o fourier.png
       torchrun --nproc-per-node 4 -m landscape_tools.cli.main featvar smooth.pt --device cuda --precision bf16 -o fv.h5
+      lt featvar mcdo.pt --shard 0/2; lt featvar mcdo.pt --shard 1/2   # mcdo.featvar.shard0of2.h5, ...shard1of2.h5
+      lt merge mcdo.featvar.shard*.h5 -o mcdo.featvar.h5
     """
     from landscape_tools import distributed, featvar, store
     from landscape_tools.device import resolve_device
@@ -67,7 +72,12 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     if over == "spatial" and (mc is not None or source is not None):
         raise click.UsageError("--mc and --source apply to --over mc only; --over spatial is deterministic")
     src = featvar.parse_source(source) if over == "mc" else None
-    output = common.resolve_output(output, overwrite, models, "featvar")
+    shard = common.parse_shard(shard_spec, "featvar")
+    if shard is not None and plot_path:
+        raise ConfigError(f"--plot with --shard {shard_spec}: a shard holds only sums of some batches; plot the merged "
+                          f"file (lt merge ... -o OUT.h5 --plot FIG.png)")
+    from landscape_tools.engine import shard_suffix
+    output = common.resolve_output(output, overwrite, models, "featvar", shard_suffix(shard))
     dev = resolve_device(device)
     ctx = distributed.init(dev)          # under torchrun: one process per GPU / CPU worker; else a group of one
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
@@ -81,12 +91,17 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
     config = common.dump_config(models=list(models), over=over, mc=mc if over == "mc" else None,
                                 source=str(src) if src else None, layers=layers, fourier=fourier,
                                 data=data_spec, split=split, samples=samples, batch_size=batch_size,
-                                max_batch=max_batch, seed=seed, precision=precision, compile=bool(compile_model))
+                                max_batch=max_batch, seed=seed, precision=precision, compile=bool(compile_model),
+                                shard=shard_spec)
     attrs = store.provenance("featvar", None, config, seed, str(dev))
     results = featvar.run_to_file(jobs, output, attrs, over=over, mc=mc, source=src, layers=layers, fourier=fourier,
                                   seed=seed, max_batch=max_batch, overwrite=overwrite, precision=precision, ctx=ctx,
+                                  shard=shard,
                                   progress=common.ProgressBar("featvar", quiet=not ctx.is_main))
     if not ctx.is_main:
+        return
+    if shard is not None:
+        click.echo(f"shard {shard[0]}/{shard[1]} written to {output}; `lt merge` joins the {shard[1]} shards")
         return
     for label, res in results.items():
         values = ", ".join(f"{name} {v:.4g}" for name, v in zip(res.layers.names, res.variance))

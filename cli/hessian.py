@@ -66,6 +66,7 @@ from . import common
               help="Samples processed together in each Hessian-vector product. The Hessian is the same; smaller "
                    "pieces lower the peak memory (auto: 32 on a CPU, about a quarter less memory at batch 128 and "
                    "no loss of speed; whole batches on a GPU).")
+@common.shard_option("batches (--scope batch)")
 @common.precision_options(compile_option=False, hessian=True)
 @common.device_option
 @common.seed_option
@@ -73,8 +74,8 @@ from . import common
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, data_spec, split, samples, batch_size, n_batches,
             scope, top_k, which, method, tol, max_iter, params, weight_decay, trace, trace_probes, density,
-            density_runs, density_steps, mc_seed, warm_start, save_vectors, vector_dtype, sub_batch, precision, device,
-            seed, output, overwrite, plot_path):
+            density_runs, density_steps, mc_seed, warm_start, save_vectors, vector_dtype, sub_batch, shard_spec,
+            precision, device, seed, output, overwrite, plot_path):
     """Top-k Hessian eigenvalues of each MODEL's loss, per mini-batch or for all the data.
 
     The loss is the mean cross-entropy in eval mode (BatchNorm running statistics); MC-dropout models
@@ -87,6 +88,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     Under torchrun the processes share the work: --scope batch gives each process every N-th batch;
     --scope dataset gives each process every N-th batch of the one Hessian and adds up every
     Hessian-vector product over the processes, so the result equals a one-process run.
+    --shard I/N (--scope batch) computes every N-th batch's Hessian from batch I into its own file
+    and `lt merge` joins the files into the one-process file, bit for bit.
     --precision bf16/fp16 runs the forward pass of the loss under autocast (an approximation;
     the default fp32 is exact).
 
@@ -97,6 +100,8 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
       lt hessian smooth.pt --scope dataset --samples 2048 --top-k 10 --trace -o full.h5
       lt hessian smooth.pt --params 'layer4.*' --which SA --batches 4 -o layer4.h5
       lt hessian smooth.pt --scope dataset --save-vectors -o top.h5 && lt surface smooth.pt --directions top.h5 --dims 1
+      lt hessian smooth.pt --batches 20 --shard 0/3   # smooth.hessian.shard0of3.h5; ... 1/3 2/3, then:
+      lt merge smooth.hessian.shard*.h5 -o hessian.h5
     """
     from landscape_tools import hessian as H
     from landscape_tools.device import resolve_device
@@ -112,7 +117,13 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     if scope not in H.SCOPES:
         raise ConfigError(f"--scope {scope!r} is not one of {', '.join(H.SCOPES)}")
     sub_batch = _parse_sub_batch(sub_batch)
-    output = common.resolve_output(output, overwrite, models, "hessian")
+    shard = common.parse_shard(shard_spec, "hessian")
+    if shard is not None and scope == "dataset":
+        raise ConfigError(f"--shard {shard_spec} with --scope dataset: every product of the one Hessian needs every "
+                          f"batch, so independent jobs cannot share it; use --scope batch, or share the products "
+                          f"between the ranks of one torchrun / srun job")
+    from landscape_tools.engine import shard_suffix
+    output = common.resolve_output(output, overwrite, models, "hessian", shard_suffix(shard))
     dev = resolve_device(device)
     # under torchrun: one process per GPU / CPU worker, each computing every WORLD-th batch
     # (--scope dataset: each forming the products of every WORLD-th batch, all-reduced)
@@ -139,7 +150,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
                                 method=method, tol=tol, max_iter=max_iter, params=params, weight_decay=weight_decay,
                                 trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                                 density_steps=density_steps, mc_seed=mc_seed, sub_batch=sub_batch, precision=precision,
-                                device=str(dev), seed=seed, warm_start=warm_start,
+                                device=str(dev), seed=seed, warm_start=warm_start, shard=shard_spec,
                                 save_vectors=vector_dtype if save_vectors else None)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
@@ -153,7 +164,7 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
             common.info_line(f"warning: --precision {precision} runs the loss's forward pass in {precision}; "
                              f"the Hessian is approximate (use fp32, the default, for exact eigenvalues)")
     data_description = described if len(set(map(str, described.values()))) > 1 else described[first.label]
-    distributed.run_hessian(ctx, jobs, output, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
+    H.run_job(ctx, jobs, output, shard=shard, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
                             params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
                             trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                             density_steps=density_steps, precision=precision, sub_batch=sub_batch,

@@ -109,7 +109,7 @@ def cli():
 
     \b
     On a cluster: `srun -n N lt ...` (or torchrun) shares one run between N processes; in a Slurm
-    job array, `lt surface ... --shard slurm` computes this task's shard (SLURM_ARRAY_TASK_ID -
+    job array, `lt hessian|surface|featvar|evaluate ... --shard slurm` computes this task's shard (SLURM_ARRAY_TASK_ID -
     SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) and `lt merge` joins the shards. SIGTERM (a time
     limit, a preemption) stops like Ctrl-C with exit status 143 and the run resumes when started
     again, on any node: a lock whose heartbeat is older than LT_LOCK_STALE_AFTER seconds (120) is

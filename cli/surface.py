@@ -71,8 +71,7 @@ def _auto_range(values, option: str):
               help="MC-dropout samples averaged per point (0: dropout off).")
 @click.option("--bn", type=click.Choice(["frozen", "recompute"]), default="frozen", show_default=True,
               help="BatchNorm statistics: the centre's running ones, or re-estimated at each point on the data.")
-@click.option("--shard", "shard_spec", default=None, metavar="I/N",
-              help="Compute only shard I of N (from 0) into its own file; assemble with `lt merge`.")
+@common.shard_option("grid points")
 @common.precision_options(compile_modes=True)
 @common.device_option
 @common.seed_option
@@ -106,6 +105,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt surface smooth.pt --directions h.h5:0 --dims 1 --x -0.5:0.5:41 --plot top.png
       lt surface smooth.pt --directions h.h5 --eig 1,3 -o eig13.h5
     """
+    from landscape_tools import engine
     from landscape_tools import surface as S
     from landscape_tools.checkpoints import load_checkpoint
     from landscape_tools.device import resolve_device
@@ -153,15 +153,12 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                               f"give {what}")
     x = S.parse_range(x_spec, "--x") if x_spec else None
     y = S.parse_range(y_spec, "--y") if y_spec else None
-    shard = S.parse_shard(shard_spec) if shard_spec else None
+    shard = common.parse_shard(shard_spec, "surface")
     output = common.resolve_output(output, overwrite, models, "surface",
-                                   "" if shard is None else f".shard{shard[0]}of{shard[1]}")
+                                   engine.shard_suffix(shard))
     dev = resolve_device(device)
     # under torchrun: one process per GPU / CPU worker, each computing the points of --shard RANK/WORLD
     from landscape_tools import distributed
-    if distributed.launched() and shard is not None:
-        raise ConfigError(f"--shard {shard_spec} cannot be combined with torchrun: the ranks already share the "
-                          f"points (drop --shard, or run without torchrun)")
     ctx = distributed.init(dev)
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
     dev = ctx.device
@@ -229,11 +226,13 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                          f"on {len(jobs[0].data)} samples ({split}), {dev}"
                          f"{'' if precision == 'fp32' else f', {precision} forward passes'}"
                          f"{', compiled' if compile_model == 'on' else ''}")
-    path = distributed.run_surface(ctx, jobs, output, x, y, mc=mc, bn=bn, seed=seed, shard=shard,
-                                   overwrite=overwrite, config=config, device=str(dev), precision=precision,
-                                   compile=compile_model,
-                                   notice=(lambda line: common.info_line(f"lt surface: {line}")) if ctx.is_main else None,
-                                   progress=common.ProgressBar("surface", quiet=not ctx.is_main))
+    def compute(out, part):
+        S.run_surface(jobs, str(out), x, y, mc=mc, bn=bn, seed=seed, shard=part, overwrite=overwrite, config=config,
+                      device=str(dev), precision=precision, compile=compile_model,
+                      notice=(lambda line: common.info_line(f"lt surface: {line}")) if ctx.is_main else None,
+                      progress=common.ProgressBar("surface", quiet=not ctx.is_main))
+
+    path = engine.run_ranks(ctx, output, compute, shard=shard, overwrite=overwrite)
     if not ctx.is_main:
         return
     _summary(path)

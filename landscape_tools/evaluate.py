@@ -359,7 +359,7 @@ def has_active_dropout(model: nn.Module) -> bool:
 def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0, n_bins: int = N_BINS,
                    progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
-                   ctx=None, max_batch: int | None = None) -> EnsembleCurve:
+                   max_batch: int | None = None) -> EnsembleCurve:
     """Predictive metrics of the N-sample MC-dropout ensemble for every N in ``ns``.
 
     The model runs in eval mode (BatchNorm on running statistics) with its MC dropout switched on
@@ -381,10 +381,9 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     one row per sample (the batch as their leading dimension) runs one sample per pass.
 
     Every batch is scored into its own :class:`MetricAccumulator` and the batches are merged in batch
-    order, so the result does not depend on which process computed which batch: under torchrun
-    (``ctx`` of several ranks) rank ``r`` of ``n`` computes batches ``r, r + n, r + 2n, ...`` (their
-    global index ``b`` seeds the masks), the per-batch sums are all-reduced (each entry comes from
-    exactly one rank, so the sum is exact) and every rank returns the curve of one process, bit for bit.
+    order (:func:`curve_from_units`), so the result does not depend on which process computed which
+    batch: :func:`run_to_file` splits the batches over ``--shard I/N`` jobs or torchrun / srun ranks
+    (their global index ``b`` seeds the masks) and the merge gives the curve of one process, bit for bit.
 
     Args:
         model: a classifier returning (batch, classes) logits, on the device of the batches, that
@@ -400,55 +399,79 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             :func:`landscape_tools.precision.autocast`; logits are cast back to the model's dtype
             before the softmax (which is taken in float64).
         compile_model: run the forward passes through ``torch.compile(model)``.
-        ctx: a :class:`landscape_tools.distributed.Context`; None or one process: all batches here.
         max_batch: at most this many rows (MC copies x samples) per forward pass.  None (default):
             copies of a batch are stacked up to :data:`DEFAULT_MAX_BATCH` rows for the device type and
             a batch is never split.
 
     Returns:
-        an :class:`EnsembleCurve` (on every rank).
+        an :class:`EnsembleCurve`.
 
     Raises:
         ConfigError: bad ensemble sizes, precision or ``max_batch``, no ``torch.compile``, a model
             whose dropout inputs are not batch-first with a ``max_batch`` below the batch size.
         DataError: no data, logits of the wrong shape, labels out of range.
         NumericalError: non-finite outputs.
-        RankFailed: another rank failed (this rank's own error is raised as itself).
     """
-    from . import precision as P
-
     sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
-    precision = P.parse_precision(precision)
-    max_batch = check_max_batch(max_batch)
     batches = as_sequence(batches)     # streamed batches: each rank reads its own when it gets to them
     if not batches:
         raise DataError("no data batches to evaluate")
-    distributed = ctx is not None and ctx.distributed
-    mine = range(ctx.rank, len(batches), ctx.world_size) if distributed else range(len(batches))
+    width = MetricAccumulator(n_bins).state_size()
+    offsets = _offsets(batches)
+    table = np.zeros((len(batches), len(sizes), width))
+    per_sample = np.zeros((int(offsets[-1]), len(_PER_SAMPLE), len(sizes)))
+    batch_first = np.ones(len(batches), dtype=bool)
+
+    def keep(b, state, values, first):
+        table[b], per_sample[offsets[b]:offsets[b + 1]], batch_first[b] = state, values, first
+
+    active, passes = score_batches(model, batches, sizes, range(len(batches)), keep, seed=seed, n_bins=n_bins,
+                                   progress=progress, precision=precision, compile_model=compile_model,
+                                   max_batch=max_batch)
+    return curve_from_units(table, per_sample, sizes, n_bins, active, passes, seed, bool(batch_first.all()))
+
+
+def _offsets(batches) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(batch_sizes(batches))]).astype(np.int64)
+
+
+def score_batches(model: nn.Module, batches: Sequence, sizes: Sequence[int], todo: Iterable[int], on_batch,
+                  seed: int = 0, n_bins: int = N_BINS, progress: Progress = None, precision: str = "fp32",
+                  compile_model: bool = False, max_batch: int | None = None) -> tuple[bool, int]:
+    """Score batches ``todo`` (global indices, which seed the masks) of the MC-dropout ensemble: for
+    each, ``on_batch(b, state, values, batch_first)`` with ``state`` (len(sizes), state size) the
+    :class:`MetricAccumulator` sums of batch ``b`` per ensemble size and ``values`` (rows, 4,
+    len(sizes)) the per-sample values of :data:`_PER_SAMPLE`.  See :func:`ensemble_curve`.
+
+    Returns:
+        ``(mc_active, forward passes per batch)``.
+    """
+    from . import precision as P
+
+    precision = P.parse_precision(precision)
+    max_batch = check_max_batch(max_batch)
     active = has_active_dropout(model)
     passes = max(sizes) if active else 1
     column = {n: j for j, n in enumerate(sizes)}
     width = MetricAccumulator(n_bins).state_size()
-    table = np.zeros((len(batches), len(sizes), width))      # per batch, per N: the accumulator's sums
-    offsets = np.concatenate([[0], np.cumsum(batch_sizes(batches))])
-    per_sample = np.zeros((len(_PER_SAMPLE), len(sizes), int(offsets[-1])))   # per value, per N, per data sample
-    computed = np.zeros(len(batches))
+    todo = list(todo)
     params = next(iter(model.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else None
     out_dtype = P.model_dtype(model)
-    total, done = len(mine) * passes, 0
+    total, done = len(todo) * passes, 0
     was_training = model.training
-    error = None
     holder: list = [None]
     batch_first = [True]
     model.eval()
     try:
         with torch.no_grad(), _sampling(model, holder, active, compile_model) as forward:
-            for b in mine:
+            for b in todo:
                 x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
                     x = x.to(dtype)
                 rows = int(x.shape[0])
+                state = np.zeros((len(sizes), width))
+                values = np.zeros((rows, len(_PER_SAMPLE), len(sizes)))
                 cap = int(max_batch) if max_batch is not None else DEFAULT_MAX_BATCH.get(x.device.type, 256)
                 piece = min(rows, int(max_batch)) if max_batch is not None else rows
                 copies = max(1, min(passes, cap // max(piece, 1))) if batch_first[0] else 1
@@ -458,14 +481,14 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                             report(progress, done + count, total, f"batch {b + 1}/{len(batches)}, "
                                                                   f"MC sample {count}/{passes}")
                         probs_of = _mc_probabilities(forward, holder, seed, b, x, passes, copies, piece, precision,
-                                             out_dtype, step)
+                                                     out_dtype, step)
                         running = None
                         for s, probs in enumerate(probs_of):
                             running = probs if running is None else running + probs
                             if active and (s + 1) in column:
                                 mean = running / (s + 1)
-                                table[b, column[s + 1]] = _batch_state(mean, y, n_bins)
-                                per_sample[:, column[s + 1], offsets[b]:offsets[b + 1]] = _sample_values(mean, y)
+                                state[column[s + 1]] = _batch_state(mean, y, n_bins)
+                                values[:, :, column[s + 1]] = _sample_values(mean, y).T
                         break
                     except _NotBatchFirst as exc:
                         if piece < rows:
@@ -481,42 +504,219 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                         if x.is_cuda:
                             torch.cuda.empty_cache()
                 if not active:
-                    table[b, :] = _batch_state(running, y, n_bins)
-                    per_sample[:, :, offsets[b]:offsets[b + 1]] = _sample_values(running, y)[:, None, :]
+                    state[:] = _batch_state(running, y, n_bins)
+                    values[:] = _sample_values(running, y).T[:, :, None]
                 done += passes
-                computed[b] = 1
-    except Exception as exc:
-        if not distributed:
-            raise
-        error = exc                      # every rank must reach the vote in _share, or the others wait forever
+                on_batch(b, state, values, batch_first[0])
     finally:
         model.train(was_training)
-    if distributed:
-        table, per_sample = _share(ctx, error, table, computed, per_sample)
+    return active, passes
+
+
+def curve_from_units(table: np.ndarray, per_sample: np.ndarray, sizes: Sequence[int], n_bins: int, active: bool,
+                     passes: int, seed: int, batch_first: bool = True) -> EnsembleCurve:
+    """The curve from every batch's accumulator sums ``table`` (n_batches, len(sizes), state size),
+    merged in batch order, and the per-sample values ``per_sample`` (n_samples, 4, len(sizes)): what
+    one process, a merge of shards and a merge of rank files all compute the same way."""
+    sizes = [int(n) for n in sizes]
     accs = {n: MetricAccumulator(n_bins) for n in sizes}
-    for b in range(len(batches)):
-        for n, j in column.items():
+    for b in range(table.shape[0]):
+        for j, n in enumerate(sizes):
             accs[n].merge(MetricAccumulator.from_state(table[b, j], n_bins))
     results = [accs[n].metrics() for n in sizes]
     note = ""
     if not active:
         note = ("the model has no MC dropout (or only p = 0): every MC sample is the same deterministic prediction, "
                 "so all ensemble sizes give identical metrics (one forward pass per batch was run)")
-    elif not batch_first[0]:
+    elif not batch_first:
         note = ("the model's dropout inputs are not batch-first, so MC samples ran one per forward pass "
                 "(not stacked along the batch)")
 
     def stack(key):
         return np.array([r[key] for r in results], dtype=np.int64 if key == "bin_counts" else np.float64)
 
+    values = np.transpose(per_sample, (1, 2, 0))        # (4, len(sizes), n_samples)
     return EnsembleCurve(sizes=np.array(sizes, dtype=np.int64), nll=stack("nll"), accuracy=stack("accuracy"),
                          ece=stack("ece"), brier=stack("brier"), bin_edges=results[0]["bin_edges"],
                          bin_counts=stack("bin_counts"), bin_accuracy=stack("bin_accuracy"),
                          bin_confidence=stack("bin_confidence"), num_samples=int(results[0]["num_samples"]),
-                         mc_active=active, forward_passes=passes, seed=int(seed), note=note,
-                         sample_log_prob=per_sample[0].astype(np.float32), sample_correct=per_sample[1] > 0.5,
-                         sample_confidence=per_sample[2].astype(np.float32),
-                         sample_brier=per_sample[3].astype(np.float32))
+                         mc_active=bool(active), forward_passes=int(passes), seed=int(seed), note=note,
+                         sample_log_prob=values[0].astype(np.float32), sample_correct=values[1] > 0.5,
+                         sample_confidence=values[2].astype(np.float32), sample_brier=values[3].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- runs into a file: the run engine
+@dataclass
+class Job:
+    """One model to evaluate: its label, the network, its group attributes, its data batches, extra
+    datasets of its group (e.g. ``sample_indices``), a description of its data (for the fingerprint) and
+    extra finished subgroups of its group, written as given (e.g. ``corruptions``, scored beforehand)."""
+
+    label: str
+    model: nn.Module
+    attrs: dict
+    batches: list
+    data: dict
+    description: Any = None
+    groups: dict | None = None
+
+
+def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0,
+                n_bins: int = N_BINS, precision: str = "fp32", compile_model: bool = False,
+                max_batch: int | None = None, overwrite: bool = False, progress=None, ctx=None,
+                shard: tuple[int, int] | None = None) -> dict[str, EnsembleCurve]:
+    """Evaluate every job into ``output`` through the run engine; the units are the data batches.
+
+    Each batch's accumulator sums and per-sample values go to ``OUTPUT.partial`` as soon as it is
+    scored, so an interrupted run resumes where it stopped.  ``shard=(i, n)`` scores batches
+    ``i, i + n, ...`` into a file of those units only (groups ``units`` and ``sample_units``), which
+    ``lt merge`` joins with the other shards (:func:`merge_units`); ranks of a torchrun / srun job
+    do the same into rank files that rank 0 merges.  A whole run's file holds the curves
+    (:meth:`EnsembleCurve.to_node`) computed by :func:`curve_from_units`, the same arithmetic in
+    every case, so a merged file equals one process's bit for bit.
+
+    Returns:
+        label -> :class:`EnsembleCurve` when this call wrote a whole run's file (one process, or rank 0
+        of a job); empty otherwise (a shard, other ranks).
+
+    Raises:
+        ConfigError, DataError, NumericalError, StoreError; RankFailed: another rank failed.
+    """
+    from . import engine
+    from .distributed import Context
+    from .precision import parse_precision
+
+    sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
+    precision = parse_precision(precision)
+    check_max_batch(max_batch)
+    for job in jobs:
+        if not job.batches:
+            raise DataError(f"no data batches to evaluate for {job.label}")
+    root_attrs = {k: str(v) if isinstance(v, str) else v for k, v in root_attrs.items()}
+    width = MetricAccumulator(n_bins).state_size()
+    layout, prints = {}, []
+    for job in jobs:
+        active = has_active_dropout(job.model)
+        n_rows = int(_offsets(job.batches)[-1])
+        layout[job.label] = {"attrs": dict(job.attrs), "data": dict(job.data), "groups": {
+            "units": {"attrs": {"sizes": np.array(sizes, dtype=np.int64), "ece_bins": int(n_bins), "seed": int(seed),
+                                "mc_active": bool(active), "forward_passes": int(max(sizes) if active else 1),
+                                "description": "per data batch: the metric sums of each ensemble size (merged in "
+                                               "batch order into the curves)"},
+                      "data": {"state": np.zeros((len(job.batches), len(sizes), width)),
+                               "batch_first": np.ones(len(job.batches), dtype=bool),
+                               "done": np.zeros(len(job.batches), dtype=bool)}},
+            "sample_units": {"data": {"values": np.zeros((n_rows, len(_PER_SAMPLE), len(sizes))),
+                                      "done": np.zeros(n_rows, dtype=bool)}},
+            **(job.groups or {})}}
+        prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.description,
+                       "batch_sizes": batch_sizes(job.batches)})
+    key = {"models": prints, "sizes": sizes, "seed": int(seed), "n_bins": int(n_bins), "precision": precision}
+    device = jobs[0].batches[0][0].device
+    curves: dict[str, EnsembleCurve] = {}
+
+    def compute(out, part):
+        identity = engine.run_identity("evaluate", key, device, part)
+        pr = engine.open_run(out, root_attrs, identity, layout, overwrite=overwrite)
+        try:
+            todo_total = 0
+            for job in jobs:
+                done = pr.read(f"{job.label}/units/done").astype(bool)
+                todo_total += sum(1 for b in engine.shard_units(len(job.batches), *part) if not done[b])
+            for job in jobs:
+                base = f"{job.label}/"
+                offsets = _offsets(job.batches)
+                done = pr.read(base + "units/done").astype(bool)
+                todo = [int(b) for b in engine.shard_units(len(job.batches), *part) if not done[b]]
+
+                def write(b, state, values, first, base=base, offsets=offsets):
+                    pr.write(base + "units/state", b, state)
+                    pr.write(base + "units/batch_first", b, first)
+                    pr.write(base + "sample_units/values", slice(offsets[b], offsets[b + 1]), values)
+                    pr.write(base + "sample_units/done", slice(offsets[b], offsets[b + 1]), True)
+                    pr.flush()
+                    pr.write(base + "units/done", b, True)
+                    pr.flush()
+
+                if todo:
+                    score_batches(job.model, job.batches, sizes, todo, write, seed=seed, n_bins=n_bins,
+                                  progress=progress, precision=precision, compile_model=compile_model,
+                                  max_batch=max_batch)
+            if part != (0, 1):
+                pr.finalize()
+                return
+            nodes = {}
+            for job in jobs:
+                result = store_result_node(pr, job.label)
+                nodes[job.label] = result[0]
+                curves[job.label] = result[1]
+            engine.replace_partial(pr, nodes)
+        finally:
+            pr.close()
+
+    engine.run_ranks(ctx or Context(), output, compute, shard=shard, overwrite=overwrite)
+    return curves
+
+
+def _finished_node(attrs: dict, data: dict, units: dict, samples: np.ndarray,
+                   groups: dict | None = None) -> tuple[dict, EnsembleCurve]:
+    """A whole run's group from its units: the curves (:func:`curve_from_units`), the extra datasets
+    and the extra subgroups (:attr:`Job.groups`)."""
+    ua = units["attrs"]
+    curve = curve_from_units(units["state"], samples, [int(n) for n in ua["sizes"]], int(ua["ece_bins"]),
+                             bool(ua["mc_active"]), int(ua["forward_passes"]), int(ua["seed"]),
+                             bool(np.all(units["batch_first"])))
+    node = curve.to_node(attrs)
+    node["data"].update(data)
+    if groups:
+        node.setdefault("groups", {}).update(groups)
+    return node, curve
+
+
+def store_result_node(part, label: str) -> tuple[dict, EnsembleCurve]:
+    """The finished group of ``label`` from an open partial file whose units are all done."""
+    units = {"attrs": part.attrs(f"{label}/units"), "state": part.read(f"{label}/units/state"),
+             "batch_first": part.read(f"{label}/units/batch_first")}
+    data, groups = {}, {}
+    for name in part.file[label]:
+        item = part.file[label][name]
+        if name in ("units", "sample_units"):
+            continue
+        if hasattr(item, "keys"):
+            groups[name] = _group_node(part, f"{label}/{name}")
+        else:
+            attrs = part.attrs(f"{label}/{name}")
+            data[name] = (item[()], attrs) if attrs else item[()]
+    return _finished_node(part.attrs(label), data, units, part.read(f"{label}/sample_units/values"), groups)
+
+
+def _group_node(part, path: str) -> dict:
+    """The node dict (attrs, data, groups) of group ``path`` of an open partial file, read whole."""
+    group = part.file[path]
+    node = {"attrs": part.attrs(path), "data": {}, "groups": {}}
+    for name in group:
+        if hasattr(group[name], "keys"):
+            node["groups"][name] = _group_node(part, f"{path}/{name}")
+        else:
+            attrs = part.attrs(f"{path}/{name}")
+            node["data"][name] = (group[name][()], attrs) if attrs else group[name][()]
+    return node
+
+
+def merge_units(results) -> dict[str, dict]:
+    """The groups of an evaluate result assembled from its shards (the engine's merge): every batch's
+    sums and samples from the shard that computed them, then the curves exactly as one process."""
+    from . import engine
+
+    merged = {}
+    for label in results[0].models:
+        node = engine.merge_done(results, label, "units/done")
+        samples = engine.merge_done(results, label, "sample_units/done")["groups"]["sample_units"]
+        u = node["groups"]["units"]
+        units = {"attrs": u["attrs"], "state": engine.array_of(u, "state"),
+                 "batch_first": engine.array_of(u, "batch_first")}
+        merged[label] = _finished_node(node["attrs"], node["data"], units, engine.array_of(samples, "values"))[0]
+    return merged
 
 
 class _NotBatchFirst(Exception):
@@ -631,7 +831,6 @@ def _sampling(model: nn.Module, holder: list, active: bool, compile_model: bool)
     Raises:
         ConfigError: ``compile_model`` with MC sampling of ordinary ``nn.Dropout`` modules (user models).
     """
-    from . import precision as P
 
     sampled = sampling_dropout_modules(model) if active else []
     if compile_model and any(not isinstance(m, MCDropout) for _, m in sampled):
@@ -670,27 +869,3 @@ def _batch_state(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> np.n
     acc = MetricAccumulator(n_bins)
     acc.add(probs, labels)
     return acc.state()
-
-
-def _share(ctx, error: Exception | None, table: np.ndarray, computed: np.ndarray,
-           per_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vote (did every rank succeed?), then all-reduce the per-batch sums and the per-sample values:
-    every batch row (and every sample column) comes from the one rank that computed it and is zero
-    elsewhere, so the sum reproduces it exactly, in sample order."""
-    from . import distributed as D
-
-    failed = D.all_ok(ctx, error is None)
-    if error is not None:
-        raise error
-    if failed:
-        raise D.RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
-                           f"nothing was written")
-    n = len(computed)
-    packed = torch.from_numpy(np.concatenate([computed, table.ravel(), per_sample.ravel()]))
-    summed = D.all_reduce(ctx, packed, "sum").cpu().numpy()
-    if not np.all(summed[:n] == 1):
-        bad = np.flatnonzero(summed[:n] != 1).tolist()
-        raise NumericalError(f"batches {bad[:10]} were computed by {sorted(set(summed[:n][bad].tolist()))} ranks "
-                             f"instead of exactly one; the ranks disagree on the data (same --data, --samples, "
-                             f"--batch-size and --seed on every rank?)")
-    return summed[n:n + table.size].reshape(table.shape), summed[n + table.size:].reshape(per_sample.shape)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -629,32 +628,49 @@ class FeatureVariance:
 
     # ------------------------------------------------------------------ reduction
     def finish(self, batches: Sequence[BatchStats], num_samples: int) -> FeatVarResult:
-        """Add up the batches' sums (in batch order) into the result."""
-        var_sum = np.sum([s.var_sum for s in batches], axis=0)
-        count = np.sum([s.count for s in batches], axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            variance = np.where(count > 0, var_sum / np.maximum(count, 1), np.nan)
-        frequency = amplitude = None
-        if self.fourier:
-            n = len(self.layers)
-            frequency = np.full((n, self.n_freq), np.nan)
-            amplitude = np.full((n, self.n_freq), np.nan)
-            fsum = np.sum([s.fourier_sum for s in batches], axis=0)
-            fcount = np.sum([s.fourier_count for s in batches], axis=0)
-            for i in range(n):
-                length = self.layers.fourier_length(i)
-                if length and fcount[i] > 0:
-                    mean = fsum[i, :length] / fcount[i]
-                    amplitude[i, :length] = mean - mean[0]
-                    frequency[i, :length] = frequency_axis(self.layers.shapes[i][-1])
+        """Add up the batches' sums (in batch order) into the result (:func:`finish_sums`)."""
+        lengths, axes = (self.fourier_axes() if self.fourier else (None, None))
+        variance, frequency, amplitude = finish_sums(
+            np.array([s.var_sum for s in batches]), np.array([s.count for s in batches]),
+            np.array([s.fourier_sum for s in batches]), np.array([s.fourier_count for s in batches]), lengths, axes)
         return FeatVarResult(self.layers, variance, self.over, self.mc, str(self.source) if self.source else "none",
                              int(num_samples), len(batches), self.seed, frequency, amplitude)
+
+    def fourier_axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer: the half-diagonal's length and its frequency axis (radians, NaN-padded to ``n_freq``)."""
+        n = len(self.layers)
+        lengths = np.array([self.layers.fourier_length(i) for i in range(n)], dtype=np.int64)
+        axes = np.full((n, self.n_freq), np.nan)
+        for i in range(n):
+            if lengths[i]:
+                axes[i, :lengths[i]] = frequency_axis(self.layers.shapes[i][-1])
+        return lengths, axes
 
     def settings(self) -> dict[str, Any]:
         """Everything that determines the numbers (for fingerprints and attributes)."""
         return {"over": self.over, "samples": self.mc, "source": str(self.source) if self.source else "none",
                 "fourier": self.fourier, "seed": self.seed, "layers": list(self.layers.names),
                 "precision": self.precision}
+
+
+def finish_sums(var_sum: np.ndarray, count: np.ndarray, fourier_sum: np.ndarray, fourier_count: np.ndarray,
+                lengths: np.ndarray | None, axes: np.ndarray | None):
+    """The result from per-batch sums (rows in batch order), as one process or a merge of shards
+    computes it: ``(variance, frequency, amplitude)`` (the last two None without ``lengths``)."""
+    var_sum, count = np.sum(var_sum, axis=0), np.sum(count, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        variance = np.where(count > 0, var_sum / np.maximum(count, 1), np.nan)
+    if lengths is None:
+        return variance, None, None
+    frequency = np.full(axes.shape, np.nan)
+    amplitude = np.full(axes.shape, np.nan)
+    fsum, fcount = np.sum(fourier_sum, axis=0), np.sum(fourier_count, axis=0)
+    for i, length in enumerate(int(v) for v in lengths):
+        if length and fcount[i] > 0:
+            mean = fsum[i, :length] / fcount[i]
+            amplitude[i, :length] = mean - mean[0]
+            frequency[i, :length] = axes[i, :length]
+    return variance, frequency, amplitude
 
 
 def batch_variance(batches: Sequence[BatchStats]) -> np.ndarray:
@@ -748,6 +764,8 @@ def _layout(analysis: FeatureVariance, n_batches: int, model_attrs: dict) -> dic
         "data": {"var_sum": np.zeros((n_batches, n)), "count": np.zeros((n_batches, n)),
                  "fourier_sum": np.full((n_batches, n, analysis.n_freq), np.nan),
                  "fourier_count": np.zeros((n_batches, n)), "done": np.zeros(n_batches, dtype=bool)}}
+    if analysis.fourier:       # what a merge of shards needs to finish the Fourier curves without the model
+        node["groups"]["sums"]["data"]["fourier_axis"] = analysis.fourier_axes()[1]
     return node
 
 
@@ -766,18 +784,19 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
                 source: str | Source | None = None, layers: str | Sequence[str] | None = None,
                 fourier: bool = False, seed: int = 0, max_batch: int | None = None, overwrite: bool = False,
                 progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
-                ctx=None) -> dict[str, FeatVarResult]:
+                ctx=None, shard: tuple[int, int] | None = None) -> dict[str, FeatVarResult]:
     """Analyse every job and write one result file, resumable at batch granularity.
 
     Progress (per-batch sums) goes to ``OUTPUT.partial`` after every batch; the same call after an
     interruption continues where it stopped and gives the same file as an uninterrupted run.
 
-    Under torchrun (``ctx`` of several ranks) rank ``r`` of ``n`` computes batches ``r, r + n, ...``
-    of every model (the masks are seeded by the global batch index, as in one process) into its own
-    resumable ``OUTPUT.rank<r>of<n>.h5.partial``; the per-batch sums are all-reduced (each row comes
-    from exactly one rank, so the sum is exact), rank 0 writes ``output`` -- the same numbers, bit for
-    bit, as one process -- and every rank then removes its rank file.  When any rank fails, every rank
-    stops, nothing is written and the rank files are kept: the same command resumes them.
+    The units are the data batches (the masks are seeded by the global batch index): ``shard=(i, n)``
+    computes batches ``i, i + n, ...`` only, into a file whose sums ``lt merge`` adds up with the other
+    shards' (:func:`merge_units`); the variance of a shard file is NaN until then.  Under torchrun /
+    srun (``ctx`` of several ranks) rank ``r`` of ``n`` computes shard ``r/n`` into its rank file and
+    rank 0 merges (:func:`landscape_tools.engine.run_ranks`): the same numbers, bit for bit, as one
+    process (the sums are added in batch order either way).  When any rank fails, every rank stops,
+    nothing is written and the rank files are kept: the same command resumes them.
 
     Args:
         jobs: the models with their data; each becomes one group.
@@ -785,31 +804,69 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
         root_attrs: provenance (``store.provenance``).
         over, mc, source, layers, fourier, seed, max_batch, precision: see :class:`FeatureVariance`.
         overwrite: replace an existing output or a partial file of a different run.
-        progress: ``progress(done, total, message)`` (this rank's batches).
+        progress: ``progress(done, total, message)`` (this process's batches).
         compile_model: must be False: see :data:`COMPILE_REFUSED`.
         ctx: a :class:`landscape_tools.distributed.Context`; None or one process: everything here.
+        shard: ``(i, n)`` of ``--shard I/N``; None: every batch.
 
     Returns:
-        label -> :class:`FeatVarResult` (on every rank).
+        label -> :class:`FeatVarResult` of a whole run (one process, or rank 0 after the merge; read
+        from the file); empty for a shard and on the other ranks.
 
     Raises:
         ConfigError, StoreError, NumericalError; RankFailed: another rank failed.
     """
-    from . import store
+    from . import engine
+    from .distributed import Context
 
     if compile_model:
         raise ConfigError(COMPILE_REFUSED)
     # torch.__version__ is a str subclass h5py cannot store: plain str for every text attribute
     root_attrs = {k: str(v) if isinstance(v, str) else v for k, v in root_attrs.items()}
+    options = (over, mc, source, layers, fourier, seed, max_batch, precision)
+    prepared = _prepare(jobs, options)
+    results: dict[str, FeatVarResult] = {}
+
+    def compute(out, part):
+        results.clear()
+        results.update(_run_shard(prepared, out, root_attrs, part, overwrite, progress))
+
+    engine.run_ranks(ctx or Context(), output, compute, shard=shard, overwrite=overwrite)
     if ctx is not None and ctx.distributed:
-        return _run_ranks(ctx, jobs, output, root_attrs, overwrite, progress,
-                          (over, mc, source, layers, fourier, seed, max_batch, precision))
-    analyses, layout, fingerprint = _prepare(jobs, (over, mc, source, layers, fourier, seed, max_batch, precision))
-    with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
-        _compute_rows(part, analyses, None, progress)
-        results = _finish_into(part, analyses)
+        results.clear()
+        if ctx.is_main:
+            results.update(_results_from_file(prepared[0], output))
+    return results
+
+
+def _run_shard(prepared, output, root_attrs: dict, shard: tuple[int, int], overwrite: bool,
+               progress: Progress) -> dict[str, FeatVarResult]:
+    from . import engine
+
+    analyses, layout, key = prepared
+    device = analyses[0][2][0].device
+    identity = engine.run_identity("featvar", key, device, shard)
+    with engine.open_run(output, root_attrs, identity, layout, overwrite=overwrite) as part:
+        _compute_rows(part, analyses, None if shard == (0, 1) else shard, progress)
+        results = _finish_into(part, analyses) if shard == (0, 1) else {}
         part.finalize()
     return results
+
+
+def _results_from_file(analyses, path) -> dict[str, FeatVarResult]:
+    from . import store
+
+    res = store.read_result(path)
+    out = {}
+    for job, analysis, xs in analyses:
+        node = res.models[job.label]
+        fourier = node.groups.get("fourier")
+        out[job.label] = FeatVarResult(analysis.layers, node.data["variance"], analysis.over, analysis.mc,
+                                       str(analysis.source) if analysis.source else "none",
+                                       int(node.attrs["num_samples"]), len(xs), analysis.seed,
+                                       None if fourier is None else fourier.data["frequency"],
+                                       None if fourier is None else fourier.data["amplitude"])
+    return out
 
 
 #: why ``--compile`` is refused by featvar
@@ -820,7 +877,7 @@ COMPILE_REFUSED = ("--compile is not supported by lt featvar: its forward hooks 
 
 
 def _prepare(jobs: Sequence[Job], options: tuple):
-    """The analysis of every job, the partial file's layout and the run's fingerprint."""
+    """The analysis of every job, the partial file's layout and the run's key (for its fingerprint)."""
     analyses, layout, prints = [], {}, []
     for job in jobs:
         xs = inputs_of(job.batches)       # streamed: read when computed
@@ -829,10 +886,10 @@ def _prepare(jobs: Sequence[Job], options: tuple):
         analysis = FeatureVariance(job.model, xs[0], *options)
         analyses.append((job, analysis, xs))
         layout[job.label] = _layout(analysis, len(xs), dict(job.attrs, precision=analysis.precision))
+        layout[job.label]["attrs"]["num_samples"] = sum(batch_sizes(xs))   # shards and merges too
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.data,
                        "batch_sizes": batch_sizes(xs), **analysis.settings()})
-    fingerprint = json.dumps({"kind": "featvar", "models": prints}, sort_keys=True, default=str)
-    return analyses, layout, fingerprint
+    return analyses, layout, {"models": prints}
 
 
 _SUMS = ("var_sum", "count", "fourier_sum", "fourier_count")
@@ -881,102 +938,27 @@ def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarR
     return results
 
 
-def rank_sums(ctx, jobs: Sequence[Job], output: str, root_attrs: dict, options: tuple, overwrite: bool = False,
-              progress: Progress = None) -> dict[str, dict[str, np.ndarray]]:
-    """This rank's share of a torchrun job: batches ``rank, rank + world, ...`` of every model,
-    computed (resumably) into ``OUTPUT.rank<r>of<n>.h5.partial``.
+def merge_units(results) -> dict[str, dict]:
+    """The model groups of a featvar result assembled from its shards (the engine's merge): every
+    batch's sums from the shard that computed it, then the variance, per-batch variance and Fourier
+    curves from the sums exactly as one process computes them (:func:`finish_sums`)."""
+    from . import engine
 
-    Args:
-        ctx: the job's context (``rank``, ``world_size``).
-        options: ``(over, mc, source, layers, fourier, seed, max_batch, precision)``.
-
-    Returns:
-        label -> ``{var_sum, count, fourier_sum, fourier_count, done}``: full-size per-batch arrays
-        holding this rank's rows and zeros elsewhere (``done`` is 1.0 on this rank's rows), ready to
-        be summed over the ranks.
-    """
-    from . import store
-    from .distributed import shard_path
-
-    analyses, layout, fingerprint = _prepare(jobs, options)
-    mine = shard_path(output, ctx.rank, ctx.world_size)
-    tag = json.dumps({"rank": ctx.rank, "world_size": ctx.world_size})
-    tables = {}
-    with store.open_partial(mine, root_attrs, fingerprint + tag, layout, overwrite=overwrite) as part:
-        _compute_rows(part, analyses, (ctx.rank, ctx.world_size), progress)
-        for job, _, xs in analyses:
-            rows = np.zeros(len(xs), dtype=bool)
-            rows[ctx.rank::ctx.world_size] = True
-            base = job.label + "/sums/"
-            table = {}
-            for key in _SUMS:
-                value = part.read(base + key)
-                value[~rows] = 0.0
-                table[key] = value
-            table["done"] = rows.astype(np.float64)
-            tables[job.label] = table
-    return tables
-
-
-def _all_reduce_sums(ctx, tables: dict) -> dict:
-    """Sum every rank's tables (rows of other ranks are zero: exact) and check each row came once."""
-    from .distributed import all_reduce
-
-    out = {}
-    for label, table in tables.items():
-        keys = list(table)
-        flat = torch.from_numpy(np.concatenate([table[k].ravel() for k in keys]))
-        summed = all_reduce(ctx, flat, "sum").cpu().numpy()
-        pos, got = 0, {}
-        for k in keys:
-            size = table[k].size
-            got[k] = summed[pos:pos + size].reshape(table[k].shape)
-            pos += size
-        if not np.all(got["done"] == 1):
-            bad = np.flatnonzero(got["done"] != 1).tolist()
-            raise NumericalError(f"{label}: batches {bad[:10]} were not computed by exactly one rank; the ranks "
-                                 f"disagree on the data (same --data, --samples, --batch-size, --seed everywhere?)")
-        out[label] = got
-    return out
-
-
-def _run_ranks(ctx, jobs, output, root_attrs, overwrite, progress, options) -> dict[str, FeatVarResult]:
-    from . import store
-    from .distributed import RankFailed, all_ok, shard_path
-
-    mine = store.partial_path(shard_path(output, ctx.rank, ctx.world_size))
-    error = tables = None
-    try:
-        tables = rank_sums(ctx, jobs, output, root_attrs, options, overwrite, progress)
-    except Exception as exc:          # every rank must reach the vote, or the others wait forever
-        error = exc
-    failed = all_ok(ctx, error is None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed (see their messages); "
-                         f"nothing was written, the finished batches are kept next to {output}: rerun the same "
-                         f"command to resume")
-    results = None
-    try:
-        sums = _all_reduce_sums(ctx, tables)
-        if ctx.is_main:
-            analyses, layout, fingerprint = _prepare(jobs, options)
-            with store.open_partial(output, root_attrs, fingerprint, layout, overwrite=overwrite) as part:
-                results = _finish_into(part, analyses, sums)
-                part.finalize()
-        else:
-            results = {}
-            for job, analysis, xs in _prepare(jobs, options)[0]:
-                stats = [BatchStats(*(sums[job.label][k][i] for k in _SUMS)) for i in range(len(xs))]
-                results[job.label] = analysis.finish(stats, sum(batch_sizes(xs)))
-    except Exception as exc:
-        error = exc
-    failed = all_ok(ctx, error is None)
-    if error is not None:
-        raise error
-    if failed:
-        raise RankFailed(f"rank 0 could not write {output} (see its message); the finished batches are kept: "
-                         f"rerun the same command to resume")
-    mine.unlink(missing_ok=True)
-    return results
+    merged = {}
+    for label in results[0].models:
+        node = engine.merge_done(results, label, "sums/done")
+        sums = {k: engine.array_of(node["groups"]["sums"], k) for k in node["groups"]["sums"]["data"]}
+        fourier = node.get("groups", {}).get("fourier")
+        lengths = None if fourier is None else engine.array_of(fourier, "length")
+        variance, frequency, amplitude = finish_sums(sums["var_sum"], sums["count"], sums["fourier_sum"],
+                                                     sums["fourier_count"], lengths, sums.get("fourier_axis"))
+        engine.array_of(node, "variance")[...] = variance
+        if "batch_variance" in node["data"]:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                engine.array_of(node, "batch_variance")[...] = np.where(
+                    sums["count"] > 0, sums["var_sum"] / np.maximum(sums["count"], 1), np.nan)
+        if fourier is not None:
+            engine.array_of(fourier, "frequency")[...] = frequency
+            engine.array_of(fourier, "amplitude")[...] = amplitude
+        merged[label] = node
+    return merged

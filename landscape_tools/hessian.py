@@ -30,7 +30,8 @@ from .streaming import as_sequence, batch_sizes, select
 
 __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
            "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values",
-           "SharedDataOperator", "PeerFailed", "plan_run", "write_row"]
+           "SharedDataOperator", "PeerFailed", "plan_run", "write_row", "run_job", "run_dataset_ranks", "dataset_share",
+           "merge_units"]
 
 METHODS = ("lanczos", "power")
 WHICH = _lanczos.WHICH
@@ -772,10 +773,16 @@ class RunPlan:
     and the full-size layout of every model's group (see :func:`plan_run`)."""
 
     options: dict
-    fingerprint: str
+    identity: dict
     root: dict
     layout: dict
     rows: list
+    key: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """What the partial file is resumed by (:func:`landscape_tools.engine.run_identity`)."""
+        return self.identity["fingerprint"]
 
 
 def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", method: str = "lanczos",
@@ -785,16 +792,15 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
              form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
              command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
              data_description: dict | None = None, warm_start: bool = True,
-             save_vectors: str | None = None) -> RunPlan:
+             save_vectors: str | None = None, shard: tuple[int, int] = (0, 1)) -> RunPlan:
     """Validate a run's options and lay out its result file (nothing is computed or written).
 
-    Raises:
-        ConfigError: as :func:`top_eigenvalues`, or no jobs.
-    """
-    import hashlib
-    import json
+    ``shard``: ``(i, n)`` of a ``--shard I/N`` run (or a rank's file): part of the file's identity.
 
-    from . import store
+    Raises:
+        ConfigError: as :func:`top_eigenvalues`, or no jobs; a shard of a ``dataset`` scope run.
+    """
+    from . import engine, store
     from .precision import parse_hessian_precision as parse_precision
 
     if not jobs:
@@ -829,7 +835,12 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
     key = {"options": key_options, "data": data_description,
            "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
                        "batch_sizes": batch_sizes(j.batches)} for j in jobs]}
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if scope == "dataset" and int(shard[1]) > 1:
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]} with --scope dataset: every product of the one Hessian "
+                          f"needs every batch, so independent jobs cannot share it; use --scope batch, or share the "
+                          f"products between the ranks of one torchrun / srun job")
+    p0 = next(iter(jobs[0].model.parameters()), None)
+    identity = engine.run_identity("hessian", key, p0.device if p0 is not None else "cpu", shard)
     # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
     root = {key: str(value) if isinstance(value, str) else value
             for key, value in store.provenance("hessian", command, config, seed, device).items()}
@@ -847,7 +858,7 @@ def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", metho
         vectors = vector_meta(job.model, params, which, save_vectors) if save_vectors else None
         layout[job.label] = result_layout(rows, k, batch_sizes(job.batches), attrs, trace,
                                           trace_probes, density, density_runs, density_steps, vectors=vectors)
-    return RunPlan(options, fingerprint, root, layout, rows_of)
+    return RunPlan(options, identity, root, layout, rows_of, key)
 
 
 def write_row(part, label: str, row: int, res: HessianSpectrum) -> None:
@@ -871,7 +882,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 device: str = "cpu",
                 data_description: dict | None = None, progress: Progress = None,
                 on_row: Callable[[int, int], None] | None = None,
-                only_rows: Sequence[int] | None = None, warm_start: bool = True,
+                shard: tuple[int, int] | None = None, warm_start: bool = True,
                 save_vectors: str | None = None) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
@@ -889,8 +900,9 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
         progress: ``progress(done, total, message)`` over all rows of all models.
         on_row: test hook called as ``on_row(job_index, row)`` after a row is safely written.
-        only_rows: compute only these rows (the others stay NaN / not done in the finished file), e.g. a
-            torchrun rank's share (:mod:`landscape_tools.distributed`); None: all.
+        shard: ``(i, n)``: compute only the rows of ``--shard i/n`` (:func:`landscape_tools.engine.shard_units`:
+            ``i, i + n, ...``; the others stay NaN / not done in the file, which ``lt merge`` assembles
+            with the other shards), e.g. a rank's share; None: all.  ``--scope batch`` only.
         warm_start: as :func:`top_eigenvalues` (rows after the first start from the first batch's
             Ritz vectors, which a call that does not compute row 0 solves again: the file is the
             same whichever rows each call or rank computes).
@@ -904,7 +916,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         ConfigError, NumericalError: as :func:`top_eigenvalues`; StoreError: output exists, is being
         written by another process, or a partial file of a different run is present.
     """
-    from . import store
+    from . import engine
 
     plan = plan_run(jobs, k=k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
                     weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
@@ -912,15 +924,15 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                     density_steps=density_steps, form=form, precision=precision, sub_batch=sub_batch,
                     command=command, config=config,
                     device=device, data_description=data_description, warm_start=warm_start,
-                    save_vectors=save_vectors)
+                    save_vectors=save_vectors, shard=shard or (0, 1))
     opts = plan.options
-    part = store.open_partial(output, plan.root, plan.fingerprint, plan.layout, overwrite=overwrite)
+    part = engine.open_run(output, plan.root, plan.identity, plan.layout, overwrite=overwrite)
     results = {}
     try:
         done_before = {job.label: np.asarray(part.read(f"{job.label}/done"), dtype=bool) for job in jobs}
-        if only_rows is not None:  # rows outside the share count as done here: never computed, never counted
-            share = sorted(set(int(r) for r in only_rows))
-            done_before = {label: d | ~np.isin(np.arange(d.size), share) for label, d in done_before.items()}
+        if shard is not None:  # rows outside the share count as done here: never computed, never counted
+            done_before = {label: d | ~np.isin(np.arange(d.size), engine.shard_units(d.size, *shard))
+                           for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
         counter = {"n": 0}
         for ji, job in enumerate(jobs):
@@ -944,3 +956,135 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     finally:
         part.close()
     return results
+
+
+# ----------------------------------------------------------------------------- shards, ranks and merging
+def run_job(ctx, jobs: Sequence[HessianJob], output: str, *, scope: str = "batch", shard: tuple[int, int] | None = None,
+            overwrite: bool = False, command: Sequence[str] | None = None, **kwargs):
+    """:func:`run_hessian` on one process, on a ``--shard I/N`` or on the ranks of a torchrun / srun job.
+
+    ``scope="batch"``: the rows (one Hessian per batch) are the units; rank ``r`` of ``n`` computes
+    rows ``r, r + n, ...`` into its rank file and rank 0 merges (:func:`landscape_tools.engine.run_ranks`);
+    every row depends only on its batch and the seeds, so the file equals one process's bit for bit.
+    ``scope="dataset"``: one Hessian of the mean loss, its products' batch partial sums shared and
+    all-reduced (:func:`run_dataset_ranks`).
+
+    Returns:
+        The output path (on every rank).
+    """
+    from pathlib import Path
+
+    from . import engine
+
+    if scope == "dataset" and ctx.distributed:
+        engine.check_shard(ctx, shard)
+        run_dataset_ranks(ctx, jobs, output, overwrite=overwrite, command=command, **kwargs)
+        return Path(output)
+    return engine.run_ranks(ctx, output, lambda out, part: run_hessian(
+        jobs, str(out), scope=scope, shard=None if part == (0, 1) else part, overwrite=overwrite, command=command,
+        **kwargs), shard=shard, overwrite=overwrite)
+
+
+def dataset_share(n_batches: int, rank: int, world_size: int) -> list[int]:
+    """The batches rank ``rank`` forms the products of under ``--scope dataset``: every
+    ``world_size``-th one from ``rank`` (balanced to within one batch; may be empty)."""
+    from . import engine
+    return [int(i) for i in engine.shard_units(int(n_batches), int(rank), int(world_size))]
+
+
+def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, *, overwrite: bool = False, command=None,
+                      progress: Progress = None, on_row=None, **kwargs) -> None:
+    """``--scope dataset`` on the ranks of a job: the products of every model's Hessian are shared
+    between the ranks and all-reduced (:class:`SharedDataOperator`); the units are the batches'
+    partial sums of each product.
+
+    Every rank validates the options and runs the same solvers on the same seeded vectors (they stay
+    in lock-step because every rank receives the same summed products); rank 0 alone opens
+    ``output``'s partial file, writes each finished model and renames the file at the end.  Each step
+    that can fail on one rank only (opening the file, a product, a write, the final rename) is
+    followed by a vote (:func:`landscape_tools.engine.vote`), so a failing rank stops the others
+    instead of leaving them waiting; a model finished before a failure (or an earlier kill) stays in
+    the partial file and is not recomputed when the same command runs again.
+    """
+    from . import engine, store
+    from .distributed import all_reduce
+
+    n_models = len(jobs)
+    error, part, plan = None, None, None
+    done = torch.zeros(n_models, dtype=torch.int64)
+    try:
+        plan = plan_run(jobs, scope="dataset", command=command, **kwargs)
+        if ctx.is_main:
+            part = engine.open_run(output, plan.root, plan.identity, plan.layout, overwrite=overwrite)
+            for i, job in enumerate(jobs):
+                done[i] = int(bool(np.asarray(part.read(f"{job.label}/done")).all()))
+    except Exception as exc:  # every rank must reach the collective below
+        error = exc
+    # one collective: who failed, and which models rank 0 found finished in a partial file
+    flags = torch.zeros(ctx.world_size + n_models, dtype=torch.int64)
+    flags[ctx.rank] = 0 if error is None else 1
+    if ctx.is_main:
+        flags[ctx.world_size:] = done
+    flags = all_reduce(ctx, flags, "sum")
+    failed = [int(r) for r in torch.nonzero(flags[:ctx.world_size]).flatten()]
+    try:
+        if error is not None:
+            raise error
+        if failed:
+            raise engine.RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed before "
+                                    f"starting (see their messages); nothing was computed")
+        done = flags[ctx.world_size:].bool().tolist()
+        opts = plan.options
+        todo = [i for i in range(n_models) if not done[i]]
+
+        def reduce(t):
+            return all_reduce(ctx, t, "sum")
+
+        for count, ji in enumerate(todo, start=1):
+            job = jobs[ji]
+            share = dataset_share(len(job.batches), ctx.rank, ctx.world_size)
+
+            def make(idx, _job=job, _share=share):
+                return SharedDataOperator(_job.model, select(_job.batches, idx), _share, reduce,
+                                          rank=ctx.rank, world_size=ctx.world_size, params=opts["params"],
+                                          weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"],
+                                          form=opts["form"], precision=opts["precision"],
+                                          sub_batch=opts["sub_batch"])
+
+            error = None
+            try:
+                res = top_eigenvalues(
+                    job.model, job.batches, k=opts["k"], which=opts["which"], method=opts["method"],
+                    tol=opts["tol"], max_iter=opts["max_iter"], params=opts["params"],
+                    weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"], scope="dataset", seed=opts["seed"],
+                    trace=opts["trace"], trace_probes=opts["trace_probes"], density=opts["density"],
+                    density_runs=opts["density_runs"], density_steps=opts["density_steps"], form=opts["form"],
+                    precision=opts["precision"], sub_batch=opts["sub_batch"], make_operator=make, label=job.label,
+                    save_vectors=opts["save_vectors"])
+                if ctx.is_main:
+                    write_row(part, job.label, 0, res)
+            except Exception as exc:
+                error = exc
+            engine.vote(ctx, error, f"while computing {job.label} (see their messages); finished models are kept in "
+                                    f"{store.partial_path(output)}: rerun the same command to resume")
+            if ctx.is_main:
+                report(progress, count, len(todo), f"{job.label}: top {res.eigenvalues[0][0]:.5g}")
+                if on_row is not None:
+                    on_row(ji, 0)
+        error = None
+        if ctx.is_main:
+            try:
+                part.finalize()
+            except Exception as exc:
+                error = exc
+        engine.vote(ctx, error, f"writing {output} (see rank 0's message)")
+    finally:
+        if part is not None:
+            part.close()
+
+
+def merge_units(results) -> dict[str, dict]:
+    """The model groups of a hessian result assembled from its shards (the engine's merge): every
+    row (and its trace / density / vectors entries) from the shard that computed it."""
+    from . import engine
+    return {label: engine.merge_done(results, label, "done") for label in results[0].models}

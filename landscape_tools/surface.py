@@ -20,7 +20,6 @@ shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import store
+from . import engine, store
 from ._directions import (IGNORES, NORMS, Directions, from_node, hessian_directions, line_to, model_fingerprint,
                           normalize_direction, parse_eig, pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
@@ -93,32 +92,9 @@ def parse_range(spec: str, option: str = "--x") -> np.ndarray:
     return values
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"2/8"`` -> (2, 8): shard 2 of 8, counted from 0.
-
-    Raises:
-        ConfigError: not ``I/N`` with integers 0 <= I < N.
-    """
-    m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", str(spec))
-    if not m or not int(m.group(1)) < int(m.group(2)):
-        raise ConfigError(f"--shard {spec!r} is not a shard: expected I/N with 0 <= I < N, e.g. --shard 0/4 "
-                          f"(shards are counted from 0, like Slurm array tasks and torch ranks)")
-    return int(m.group(1)), int(m.group(2))
-
-
-def shard_points(n_points: int, i: int, n: int) -> np.ndarray:
-    """The flat point indices shard ``i`` of ``n`` computes: ``i, i + n, i + 2n, ...``.
-
-    Interleaved, so every shard gets a spread of the grid and the shares differ by at most one
-    point; disjoint and complete over ``i = 0..n-1``.  A torch.distributed launcher uses
-    ``i = rank, n = world_size``.
-
-    Raises:
-        ConfigError: ``n < 1`` or ``i`` outside ``0..n-1``.
-    """
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"shard {i}/{n}: expected 0 <= i < n")
-    return np.arange(i, int(n_points), n, dtype=np.int64)
+#: ``--shard I/N`` parsing and the points of shard I of N (interleaved): the run engine's, for every analysis
+parse_shard = engine.parse_shard
+shard_points = engine.shard_units
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -825,10 +801,6 @@ def _provenance(command, config, seed, device) -> dict:
     return {k: (str(v) if isinstance(v, str) else v) for k, v in root.items()}
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
     shape = (len(x),) if y is None else (len(x), len(y))
     layout = {}
@@ -848,13 +820,8 @@ def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, opt
     return layout
 
 
-def _explain_mismatch(partial: Path, key: dict) -> str | None:
-    """Which part of an existing partial file differs from this run (for a helpful refusal)."""
-    try:
-        old = store.read_result(partial).attrs.get("surface_key")
-        old = json.loads(old) if isinstance(old, str) else old
-    except Exception:
-        return None
+def _explain_mismatch(old: dict, key: dict) -> str | None:
+    """Which part of an earlier run's key (a partial file's) differs from this run's, in words."""
     if not isinstance(old, dict):
         return None
     for part, what in (("models", "models or directions or data"), ("x", "grid (--x)"), ("y", "grid (--y)"),
@@ -930,25 +897,13 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         if blocker:
             raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
     key = run_fingerprint(jobs, x, y, options)
-    surface_fp = _digest(key)
     shard_i, shard_n = shard if shard is not None else (0, 1)
     points = shard_points(n_points, shard_i, shard_n)
-    fingerprint = f"{surface_fp}/shard {shard_i}/{shard_n}"
+    identity = engine.run_identity("surface", key, _device_of(jobs[0].model), (shard_i, shard_n))
     root = _provenance(command, config, seed, device)
-    root.update({"surface_fingerprint": surface_fp, "surface_key": json.dumps(key, sort_keys=True, default=str),
-                 "shard": shard_i, "n_shards": shard_n, "dims": 1 if y is None else 2})
-    part = store.partial_path(output)
-    if part.exists() and not overwrite:
-        try:
-            old_fp = store.read_result(part).attrs.get("fingerprint")
-        except StoreError:
-            old_fp = None
-        if old_fp is not None and old_fp != fingerprint:
-            why = _explain_mismatch(part, key) or "another run"
-            raise StoreError(f"{part} holds progress of a different run ({why}); rerun the same command to resume "
-                             f"it, or pass --overwrite to start again")
+    root["dims"] = 1 if y is None else 2
     layout = _layout(jobs, x, y, dict(options, compile=compile_option))
-    result = store.open_partial(output, root, fingerprint, layout, overwrite=overwrite)
+    result = engine.open_run(output, root, identity, layout, overwrite=overwrite, explain=_explain_mismatch)
     try:
         total = len(points) * len(jobs)
         done_count = 0
@@ -1018,80 +973,31 @@ def _write_points(result: "store.PartialResult", label: str, shape: tuple[int, .
 # ----------------------------------------------------------------------------- merging shards
 def merge_shards(paths: Sequence[str], output: str, overwrite: bool = False,
                  command: Sequence[str] | None = None) -> Path:
-    """Assemble ``--shard i/n`` files into one complete result.
+    """Assemble ``--shard i/n`` files into one complete result: :func:`landscape_tools.engine.merge`
+    (any kind; kept under this name for the library's users).
 
     Raises:
-        StoreError / ConfigError: a file that is not a finished surface shard, shards of different runs
-            (fingerprints), missing or duplicated shards, overlapping or missing points.
+        StoreError / ConfigError: as :func:`landscape_tools.engine.merge`.
     """
-    if not paths:
-        raise ConfigError("lt merge needs the shard files to assemble")
-    store.check_writable(output, overwrite)
-    results = [store.read_result(p) for p in paths]
-    for r in results:
-        if r.kind != "surface":
-            raise ConfigError(f"{r.path} is a {r.kind} result, not a surface shard")
-        if "surface_fingerprint" not in r.attrs:
-            raise ConfigError(f"{r.path} has no surface fingerprint: not written by lt surface")
-    fps = {r.attrs["surface_fingerprint"] for r in results}
-    if len(fps) != 1:
-        groups = {}
-        for r in results:
-            groups.setdefault(r.attrs["surface_fingerprint"][:12], []).append(r.path)
-        listing = "; ".join(f"{fp}: {', '.join(ps)}" for fp, ps in groups.items())
-        raise ConfigError(f"these shards come from different runs (models, data, grid, directions or options "
-                          f"differ): {listing}; merge only shards of one command")
-    n_shards = {int(r.attrs.get("n_shards", 1)) for r in results}
-    if len(n_shards) != 1:
-        raise ConfigError(f"the shards were cut in different numbers of pieces ({sorted(n_shards)})")
-    n = n_shards.pop()
-    seen: dict[int, str] = {}
-    for r in results:
-        i = int(r.attrs.get("shard", 0))
-        if i in seen:
-            raise ConfigError(f"shard {i}/{n} given twice: {seen[i]} and {r.path}")
-        seen[i] = r.path
-    missing_shards = sorted(set(range(n)) - set(seen))
-    labels = list(results[0].models)
-    merged: dict[str, dict] = {}
-    for label in labels:
-        base = results[0].models[label]
-        done = np.zeros(base.data["done"].shape, dtype=bool)
-        loss = np.full(done.shape, np.nan)
-        acc = np.full(done.shape, np.nan)
-        for r in results:
-            if label not in r.models:
-                raise ConfigError(f"{r.path} has no model {label!r}: not a shard of the same run")
-            node = r.models[label]
-            d = node.data["done"].astype(bool)
-            overlap = d & done
-            if overlap.any():
-                raise ConfigError(f"{r.path} overlaps other shards at {int(overlap.sum())} point(s) of {label}; "
-                                  f"each point must come from one shard")
-            loss[d], acc[d] = node.data["loss"][d], node.data["accuracy"][d]
-            done |= d
-        if not done.all():
-            extra = f" (shard(s) {', '.join(f'{i}/{n}' for i in missing_shards)} not given)" if missing_shards else ""
-            raise ConfigError(f"the shards leave {int((~done).sum())} point(s) of {label} not computed{extra}; "
-                              f"compute the missing shards (or finish interrupted ones) first")
-        data = {k: v for k, v in base.data.items() if k not in ("loss", "accuracy", "done")}
-        data.update({"loss": loss, "accuracy": acc, "done": done})
-        attrs = dict(base.attrs)
+    return engine.merge(paths, output, overwrite=overwrite, command=command)
+
+
+def merge_units(results: Sequence["store.Result"]) -> dict[str, dict]:
+    """The model groups of a surface assembled from its shards (the engine's merge): every point from
+    the shard that computed it; ``compile`` is ``"mixed"`` when the shards ran otherwise."""
+    merged = {}
+    for label in results[0].models:
+        node = engine.merge_done(results, label, "done")
         ran = [r.models[label].attrs.get("compile") for r in results]
         if any(isinstance(v, str) for v in ran) or len({bool(v) for v in ran}) > 1:
-            attrs["compile"] = "mixed"
-            attrs["compile_note"] = "the shards ran " + ", ".join(
-                f"{'mixed' if isinstance(v, str) else 'compiled' if v else 'eagerly'} ({r.path})" for v, r in zip(ran, results))
-        merged[label] = {"attrs": attrs, "data": data, "groups": _node_to_dict(base)["groups"]}
-    attrs = {k: v for k, v in results[0].attrs.items() if k not in ("fingerprint",)}
-    prov = _provenance(command, results[0].config, attrs.get("seed"), attrs.get("device", "cpu"))
-    attrs.update({"created": prov["created"], "command": prov["command"], "generated_by": prov["generated_by"],
-                  "config": json.dumps(results[0].config, sort_keys=True, default=str), "shard": 0, "n_shards": 1,
-                  "merged_from": [str(p) for p in paths]})
-    return store.write_result(output, attrs, merged, overwrite=overwrite)
+            node["attrs"]["compile"] = "mixed"
+            node["attrs"]["compile_note"] = "the shards ran " + ", ".join(
+                f"{'mixed' if isinstance(v, str) else 'compiled' if v else 'eagerly'} ({r.path})"
+                for v, r in zip(ran, results))
+        merged[label] = node
+    return merged
 
 
-def _node_to_dict(node) -> dict:
-    return {"attrs": dict(node.attrs),
-            "data": {k: ((v, node.data_attrs[k]) if node.data_attrs.get(k) else v) for k, v in node.data.items()},
-            "groups": {k: _node_to_dict(g) for k, g in node.groups.items()}}
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -96,7 +96,7 @@ CASES = {
                        "reasonable size, e.g. --x -1:1:21"),
     "shard": (["surface", "m.pt", *DATA, "--shard", "4/4", "-o", "o.h5"],
               "Error: --shard '4/4' is not a shard: expected I/N with 0 <= I < N, e.g. --shard 0/4 (shards are "
-              "counted from 0, like Slurm array tasks and torch ranks)"),
+              "counted from 0, like Slurm array tasks and torch ranks), or --shard slurm in a Slurm job array"),
     "arch": (["surface", "bare.pt", "--arch", "resnet_nope", *DATA, "-o", "o.h5"],
              "Error: unknown architecture 'resnet_nope': expected {resnet,preresnet}_{dnn,mcdo}[_smoothing]_"
              "{18,34,50,101,152}, vgg_{dnn,mcdo}[_smoothing]_{11,13,16,19} or alexnet_{dnn,mcdo}[_smoothing] "

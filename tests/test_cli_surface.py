@@ -71,7 +71,8 @@ def test_malformed_shard_is_a_clear_error(files, spec):
     r = surf(files, "--shard", spec, "-o", files["root"] / "bad.h5")
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: --shard '{spec}' is not a shard: expected I/N with 0 <= I < N, e.g. "
-                                f"--shard 0/4 (shards are counted from 0, like Slurm array tasks and torch ranks)")
+                                f"--shard 0/4 (shards are counted from 0, like Slurm array tasks and torch ranks), "
+                                f"or --shard slurm in a Slurm job array")
 
 
 def test_to_hits_both_checkpoints(files):
@@ -110,7 +111,8 @@ def test_shards_and_merge(files):
         assert f"(shard {i}/2 of 9)" in r.output
     r = run("merge", root / "part0.h5", "-o", root / "merged.h5")
     assert r.exit_code == 1
-    assert "Error: the shards leave 4 point(s) of m0 not computed (shard(s) 1/2 not given)" in r.output
+    assert (f"Error: shard(s) 1/2 missing: 2 were cut and 1 given ({root / 'part0.h5'}); compute the missing one(s) "
+            f"with --shard I/2 first") in r.output
     r = run("merge", root / "part0.h5", root / "part1.h5", "-o", root / "merged.h5", "--plot", root / "merged.png")
     assert r.exit_code == 0, r.output
     a, b = store.read_result(root / "one.h5").models["m0"], store.read_result(root / "merged.h5").models["m0"]

@@ -9,6 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from landscape_tools import distributed as D
+from landscape_tools import engine as E
+from landscape_tools import hessian as H
 from landscape_tools import store
 from landscape_tools import surface as S
 from landscape_tools.checkpoints import load_checkpoint
@@ -53,7 +55,8 @@ def test_torchrun_two_ranks_equal_single_process(files):
     assert a.data["done"].all() and a.data["loss"].shape == (3, 3)
     np.testing.assert_allclose(a.data["loss"], b.data["loss"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(a.data["accuracy"], b.data["accuracy"], rtol=0, atol=0)
-    assert got.attrs["n_shards"] == 1 and got.attrs["surface_fingerprint"] == ref.attrs["surface_fingerprint"]
+    assert got.attrs["n_shards"] == 1 and got.attrs["run_fingerprint"] == ref.attrs["run_fingerprint"]
+    assert got.attrs["fingerprint"] == ref.attrs["fingerprint"] and "merged_from" not in got.attrs
     assert got.config == ref.config
 
 
@@ -67,6 +70,12 @@ def _jobs(files, seed=0):
 X, Y = np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 3)
 
 
+def surface_ranks(ctx, jobs, out, x=X, y=Y, **kw):
+    """What `lt surface` runs on each rank: the engine's split, vote and merge around run_surface."""
+    return E.run_ranks(ctx, out, lambda o, part: S.run_surface(jobs, str(o), x, y, shard=part, **kw),
+                       shard=kw.pop("shard", None))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_path, precision):
     """The ranks' steps run one after the other (no process group): rank 1 computes its shard, rank 0
@@ -75,10 +84,10 @@ def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_pat
     jobs = _jobs(files)
     kw = {"precision": precision}
     ref = S.run_surface(jobs, str(tmp_path / "ref.h5"), X, Y, **kw)
-    S.run_surface(jobs, str(D.shard_path(out, 0, 2)), X, Y, shard=(0, 2), **kw)      # the earlier job's shard 0
-    assert D.run_surface(D.Context(rank=1, world_size=2), jobs, out, X, Y, **kw) == out
-    assert not out.exists() and D.shard_path(out, 1, 2).exists()
-    assert D.run_surface(D.Context(rank=0, world_size=2), jobs, out, X, Y, **kw) == out
+    S.run_surface(jobs, str(E.shard_path(out, 0, 2)), X, Y, shard=(0, 2), **kw)      # the earlier job's shard 0
+    assert surface_ranks(D.Context(rank=1, world_size=2), jobs, out, **kw) == out
+    assert not out.exists() and E.shard_path(out, 1, 2).exists()
+    assert surface_ranks(D.Context(rank=0, world_size=2), jobs, out, **kw) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
     np.testing.assert_array_equal(store.read_result(out).models["m"].data["loss"],
                                   store.read_result(ref).models["m"].data["loss"])
@@ -86,16 +95,18 @@ def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_pat
 
 def test_stale_shard_of_another_run_is_refused(files, tmp_path):
     out = tmp_path / "out.h5"
-    S.run_surface(_jobs(files, seed=1), str(D.shard_path(out, 0, 2)), X, Y, shard=(0, 2))
-    with pytest.raises(StoreError, match=r"out.rank0of2.h5 holds a shard of a different run; remove it or pass "
+    S.run_surface(_jobs(files, seed=1), str(E.shard_path(out, 0, 2)), X, Y, shard=(0, 2))
+    with pytest.raises(StoreError, match=r"out.rank0of2.h5.partial holds progress of a different run \(another "
+                                         r"directions \(m\)\); rerun the same command to resume it, or pass "
                                          r"--overwrite"):
-        D.run_surface(D.Context(rank=0, world_size=2), _jobs(files), out, X, Y)
+        surface_ranks(D.Context(rank=0, world_size=2), _jobs(files), out)
     assert not out.exists()
+    assert E.shard_path(out, 0, 2).exists() and not store.partial_path(E.shard_path(out, 0, 2)).exists()  # as found
 
 
 def test_shard_option_under_torchrun_is_refused(files, tmp_path):
-    with pytest.raises(ConfigError, match="--shard cannot be combined with torchrun"):
-        D.run_surface(D.Context(rank=0, world_size=2), _jobs(files), tmp_path / "o.h5", X, Y, shard=(0, 2))
+    with pytest.raises(ConfigError, match="--shard 0/2 cannot be combined with torchrun or srun ranks"):
+        surface_ranks(D.Context(rank=0, world_size=2), _jobs(files), tmp_path / "o.h5", shard=(0, 2))
 
 
 def test_environment(monkeypatch):
@@ -128,7 +139,7 @@ def test_single_process_helpers(monkeypatch):
     D.barrier(ctx)
     D.destroy(ctx)
     assert D.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
-    assert D.shard_path("/a/b/surf.h5", 1, 4).as_posix() == "/a/b/surf.rank1of4.h5"
+    assert E.shard_path("/a/b/surf.h5", 1, 4).as_posix() == "/a/b/surf.rank1of4.h5"
 
 
 HESSIAN = ("--batch-size", "4", "--top-k", "2", "--trace", "--trace-probes", "3")
@@ -173,11 +184,11 @@ def test_hessian_rank_logic_in_one_process_resumes_a_finished_rank_file(files, t
     jobs, kw = _hjobs(files), {"k": 2, "trace": True, "trace_probes": 3}
     H.run_hessian(jobs, str(tmp_path / "ref.h5"), **kw)
     out = tmp_path / "out.h5"
-    H.run_hessian(jobs, str(D.shard_path(out, 0, 2)), only_rows=[0, 2], **kw)    # an earlier job's rank 0
+    H.run_hessian(jobs, str(E.shard_path(out, 0, 2)), shard=(0, 2), **kw)    # an earlier job's rank 0
     rows = []
-    D.run_hessian(D.Context(rank=1, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=1, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
     assert rows == [1] and not out.exists()
-    D.run_hessian(D.Context(rank=0, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=0, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
     assert rows == [1]                                   # rank 0 found its rows done: nothing recomputed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
     _equal_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
@@ -187,8 +198,8 @@ def test_a_failed_rank_stops_the_others_and_keeps_their_work(files, tmp_path, mo
     out = tmp_path / "out.h5"
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if not ok else [1])   # rank 1 failed elsewhere
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards"):
-        D.run_surface(D.Context(rank=0, world_size=2), _jobs(files), out, X, Y)
-    assert not out.exists() and D.shard_path(out, 0, 2).exists()
+        surface_ranks(D.Context(rank=0, world_size=2), _jobs(files), out)
+    assert not out.exists() and E.shard_path(out, 0, 2).exists()
 
 
 # ----------------------------------------------------------------------------- --scope dataset: shared products
@@ -407,10 +418,11 @@ def test_dataset_scope_rank_that_sees_another_fail_before_starting_writes_nothin
     monkeypatch.setattr(D, "all_reduce", rank0_failed)
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 0 of 2 failed before starting \(see their messages\); "
                                          r"nothing was computed"):
-        D.run_hessian(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5", scope="dataset", k=2)
+        H.run_job(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5", scope="dataset", k=2)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_dataset_share_is_balanced():
-    assert [D.dataset_share(5, r, 2) for r in range(2)] == [[0, 2, 4], [1, 3]]
-    assert D.dataset_share(1, 1, 2) == [] and D.dataset_share(7, 2, 3) == [2, 5]
+    from landscape_tools.hessian import dataset_share
+    assert [dataset_share(5, r, 2) for r in range(2)] == [[0, 2, 4], [1, 3]]
+    assert dataset_share(1, 1, 2) == [] and dataset_share(7, 2, 3) == [2, 5]

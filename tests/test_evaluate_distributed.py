@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from landscape_tools import distributed as D
+from landscape_tools import engine as E
+from landscape_tools import evaluate
 from landscape_tools import store
 from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
@@ -149,48 +151,67 @@ def test_fp32_default_equals_the_plain_loop_and_precision_fp32_is_bit_identical_
     np.testing.assert_array_equal(same.nll, curve.nll)
 
 
-def simulate_two_ranks(monkeypatch, model, batches, fail_rank=None):
-    """Rank 1 then rank 0 in this process: all_reduce adds rank 1's packed sums to rank 0's."""
-    sent = {}
-
-    class Sent(Exception):
-        pass
-
-    def reduce_rank1(ctx, values, op="sum"):
-        sent["rank1"] = torch.as_tensor(values).clone()
-        raise Sent
-    monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if ok else [ctx.rank])
-    monkeypatch.setattr(D, "all_reduce", reduce_rank1)
-    with pytest.raises(Sent):
-        ensemble_curve(model, batches, SIZES, seed=3, ctx=D.Context(rank=1, world_size=2))
-    monkeypatch.setattr(D, "all_reduce", lambda ctx, values, op="sum": torch.as_tensor(values) + sent["rank1"])
-    return ensemble_curve(model, batches, SIZES, seed=3, ctx=D.Context(rank=0, world_size=2))
+def eval_jobs(model, batches):
+    return [evaluate.Job("m", model, {"arch": "resnet_mcdo_18"}, batches, {}, {"spec": "tiny"})]
 
 
-def test_batches_shared_by_two_ranks_equal_one_process(tiny, monkeypatch):
+ATTRS = store.provenance("evaluate", ["lt", "evaluate"], {}, 3)
+
+
+def test_shards_merge_into_the_one_process_file(tiny, tmp_path, monkeypatch):
+    """3 batches (5, 5, 2) in 2 shards: shard 0 scores batches 0 and 2, shard 1 batch 1; lt merge
+    adds the per-batch sums in batch order and gives the one-process file, bit for bit."""
     model, batches = tiny
     seen = []
     original = model.forward
     monkeypatch.setattr(model, "forward", lambda x: (seen.append(int(x.shape[0])), original(x))[1])
-    curve = simulate_two_ranks(monkeypatch, model, batches)
-    # rank 1: batch 1; rank 0: batches 0 and 2 (their 3 MC samples stacked into one pass each)
-    assert seen == [3 * 5, 3 * 5, 3 * 2]
+    parts = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i in (1, 0):
+        assert evaluate.run_to_file(eval_jobs(model, batches), parts[i], ATTRS, SIZES, seed=3, shard=(i, 2)) == {}
+    assert seen == [3 * 5, 3 * 5, 3 * 2]           # each batch once, its 3 MC samples stacked in one pass
     monkeypatch.undo()
+    s0 = store.read_result(parts[0]).models["m"]
+    np.testing.assert_array_equal(s0["units/done"], [True, False, True])
+    assert s0["sample_units/done"].tolist() == [True] * 5 + [False] * 5 + [True] * 2
+    curves = evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "one.h5", ATTRS, SIZES, seed=3)
     ref = ensemble_curve(model, batches, SIZES, seed=3)
     for key in ("nll", "accuracy", "ece", "brier", "bin_counts", "bin_accuracy", "bin_confidence"):
-        np.testing.assert_array_equal(getattr(curve, key), getattr(ref, key), err_msg=key)
-    assert curve.num_samples == 12 and curve.forward_passes == 3
+        np.testing.assert_array_equal(getattr(curves["m"], key), getattr(ref, key), err_msg=key)
+    got = store.read_result(E.merge([str(p) for p in parts[::-1]], tmp_path / "merged.h5"))
+    one = store.read_result(tmp_path / "one.h5")
+    assert_same_nodes(got.models["m"], one.models["m"])
+    assert got.models["m"].attrs == one.models["m"].attrs and got.attrs["fingerprint"] == one.attrs["fingerprint"]
+    assert sorted(one.models["m"].groups) == ["per_sample", "reliability"]      # no units in a whole run's file
+    assert got.models["m"]["per_sample/log_prob"].shape == (3, 12) and curves["m"].num_samples == 12
 
 
-def test_a_failing_rank_stops_every_rank(tiny, monkeypatch):
+def test_an_interrupted_evaluate_resumes_and_a_failing_rank_stops_every_rank(tiny, tmp_path, monkeypatch):
     model, batches = tiny
+    out = tmp_path / "e.h5"
+
+    def interrupt(done, total, message):
+        if done == 6:                       # batch 1's 3 MC samples ran (one stacked pass); batch 0 is written
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, SIZES, seed=3, progress=interrupt)
+    assert store.partial_path(out).exists() and not out.exists()
+    scored = []
+    original = evaluate._batch_state
+    monkeypatch.setattr(evaluate, "_batch_state", lambda p, y, n: (scored.append(int(y.shape[0])), original(p, y, n))[1])
+    evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, SIZES, seed=3)
+    assert scored == [5] * 3 + [2] * 3                   # batches 1 and 2 (one state per N), not batch 0 again
+    monkeypatch.undo()
+    evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "ref.h5", ATTRS, SIZES, seed=3)
+    assert_same_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
+
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [1])                  # rank 1 failed elsewhere
-    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); nothing was written"):
-        ensemble_curve(model, batches, SIZES, ctx=D.Context(rank=0, world_size=2))
+    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards"):
+        evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "r.h5", ATTRS, SIZES, ctx=D.Context(0, 2))
+    assert not (tmp_path / "r.h5").exists() and E.shard_path(tmp_path / "r.h5", 0, 2).exists()
     bad = [(x, y + 7) for x, y in batches]                                 # labels out of range on this rank
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if ok else [ctx.rank])
     with pytest.raises(DataError, match="labels range over"):
-        ensemble_curve(model, bad, SIZES, ctx=D.Context(rank=1, world_size=2))
+        evaluate.run_to_file(eval_jobs(model, bad), tmp_path / "b.h5", ATTRS, SIZES, ctx=D.Context(1, 2))
 
 
 # ----------------------------------------------------------------------------- precision and compile

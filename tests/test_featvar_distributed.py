@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from landscape_tools import distributed as D
+from landscape_tools import engine as E
 from landscape_tools import featvar, store
 from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
@@ -61,57 +62,63 @@ def make_jobs(files):
 ATTRS = store.provenance("featvar", ["lt", "featvar"], {}, 5)
 
 
-def test_rank_shares_add_up_to_every_batch_and_the_brute_force_mean(files, tmp_path):
-    out = tmp_path / "out.h5"
-    shares = [featvar.rank_sums(D.Context(rank=r, world_size=2), make_jobs(files), str(out), ATTRS, OPTIONS)["m"]
-              for r in (0, 1)]
-    np.testing.assert_array_equal(shares[0]["done"], [1, 0, 1])
-    np.testing.assert_array_equal(shares[1]["done"], [0, 1, 0])
-    assert np.all(shares[1]["var_sum"][[0, 2]] == 0) and np.all(shares[0]["fourier_sum"][1] == 0)
-    summed = {k: shares[0][k] + shares[1][k] for k in shares[0]}
-
-    featvar.run_to_file(make_jobs(files), str(tmp_path / "ref.h5"), ATTRS, over="mc", mc=3, fourier=True, seed=5)
-    ref = store.read_result(tmp_path / "ref.h5").models["m"]
-    for key in ("var_sum", "count", "fourier_sum", "fourier_count"):
-        np.testing.assert_array_equal(summed[key], ref["sums/" + key], err_msg=key)
+def test_shards_merge_into_the_one_process_file_and_the_brute_force_mean(files, tmp_path):
+    """3 batches (5, 5, 2) in 2 shards (batches 0, 2 and 1): lt merge's sums equal one process, bit for bit."""
+    kw = dict(over="mc", mc=3, fourier=True, seed=5)
+    parts = [str(tmp_path / f"s{i}.h5") for i in range(2)]
+    for i in (1, 0):
+        assert featvar.run_to_file(make_jobs(files), parts[i], ATTRS, shard=(i, 2), **kw) == {}
+    s1 = store.read_result(parts[1]).models["m"]
+    np.testing.assert_array_equal(s1["sums/done"], [False, True, False])
+    assert np.all(s1["sums/var_sum"][[0, 2]] == 0) and np.all(np.isnan(s1["variance"]))   # only its sums
+    featvar.run_to_file(make_jobs(files), str(tmp_path / "ref.h5"), ATTRS, **kw)
+    merged = E.merge(parts[::-1], tmp_path / "merged.h5")
+    got, ref = store.read_result(merged), store.read_result(tmp_path / "ref.h5")
+    assert_same_nodes(got.models["m"], ref.models["m"])
+    assert got.models["m"].attrs == ref.models["m"].attrs and got.attrs["fingerprint"] == ref.attrs["fingerprint"]
+    assert list(got.attrs["merged_from"]) == [store.read_result(p).attrs["fingerprint"] for p in parts]
+    m = ref.models["m"]
     # the variance is the mean over every entry of every batch: sum of sums / sum of counts
-    brute = summed["var_sum"].sum(axis=0) / summed["count"].sum(axis=0)
-    np.testing.assert_allclose(ref["variance"], brute, rtol=1e-12)
+    brute = m["sums/var_sum"].sum(axis=0) / m["sums/count"].sum(axis=0)
+    np.testing.assert_allclose(got.models["m"]["variance"], brute, rtol=1e-12)
     # and each batch's sums equal the in-memory analysis of that batch alone (global batch index)
     job = make_jobs(files)[0]
     analysis = featvar.FeatureVariance(job.model, job.batches[0][0], "mc", 3, fourier=True, seed=5)
-    alone = analysis.batch_stats(1, job.batches[1][0])
-    np.testing.assert_array_equal(shares[1]["var_sum"][1], alone.var_sum)
-    # the rank files stay until the job succeeded (resume); no output was written
-    assert store.partial_path(D.shard_path(out, 1, 2)).exists() and not out.exists()
+    np.testing.assert_array_equal(s1["sums/var_sum"][1], analysis.batch_stats(1, job.batches[1][0]).var_sum)
 
 
-def test_an_interrupted_rank_resumes_its_own_batches(files, tmp_path, monkeypatch):
-    out, ctx = tmp_path / "out.h5", D.Context(rank=0, world_size=2)
+def test_an_interrupted_shard_resumes_its_own_batches(files, tmp_path, monkeypatch):
+    out = tmp_path / "out.h5"
 
     def interrupt(done, total, message):
         if done == 1:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, OPTIONS, progress=interrupt)
+        featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, fourier=True, seed=5, shard=(0, 2),
+                            progress=interrupt)
     computed = []
     original = featvar.FeatureVariance.batch_stats
     monkeypatch.setattr(featvar.FeatureVariance, "batch_stats",
                         lambda self, i, x: (computed.append(i), original(self, i, x))[1])
-    share = featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, OPTIONS)["m"]
+    featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, fourier=True, seed=5, shard=(0, 2))
     assert computed == [2]                                   # batch 0 was done before the interruption
-    np.testing.assert_array_equal(share["done"], [1, 0, 1])
-    # a rank file of other options is refused, not mixed in
-    with pytest.raises(Exception, match="holds progress of a different run"):
-        featvar.rank_sums(ctx, make_jobs(files), str(out), ATTRS, ("mc", 4) + OPTIONS[2:])
+    np.testing.assert_array_equal(store.read_result(out).models["m"]["sums/done"], [True, False, True])
+    # a partial file of other options is refused, not mixed in
+    with pytest.raises(KeyboardInterrupt):
+        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=3, seed=5, shard=(0, 2),
+                            progress=interrupt)
+    with pytest.raises(Exception, match=r"holds progress of a different run \(another models\[0\]\.samples: 4, "
+                                        r"the partial file has 3\)"):
+        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=4, seed=5, shard=(0, 2))
 
 
 def test_a_failed_rank_stops_the_others_writes_nothing_and_keeps_the_rank_file(files, tmp_path, monkeypatch):
     out = tmp_path / "out.h5"
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if not ok else [1])   # rank 1 failed elsewhere
-    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); nothing was written"):
+    with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards and "
+                                           r"partial progress are kept"):
         featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, seed=5, ctx=D.Context(rank=0, world_size=2))
-    assert not out.exists() and store.partial_path(D.shard_path(out, 0, 2)).exists()
+    assert not out.exists() and E.shard_path(out, 0, 2).exists()
     assert not store.partial_path(out).exists()
 
 

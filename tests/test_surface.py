@@ -521,7 +521,8 @@ def test_merge_refuses_inconsistent_shards(tmp_path):
         S.merge_shards([p[0], other], str(tmp_path / "m.h5"))
     with pytest.raises(ConfigError, match=r"shard 0/2 given twice"):
         S.merge_shards([p[0], p[0]], str(tmp_path / "m.h5"))
-    with pytest.raises(ConfigError, match=r"leave 6 point\(s\) of m not computed \(shard\(s\) 1/2 not given\)"):
+    with pytest.raises(ConfigError, match=r"shard\(s\) 1/2 missing: 2 were cut and 1 given \(.*p0.h5\); compute the "
+                                          r"missing one\(s\) with --shard I/2 first"):
         S.merge_shards([p[0]], str(tmp_path / "m.h5"))
     assert not os.path.exists(tmp_path / "m.h5")
 

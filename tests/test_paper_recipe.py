@@ -240,3 +240,44 @@ def test_slurm_submits_the_stages_as_a_dependency_graph(tmp_path):
     assert sorted(line.rsplit(" ", 1)[0] for line in ran.read_text().splitlines()) == \
         sorted(f"train {m}" for m in MODELS)
     assert "dependency afterok" in res.stderr
+
+
+def test_paper_profile_commands_are_valid_lt_command_lines(tmp_path):
+    """The paper profile's command lines (recorded by a stand-in for lt that only creates each -o file)
+    parse with lt's own option parser, with the paper's settings."""
+    from landscape_tools.cli.main import cli
+
+    record = tmp_path / "commands.txt"
+    stub = tmp_path / "lt_stub.sh"
+    stub.write_text('#!/bin/bash\nprintf "%s\\x1f" "$@" >> ' + str(record) + '\necho >> ' + str(record) + '\n'
+                    'while [[ $# -gt 0 ]]; do\n'
+                    '  [[ $1 == -o ]] && { mkdir -p "$(dirname "$2")"; touch "$2"; }; shift\ndone\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    e = env(LT_PROFILE="paper", LT=str(stub), HOME=str(tmp_path))
+    for stage in ("train", "evaluate", "hessian", "surface", "featvar", "robustness", "compare"):
+        res = subprocess.run([str(REPRODUCE), str(out), stage], env=e, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    commands = [line.rstrip("\x1f").split("\x1f") for line in record.read_text().splitlines()]
+    assert [c[0] for c in commands] == ["train"] * 4 + ["evaluate"] * 2 + ["hessian"] * 2 + ["surface"] * 2 + \
+        ["featvar"] * 2 + ["evaluate"] * 2 + ["compare"] * 2
+    for args in commands:
+        command = cli.get_command(None, args[0])
+        ctx = command.make_context(args[0], list(args[1:]))      # raises on an unknown or invalid option
+        p = ctx.params
+        if args[0] == "train":
+            assert (p["width"], p["epochs"], p["batch_size"], p["lr"], p["momentum"], p["weight_decay"]) == \
+                (64, 200, 128, 0.1, 0.9, 5e-4)
+            assert (p["warmup_epochs"], p["schedule"], p["milestones"], p["gamma"], p["flip"], p["translate"]) == \
+                (1, "step", [60, 120, 160], 0.2, True, 4)
+            assert p["data_spec"] == f"cifar100:{tmp_path}/data"
+        if args[0] == "surface":
+            assert args[args.index("--mc") + 1] == "1"
+            assert args[args.index("--x") + 1] in ("-1:1:21", "-0.1:0.1:21")
+            assert ("filter-dim0" in args) == (args[args.index("--x") + 1] == "-0.1:0.1:21")
+        if args[0] == "evaluate" and "--corrupt" in args:
+            assert args[args.index("--corrupt") + 1] == "all"
+        elif args[0] == "evaluate":
+            assert args[args.index("--mc") + 1] == "1,2,3,4,5,10,20,50"
+        if args[0] == "hessian":
+            assert args[args.index("--top-k") + 1] == "5" and args[args.index("--batches") + 1] == "all"

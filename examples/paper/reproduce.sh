@@ -64,7 +64,7 @@ case $PROFILE in
     ;;
   tiny)
     DATA=${LT_DATA:-digits}
-    TRAIN=(--width 4 --epochs 3 --batch-size 32 --samples 512 --lr 0.05 --momentum 0.9 --weight-decay 5e-4
+    TRAIN=(--width 4 --epochs 3 --batch-size 32 --samples 384 --lr 0.05 --momentum 0.9 --weight-decay 5e-4
            --warmup-epochs 1 --schedule step --milestones 2 --gamma 0.2 --translate 2)
     MC=1,2,3,4,5,10,20,50
     EVALUATE=(--samples 64 --batch-size 64)
@@ -91,7 +91,8 @@ pin_profile() {
   local want="profile=$PROFILE data=$DATA seed=$SEED settings=$sum"
   if [[ -f $OUT/profile.txt ]]; then
     local have; have=$(cat "$OUT/profile.txt")
-    [[ $have == "$want" ]] || die "$OUT was made with '$have', not '$want': use the same LT_PROFILE, LT_DATA and LT_SEED, or another OUTDIR"
+    [[ $have == "$want" ]] \
+      || die "$OUT was made with '$have', not '$want': use the same LT_PROFILE, LT_DATA and LT_SEED, or another OUTDIR"
   else
     # atomically: the tasks of a Slurm array may start together
     echo "$want" > "$OUT/.profile.txt.$$" && mv "$OUT/.profile.txt.$$" "$OUT/profile.txt"
@@ -177,8 +178,8 @@ stage_surface() {
   step "$OUT/surface/$p.h5" run_lt surface "$(ckpt "$p")" "$(ckpt "${p}_smoothing")" --data "$DATA" --split train \
     --x "$GRID" --y "$GRID" --norm filter --mc 1 "${SURFACE[@]}" "${COMMON[@]}" -o "$OUT/surface/$p.h5"
   # the reference code's slice: [-0.1, 0.1]^2, directions normalised over dim 0
-  step "$OUT/surface/${p}_ref.h5" run_lt surface "$(ckpt "$p")" "$(ckpt "${p}_smoothing")" --data "$DATA" --split train \
-    --x "$REF_GRID" --y "$REF_GRID" --norm filter-dim0 --mc 1 "${SURFACE[@]}" "${COMMON[@]}" \
+  step "$OUT/surface/${p}_ref.h5" run_lt surface "$(ckpt "$p")" "$(ckpt "${p}_smoothing")" --data "$DATA" \
+    --split train --x "$REF_GRID" --y "$REF_GRID" --norm filter-dim0 --mc 1 "${SURFACE[@]}" "${COMMON[@]}" \
     -o "$OUT/surface/${p}_ref.h5"
 }
 
@@ -233,7 +234,8 @@ run_stage() {
 case $STAGE in
   list) printf '%s\n' "${STAGES[@]}"; exit 0 ;;
   all) ;;
-  *) printf '%s\n' "${STAGES[@]}" | grep -qx -- "$STAGE" || die "unknown stage '$STAGE': expected all or one of ${STAGES[*]}" ;;
+  *) printf '%s\n' "${STAGES[@]}" | grep -qx -- "$STAGE" \
+       || die "unknown stage '$STAGE': expected all or one of ${STAGES[*]}" ;;
 esac
 check_item
 pin_profile

@@ -23,7 +23,8 @@
 # form); SBATCH: the sbatch command (default sbatch).
 set -euo pipefail
 
-[[ $# -eq 1 && $1 != -h && $1 != --help ]] || { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [[ $# -eq 1 ]] && exit 0 || exit 2; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+[[ $# -eq 1 && $1 != -h && $1 != --help ]] || { usage; [[ $# -eq 1 ]] && exit 0 || exit 2; }
 OUT=$1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPRODUCE=${LT_REPRODUCE:-$HERE/reproduce.sh}

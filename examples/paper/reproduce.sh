@@ -21,8 +21,8 @@
 #               tiny: every stage at small sizes on `digits` (minutes on 2 CPU cores; numbers not meaningful)
 #   LT_DATA     data spec of training and analyses (paper: cifar100:$HOME/data; tiny: digits), e.g. cifar10:DIR
 #   LT_DEVICE   auto (default), cpu, cuda, cuda:N       LT_SEED   0 (every random choice)
-#   LT          the lt command (default: lt)            LT_PYTHON python with landscape_tools (default: python3;
-#                                                                 the report stage only)
+#   LT          the lt command (default: lt)            LT_PYTHON python with landscape_tools (the report stage;
+#                                                                 default: that of `lt`, else python3)
 #
 # Resuming: a stage item whose output exists is skipped, and the analyses continue from their
 # OUT.h5.partial files, so after a kill, running the same command again continues where it stopped
@@ -44,7 +44,14 @@ PAIRS=(dnn mcdo)
 
 PROFILE=${LT_PROFILE:-paper}
 LT=${LT:-lt}
-PY=${LT_PYTHON:-python3}
+# the report stage's Python: LT_PYTHON, else the interpreter of the `lt` script on PATH, else python3
+default_python() {
+  local path line
+  path=$(command -v lt 2>/dev/null) && line=$(head -n 1 "$path" 2>/dev/null) && line=${line#\#!} \
+    && [[ $line != *" "* && -x $line ]] && { echo "$line"; return; }
+  echo python3
+}
+PY=${LT_PYTHON:-$(default_python)}
 DEVICE=${LT_DEVICE:-auto}
 SEED=${LT_SEED:-0}
 
@@ -74,6 +81,8 @@ case $PROFILE in
     FEATVAR_MC=4
     FEATVAR=(--samples 32 --batch-size 16)
     ROBUST=(--mc 1,2,5 --samples 32 --batch-size 32)
+    # width-4 models gain nothing from more threads, and extra threads spin against other jobs
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     ;;
   *) die "LT_PROFILE=$PROFILE: expected paper or tiny" ;;
 esac

@@ -4,7 +4,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ["00-intro", "demo", "hessian", "surface", "featvar", "evaluate", "compare", "plot", "interop", "cluster", "gpu",
-         "90-schema"]
+         "examples", "90-schema"]
 
 
 def section(name: str) -> str:

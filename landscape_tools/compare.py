@@ -410,21 +410,13 @@ def _featvar_quantities(a: Entry, b: Entry) -> list[Quantity]:
 def surface_rises(node) -> np.ndarray:
     """Sharpness of a surface: mean loss on the grid's border minus the loss at the centre (the grid
     point nearest 0), one value per direction pair (a leading axis of ``loss`` beyond the grid's
-    dimensions is taken as repeats)."""
+    dimensions is taken as repeats): :func:`landscape_tools.surface.border_rise`."""
+    from .surface import border_rise
+
     loss = np.asarray(node["loss"], dtype=np.float64)
     x = np.asarray(node["x"], dtype=np.float64)
-    dims = 2 if "y" in node.data and loss.ndim >= 2 and loss.shape[-2:] == (len(x), len(node["y"])) else 1
-    grids = loss.reshape((-1,) + loss.shape[loss.ndim - dims:])
-    cx = int(np.argmin(np.abs(x)))
-    out = []
-    for g in grids:
-        if dims == 2:
-            cy = int(np.argmin(np.abs(np.asarray(node["y"], dtype=np.float64))))
-            border = np.concatenate([g[0, :], g[-1, :], g[1:-1, 0], g[1:-1, -1]])
-            out.append(float(np.mean(border) - g[cx, cy]))
-        else:
-            out.append(float(np.mean([g[0], g[-1]]) - g[cx]))
-    return np.array(out)
+    two = "y" in node.data and loss.ndim >= 2 and loss.shape[-2:] == (len(x), len(node["y"]))
+    return border_rise(loss, x, np.asarray(node["y"], dtype=np.float64) if two else None)
 
 
 def _surface_quantities(a: Entry, b: Entry) -> list[Quantity]:

@@ -1,0 +1,151 @@
+"""``lt surface --repeats K``: K seeded direction pairs per model, their sharpness summaries, shards / merge /
+resume of (repeat, grid point) units, in float64 on a tiny model against one-repeat runs and hand computations."""
+import numpy as np
+import pytest
+
+from landscape_tools import engine, store
+from landscape_tools import surface as S
+from landscape_tools.errors import ConfigError
+
+from test_surface import tiny, tiny_data
+
+X = np.linspace(-1, 1, 5)
+Y = np.linspace(-0.5, 0.5, 3)
+
+
+def _job(k, seed=3, dims=2, label="m", scale=1.0):
+    model, data = tiny(), tiny_data()
+    if scale != 1.0:
+        import torch
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    reps = S.repeat_directions(model, k, dims, seed=seed)
+    return S.SurfaceJob(label, model, None, data, reps[0], reps[1:])
+
+
+def _all_arrays(path):
+    res = store.read_result(path)
+    out = {}
+    for label, node in res.models.items():
+        out[label] = {k: v for k, v in node.data.items()}
+        for r, g in node.groups.get("repeat_directions", store.Node()).groups.items():
+            for axis, vecs in g.groups.items():
+                for name, v in vecs.data.items():
+                    out[label][f"rd/{r}/{axis}/{name}"] = v
+    return out
+
+
+def _assert_same(a, b):
+    assert list(a) == list(b)
+    for label in a:
+        assert sorted(a[label]) == sorted(b[label])
+        for k in a[label]:
+            np.testing.assert_array_equal(a[label][k], b[label][k], err_msg=f"{label}/{k}")
+
+
+def test_repeat_seeds_are_a_prefix_and_repeat_zero_is_the_run_seed():
+    assert S.repeat_seed(7, 0) == 7
+    seeds = [S.repeat_seed(7, r) for r in range(5)]
+    assert len(set(seeds)) == 5
+    assert seeds[1] == engine.derive_seed(7, S.REPEAT_TAG, 1)
+    model = tiny()
+    three, five = S.repeat_directions(model, 3, 2, seed=7), S.repeat_directions(model, 5, 2, seed=7)
+    for a, b in zip(three, five[:3]):
+        assert a.digest() == b.digest()
+        assert a.recipe["seed"] == b.recipe["seed"]
+    assert [d.recipe["seed"] for d in five] == seeds
+    for bad in (0, -1, 1.5, "two"):
+        with pytest.raises(ConfigError, match=r"--repeats .*expected a whole number"):
+            S.check_repeats(bad)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_each_repeat_equals_a_one_repeat_run_with_its_seed(tmp_path, dims):
+    y = Y if dims == 2 else None
+    path = S.run_surface([_job(3, dims=dims)], str(tmp_path / "k3.h5"), X, y)
+    node = store.read_result(path).models["m"]
+    assert node.attrs["repeats"] == 3
+    grid = (len(X),) if dims == 1 else (len(X), len(Y))
+    assert node["loss"].shape == (3,) + grid and node["done"].all()
+    np.testing.assert_array_equal(node["repeat_seeds"], [S.repeat_seed(3, r) for r in range(3)])
+    for r in range(3):
+        model, data = tiny(), tiny_data()
+        one = S.SurfaceJob("m", model, None, data, S.random_directions(model, dims, seed=S.repeat_seed(3, r)))
+        single = store.read_result(S.run_surface([one], str(tmp_path / f"one{r}.h5"), X, y)).models["m"]
+        assert "repeats" not in single.attrs and single["loss"].shape == grid      # one repeat: the old layout
+        np.testing.assert_array_equal(node["loss"][r], single["loss"])
+        np.testing.assert_array_equal(node["accuracy"][r], single["accuracy"])
+        stored = node["directions"] if r == 0 else node["repeat_directions"].groups[str(r)]
+        for name, vec in single["directions"].groups["x"].data.items():
+            np.testing.assert_array_equal(stored.groups["x"].data[name], vec)
+
+
+def test_sharpness_summaries_equal_a_hand_computation(tmp_path):
+    path = S.run_surface([_job(2)], str(tmp_path / "k2.h5"), X, Y)
+    node = store.read_result(path).models["m"]
+    h, k = 0.5, 0.5                                  # X: -1..1 step 0.5 (centre index 2); Y: step 0.5 (centre 1)
+    for r in range(2):
+        g = node["loss"][r]
+        border = [g[i, j] for i in range(5) for j in range(3) if i in (0, 4) or j in (0, 2)]
+        assert len(border) == 12
+        assert node["sharpness_rise"][r] == pytest.approx(sum(border) / 12 - g[2, 1], rel=1e-12, abs=1e-15)
+        cx = (g[3, 1] - 2 * g[2, 1] + g[1, 1]) / h ** 2
+        cy = (g[2, 2] - 2 * g[2, 1] + g[2, 0]) / k ** 2
+        np.testing.assert_allclose(node["sharpness_curvature"][r], [cx, cy], rtol=1e-10, atol=1e-12)
+    line = store.read_result(S.run_surface([_job(2, dims=1)], str(tmp_path / "l.h5"), X)).models["m"]
+    for r in range(2):
+        g = line["loss"][r]
+        assert line["sharpness_rise"][r] == pytest.approx((g[0] + g[4]) / 2 - g[2], rel=1e-12, abs=1e-15)
+        assert line["sharpness_curvature"][r, 0] == pytest.approx((g[3] - 2 * g[2] + g[1]) / 0.25, rel=1e-10)
+
+
+def test_uneven_grid_second_difference():
+    x = np.array([-0.5, 0.0, 0.25, 1.0])
+    f = 3 * x ** 2 + x                                # a parabola: the three-point formula is exact
+    assert S.centre_curvature(f, x)[0, 0] == pytest.approx(6.0, rel=1e-12)
+
+
+def test_shards_and_merge_equal_one_process_and_resume(tmp_path):
+    jobs = lambda: [_job(3, label="a"), _job(3, label="b", scale=1.3)]
+    single = S.run_surface(jobs(), str(tmp_path / "single.h5"), X, Y)
+    parts = [str(S.run_surface(jobs(), str(tmp_path / f"p{i}.h5"), X, Y, shard=(i, 4))) for i in range(4)]
+    p0 = store.read_result(parts[0]).models["a"]
+    assert int(p0["done"].sum()) == len(range(0, 3 * 15, 4))                 # units (repeat, point) interleaved
+    assert np.isnan(p0["sharpness_rise"]).all()                              # a shard has no whole grid
+    merged = S.merge_shards(parts[::-1], str(tmp_path / "merged.h5"))
+    _assert_same(_all_arrays(single), _all_arrays(merged))
+
+    out = str(tmp_path / "resumed.h5")
+
+    class Stop(Exception):
+        pass
+
+    def stop(j, u):
+        if j == 1 and u == 20:          # model b, inside repeat 1
+            raise Stop
+
+    with pytest.raises(Stop):
+        S.run_surface(jobs(), out, X, Y, on_point=stop, flush_points=4)
+    done = store.read_result(out + ".partial").models["b"]["done"]
+    assert 0 < done.sum() < done.size
+    S.run_surface(jobs(), out, X, Y)
+    _assert_same(_all_arrays(single), _all_arrays(out))
+
+
+def test_a_partial_file_with_another_repeat_count_is_refused(tmp_path):
+    out = str(tmp_path / "s.h5")
+
+    def stop(j, u):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.run_surface([_job(2)], out, X, Y, on_point=stop)
+    with pytest.raises(Exception, match="different run"):
+        S.run_surface([_job(3)], out, X, Y)
+
+
+def test_models_with_different_repeat_counts_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="same number of repeats"):
+        S.run_surface([_job(2, label="a"), _job(3, label="b")], str(tmp_path / "x.h5"), X, Y)
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()

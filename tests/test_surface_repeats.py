@@ -149,3 +149,82 @@ def test_models_with_different_repeat_counts_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="same number of repeats"):
         S.run_surface([_job(2, label="a"), _job(3, label="b")], str(tmp_path / "x.h5"), X, Y)
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
+
+
+# ----------------------------------------------------------------------------- the command and its figures
+from click.testing import CliRunner  # noqa: E402
+
+from landscape_tools import plotting  # noqa: E402
+from landscape_tools.cli.main import cli  # noqa: E402
+from tiny_files import tiny_checkpoint_and_data  # noqa: E402
+
+
+def lt(*args, code=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repeats")
+    _, ckpt, data = tiny_checkpoint_and_data(root)
+    return {"root": root, "m": ckpt, "data": data}
+
+
+def test_cli_repeats_equal_one_repeat_runs_and_are_drawn_as_panels(zoo):
+    root, common = zoo["root"], ["--data", zoo["data"], "--batch-size", 6, "--x", "-1:1:3", "--y", "-1:1:3"]
+    out = root / "rep.h5"
+    res = lt("surface", zoo["m"], *common, "--repeats", 3, "--seed", 5, "-o", out)
+    assert "3 repeats; centre-to-border rise" in res.output
+    node = store.read_result(out).models["m"]
+    assert store.read_result(out).config["repeats"] == 3
+    r2 = root / "one.h5"
+    lt("surface", zoo["m"], *common, "--seed", S.repeat_seed(5, 2), "-o", r2)
+    one = store.read_result(r2)
+    assert "repeats" not in one.config
+    np.testing.assert_array_equal(node["loss"][2], one.models["m"]["loss"])
+    fig = plotting.figure([str(out)], kind="heatmap")
+    try:
+        panels = [ax for ax in fig.axes if ax.get_title().startswith("m, repeat")]
+        assert len(panels) == 3
+        for r, ax in enumerate(panels):
+            assert ax.get_title() == f"m, repeat {r} (seed {S.repeat_seed(5, r)})"
+            drawn = np.ma.filled(ax.collections[0].get_array().astype(float), np.nan).reshape(3, 3)
+            np.testing.assert_array_equal(drawn, node["loss"][r])
+    finally:
+        plotting.pyplot().close(fig)
+
+
+def test_cli_repeats_line_is_drawn_as_a_mean_with_a_band(zoo):
+    out = zoo["root"] / "line.h5"
+    lt("surface", zoo["m"], "--data", zoo["data"], "--batch-size", 6, "--dims", 1, "--x", "-1:1:5",
+       "--repeats", 4, "-o", out)
+    node = store.read_result(out).models["m"]
+    loss, x = node["loss"], node["x"]
+    assert loss.shape == (4, 5)
+    fig = plotting.figure([str(out)])
+    try:
+        ax = fig.axes[0]
+        assert ax.get_title() == "m, mean of 4 repeats"
+        np.testing.assert_array_equal(ax.get_lines()[0].get_xydata(), np.c_[x, loss.mean(axis=0)])
+        band = [c for c in ax.collections][0].get_paths()[0].vertices
+        for xi, lo, hi in zip(x, loss.min(axis=0), loss.max(axis=0)):
+            assert np.any(np.all(np.isclose(band, [xi, lo], rtol=0, atol=1e-12), axis=1))
+            assert np.any(np.all(np.isclose(band, [xi, hi], rtol=0, atol=1e-12), axis=1))
+        assert lo < hi
+    finally:
+        plotting.pyplot().close(fig)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--repeats", 0], r"--repeats 0: expected a whole number of independent direction pairs, at least 1"),
+    (["--repeats", 2, "--to", "OTHER"], r"--repeats 2 draws 2 independent random direction pairs, but --to fixes"),
+])
+def test_cli_bad_repeats_are_refused_before_any_file(zoo, args, match):
+    args = [zoo["m"] if a == "OTHER" else a for a in args]
+    out = zoo["root"] / "bad.h5"
+    res = lt("surface", zoo["m"], "--data", zoo["data"], *args, "-o", out, code=1)
+    import re
+    assert re.search(match, res.output), res.output
+    assert not out.exists() and not (zoo["root"] / "bad.h5.partial").exists()

@@ -228,3 +228,42 @@ def test_cli_bad_repeats_are_refused_before_any_file(zoo, args, match):
     import re
     assert re.search(match, res.output), res.output
     assert not out.exists() and not (zoo["root"] / "bad.h5.partial").exists()
+
+
+# ----------------------------------------------------------------------------- lt compare over the repeats
+def test_compare_pairs_models_over_the_repeats(tmp_path):
+    from scipy import stats
+
+    from landscape_tools import compare as C
+
+    jobs = [_job(6, dims=1, label="a"), _job(6, dims=1, label="same"), _job(6, dims=1, label="sharp", scale=2.0)]
+    path = str(S.run_surface(jobs, str(tmp_path / "rep.h5"), X))
+    comps = {c.b: c for c in C.compare_files([path], str(tmp_path / "cmp.h5"))}
+    nodes = store.read_result(path).models
+    for c in comps.values():
+        assert [r.metric for r in c.rows] == ["surface sharpness", "surface curvature"]
+    for row in comps["same"].rows:
+        assert row.verdict == "no detectable difference" and row.estimate == 0
+        assert row.paired and row.n_a == row.n_b == 6 and row.unit == "direction pairs, within one run"
+    rise, curv = comps["sharp"].rows
+    for row, name, reduce in ((rise, "sharpness_rise", lambda v: v), (curv, "sharpness_curvature",
+                                                                      lambda v: v.mean(axis=1))):
+        ua, ub = reduce(nodes["a"][name]), reduce(nodes["sharp"][name])          # the stored per-repeat values
+        ref = stats.ttest_rel(ub, ua)
+        ci = ref.confidence_interval(0.95)
+        assert row.method == "paired t (scipy.stats.ttest_rel)" and row.paired and row.n_a == 6
+        assert row.estimate == pytest.approx(float(np.mean(ub - ua)), rel=1e-12)
+        assert (row.low, row.high) == pytest.approx((ci.low, ci.high), rel=1e-12)
+        assert row.verdict == "favours A", (row.quantity, row.low, row.high)    # a (unscaled) is the flatter
+    cmp = store.read_result(str(tmp_path / "cmp.h5")).models["sharp-vs-a"]
+    assert list(cmp["method"]) == ["paired t (scipy.stats.ttest_rel)"] * 2 and list(cmp["paired"]) == [True, True]
+
+
+def test_compare_does_not_pair_different_direction_seeds(tmp_path):
+    from landscape_tools import compare as C
+
+    p1 = str(S.run_surface([_job(3, dims=1, label="a", seed=1)], str(tmp_path / "a.h5"), X))
+    p2 = str(S.run_surface([_job(3, dims=1, label="b", seed=2)], str(tmp_path / "b.h5"), X))
+    (c,) = C.compare_files([p1, p2], str(tmp_path / "cmp.h5"))
+    for row in c.rows:
+        assert not row.paired and "different" in row.note and row.method.startswith("Welch")

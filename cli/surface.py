@@ -233,6 +233,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         share = len(S.shard_points(n_points, ctx.rank, ctx.world_size))
     if ctx.is_main:
         common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
+                         f"{f' ({repeats} repeats of the grid)' if repeats > 1 else ''}"
                          f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'}"
                          f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
                          f"on {len(jobs[0].data)} samples ({split}), {dev}"

@@ -436,7 +436,7 @@ def _surface_quantities(a: Entry, b: Entry) -> list[Quantity]:
     return [Quantity("surface", "rise from the centre to the border (sharpness)", "surface sharpness", "lower",
                      "flatter", lambda e: float(np.mean(surface_rises(e.node))), lambda e: surface_rises(e.node),
                      count=lambda e: len(surface_rises(e.node))),
-            Quantity("surface", "curvature at the centre (second difference, mean over directions)",
+            Quantity("surface", "curvature at the centre (mean over directions)",
                      "surface curvature", "lower", "flatter",
                      lambda e: float(np.mean(surface_curvatures(e.node))), lambda e: surface_curvatures(e.node),
                      count=lambda e: len(surface_curvatures(e.node)))]

@@ -1074,8 +1074,9 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                 pending: list[tuple[int, float, float]] = []
                 last = time.monotonic()
                 name = job.label if n_repeats == 1 else f"{job.label} repeat {r}"
+                said = any(u // n_points < r for u in todo[ji])      # an earlier repeat already told the notice
                 with SurfaceEvaluator(job.model, job.data, directions, mc, bn, seed, precision, compile_option,
-                                      len(units), notice) as ev:
+                                      len(units), None if said else notice) as ev:
                     # earlier: this model's units computed before this evaluator (a resume, or earlier repeats)
                     _record_compile(result, job.label, compile_option, ev,
                                     earlier=len(points) - len(todo[ji]) + sum(u // n_points < r for u in todo[ji]))

@@ -29,7 +29,8 @@ def _all_arrays(path):
     out = {}
     for label, node in res.models.items():
         out[label] = {k: v for k, v in node.data.items()}
-        for r, g in node.groups.get("repeat_directions", store.Node()).groups.items():
+        groups = dict(node.groups.get("repeat_directions", store.Node()).groups, **{"0": node.groups["directions"]})
+        for r, g in groups.items():
             for axis, vecs in g.groups.items():
                 for name, v in vecs.data.items():
                     out[label][f"rd/{r}/{axis}/{name}"] = v
@@ -189,7 +190,7 @@ def test_cli_repeats_equal_one_repeat_runs_and_are_drawn_as_panels(zoo):
         panels = [ax for ax in fig.axes if ax.get_title().startswith("m, repeat")]
         assert len(panels) == 3
         for r, ax in enumerate(panels):
-            assert ax.get_title() == f"m, repeat {r} (seed {S.repeat_seed(5, r)})"
+            assert ax.get_title() == f"m, repeat {r}\n(seed {S.repeat_seed(5, r)})"
             drawn = np.ma.filled(ax.collections[0].get_array().astype(float), np.nan).reshape(3, 3)
             np.testing.assert_array_equal(drawn, node["loss"][r])
     finally:
@@ -267,3 +268,14 @@ def test_compare_does_not_pair_different_direction_seeds(tmp_path):
     (c,) = C.compare_files([p1, p2], str(tmp_path / "cmp.h5"))
     for row in c.rows:
         assert not row.paired and "different" in row.note and row.method.startswith("Welch")
+
+
+def test_cli_shards_of_a_repeats_run_merge_into_the_one_process_file(zoo):
+    root = zoo["root"]
+    common = ["--data", zoo["data"], "--batch-size", 6, "--x", "-1:1:3", "--y", "-1:1:3", "--repeats", 2]
+    lt("surface", zoo["m"], *common, "-o", root / "whole.h5")
+    for i in range(3):
+        lt("surface", zoo["m"], *common, "--shard", f"{i}/3", "-o", root / f"sh{i}.h5")
+    lt("merge", *(root / f"sh{i}.h5" for i in range(3)), "-o", root / "merged.h5")
+    _assert_same(_all_arrays(root / "whole.h5"), _all_arrays(root / "merged.h5"))
+    assert np.isfinite(store.read_result(root / "merged.h5").models["m"]["sharpness_rise"]).all()

@@ -48,7 +48,7 @@ def _repeat_panels(title: str, node):
         for r in range(k):
             directions = node.groups["directions"] if r == 0 else node.groups["repeat_directions"].groups[str(r)]
             data = dict(keep, loss=node.data["loss"][r], accuracy=node.data["accuracy"][r], done=node.data["done"][r])
-            out.append((f"{title}, repeat {r} (seed {int(seeds[r])})",
+            out.append((f"{title}, repeat {r}\n(seed {int(seeds[r])})",
                         Node(attrs=dict(node.attrs), data=data, groups={"directions": directions})))
         return out
     loss, acc = _masked(node, "loss"), _masked(node, "accuracy")

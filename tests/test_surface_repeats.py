@@ -209,6 +209,10 @@ def test_cli_repeats_line_is_drawn_as_a_mean_with_a_band(zoo):
         ax = fig.axes[0]
         assert ax.get_title() == "m, mean of 4 repeats"
         np.testing.assert_array_equal(ax.get_lines()[0].get_xydata(), np.c_[x, loss.mean(axis=0)])
+        twin = [a for a in fig.axes if a is not ax and a.bbox.bounds == ax.bbox.bounds][0]
+        np.testing.assert_array_equal(twin.get_lines()[0].get_xydata(), np.c_[x, node["accuracy"].mean(axis=0)])
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "mean loss of 4 repeats", "min-max of 4 repeats", "mean accuracy of 4 repeats"]
         band = [c for c in ax.collections][0].get_paths()[0].vertices
         for xi, lo, hi in zip(x, loss.min(axis=0), loss.max(axis=0)):
             assert np.any(np.all(np.isclose(band, [xi, lo], rtol=0, atol=1e-12), axis=1))

@@ -322,12 +322,14 @@ def _draw_lines(plt, panels, log: bool | None = None):
         ax.plot(x, loss, "-o", color="tab:blue", ms=3, label="loss")
         handles, names = ax.get_lines()[:1], ["loss"]
         band = node.data.get("loss_band")
+        acc_name = "accuracy"
         if band is not None and loss.ndim == 1 and np.shape(band) == (2, len(x)):   # a --repeats line
             k = int(node.attrs["repeats"])
             handles.append(ax.fill_between(x, band[0], band[1], color="tab:blue", alpha=0.2, lw=0,
                                            label=f"min-max of {k} repeats"))
             names[0] = f"mean loss of {k} repeats"
             names.append(f"min-max of {k} repeats")
+            acc_name = f"mean accuracy of {k} repeats"
         if log:
             ax.set_yscale("log")
         quad = quadratic_model(node, x, loss) if on_axis else None
@@ -345,7 +347,7 @@ def _draw_lines(plt, panels, log: bool | None = None):
         for label, (a, _) in _points(node):
             ax.axvline(a, color="grey", lw=0.8, ls=":")
             ax.annotate(label, (a, ax.get_ylim()[1]), fontsize=8, color="grey", va="top")
-        ax.legend(handles + twin.get_lines()[:1], names + ["accuracy"], fontsize=7, loc="best")
+        ax.legend(handles + twin.get_lines()[:1], names + [acc_name], fontsize=7, loc="best")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

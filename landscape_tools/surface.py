@@ -966,6 +966,9 @@ def _explain_mismatch(old: dict, key: dict) -> str | None:
     """Which part of an earlier run's key (a partial file's) differs from this run's, in words."""
     if not isinstance(old, dict):
         return None
+    was, now = (int((k.get("options") or {}).get("repeats", 1)) for k in (old, key))
+    if was != now:
+        return f"another --repeats: {now}, the partial file has {was}"
     for part, what in (("models", "models or directions or data"), ("x", "grid (--x)"), ("y", "grid (--y)"),
                        ("options", "options")):
         if old.get(part) != key.get(part):

@@ -5,7 +5,7 @@ import pytest
 
 from landscape_tools import engine, store
 from landscape_tools import surface as S
-from landscape_tools.errors import ConfigError
+from landscape_tools.errors import ConfigError, StoreError
 
 from test_surface import tiny, tiny_data
 
@@ -142,8 +142,11 @@ def test_a_partial_file_with_another_repeat_count_is_refused(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         S.run_surface([_job(2)], out, X, Y, on_point=stop)
-    with pytest.raises(Exception, match="different run"):
+    with pytest.raises(StoreError, match=r"different run \(another --repeats: 3, the partial file has 2\)"):
         S.run_surface([_job(3)], out, X, Y)
+    with pytest.raises(StoreError, match=r"different run \(another --repeats: 1, the partial file has 2\)"):
+        S.run_surface([_job(1)], out, X, Y)
+    S.run_surface([_job(2)], out, X, Y)                    # the same run resumes
 
 
 def test_models_with_different_repeat_counts_are_refused(tmp_path):
@@ -225,6 +228,8 @@ def test_cli_repeats_line_is_drawn_as_a_mean_with_a_band(zoo):
 @pytest.mark.parametrize("args,match", [
     (["--repeats", 0], r"--repeats 0: expected a whole number of independent direction pairs, at least 1"),
     (["--repeats", 2, "--to", "OTHER"], r"--repeats 2 draws 2 independent random direction pairs, but --to fixes"),
+    (["--repeats", 3, "--directions", "OTHER"], r"--repeats 3 draws 3 .* but --directions fixes the directions .*: "
+                                                r"drop --repeats, or drop --directions"),
 ])
 def test_cli_bad_repeats_are_refused_before_any_file(zoo, args, match):
     args = [zoo["m"] if a == "OTHER" else a for a in args]

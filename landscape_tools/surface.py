@@ -15,7 +15,10 @@ Library use::
     res["loss"][i, j]
 
 :func:`run_surface` does the same resumably into a result file (``lt surface``), optionally for one
-shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
+shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).  A
+:class:`SurfaceJob` with ``more_directions`` (:func:`repeat_directions`, ``lt surface --repeats K``)
+computes the grid along each of K direction pairs: the units are (repeat, grid point), ``loss`` gets a
+leading repeat axis, and :func:`sharpness` of each repeat's grid is stored beside it.
 """
 from __future__ import annotations
 

@@ -1,13 +1,19 @@
 """``lt surface --repeats K``: K seeded direction pairs per model, their sharpness summaries, shards / merge /
 resume of (repeat, grid point) units, in float64 on a tiny model against one-repeat runs and hand computations."""
+import re
+
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
-from landscape_tools import engine, store
+from landscape_tools import engine, plotting, store
 from landscape_tools import surface as S
+from landscape_tools.cli.main import cli
 from landscape_tools.errors import ConfigError, StoreError
 
 from test_surface import tiny, tiny_data
+from tiny_files import tiny_checkpoint_and_data
 
 X = np.linspace(-1, 1, 5)
 Y = np.linspace(-0.5, 0.5, 3)
@@ -16,7 +22,6 @@ Y = np.linspace(-0.5, 0.5, 3)
 def _job(k, seed=3, dims=2, label="m", scale=1.0):
     model, data = tiny(), tiny_data()
     if scale != 1.0:
-        import torch
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(scale)
@@ -156,13 +161,6 @@ def test_models_with_different_repeat_counts_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the command and its figures
-from click.testing import CliRunner  # noqa: E402
-
-from landscape_tools import plotting  # noqa: E402
-from landscape_tools.cli.main import cli  # noqa: E402
-from tiny_files import tiny_checkpoint_and_data  # noqa: E402
-
-
 def lt(*args, code=0):
     res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == code, res.output
@@ -235,7 +233,6 @@ def test_cli_bad_repeats_are_refused_before_any_file(zoo, args, match):
     args = [zoo["m"] if a == "OTHER" else a for a in args]
     out = zoo["root"] / "bad.h5"
     res = lt("surface", zoo["m"], "--data", zoo["data"], *args, "-o", out, code=1)
-    import re
     assert re.search(match, res.output), res.output
     assert not out.exists() and not (zoo["root"] / "bad.h5.partial").exists()
 

@@ -71,6 +71,11 @@ def _auto_range(values, option: str):
               help="MC-dropout samples averaged per point (0: dropout off).")
 @click.option("--bn", type=click.Choice(["frozen", "recompute"]), default="frozen", show_default=True,
               help="BatchNorm statistics: the centre's running ones, or re-estimated at each point on the data.")
+@click.option("--repeats", "repeats", type=int, default=1, show_default=True, metavar="K",
+              help="K independent random direction pairs (lines with --dims 1) per model, the same K for every "
+                   "model (paired); repeat 0 uses --seed, repeat r a seed derived from --seed and r, so --repeats 3 "
+                   "are the first 3 of --repeats 5. The file stores each repeat's grid and sharpness; lt plot "
+                   "draws K panels (a mean line with a band for --dims 1), lt compare pairs models over them.")
 @common.shard_option("grid points")
 @common.precision_options(compile_modes=True)
 @common.device_option
@@ -78,8 +83,8 @@ def _auto_range(values, option: str):
 @common.output_option
 @common.plot_option
 def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_spec, norm, ignore, to_path,
-            plane_paths, pca_paths, directions_path, eig_spec, data_spec, split, samples, batch_size, mc, bn, shard_spec,
-            precision, compile_model, device, seed, output, overwrite, plot_path):
+            plane_paths, pca_paths, directions_path, eig_spec, data_spec, split, samples, batch_size, mc, bn, repeats,
+            shard_spec, precision, compile_model, device, seed, output, overwrite, plot_path):
     """Loss and accuracy on a 1-D or 2-D slice through each MODEL's weights.
 
     Each point (a, b) is evaluated at w0 + a*dx + b*dy, written from the centre weights w0 (the
@@ -104,6 +109,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
       lt hessian smooth.pt --scope dataset --save-vectors -o h.h5
       lt surface smooth.pt --directions h.h5:0 --dims 1 --x -0.5:0.5:41 --plot top.png
       lt surface smooth.pt --directions h.h5 --eig 1,3 -o eig13.h5
+      lt surface mcdo.pt smooth.pt --repeats 5 --x -1:1:11 --y -1:1:11 -o rep.h5   # 5 pairs, shared
     """
     from landscape_tools import engine
     from landscape_tools import surface as S
@@ -116,6 +122,11 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} cannot be combined: choose one way to make the directions")
     mode = modes[0] if modes else "random"
+    repeats = S.check_repeats(repeats)
+    if repeats > 1 and mode != "random":
+        raise ConfigError(f"--repeats {repeats} draws {repeats} independent random direction pairs, but {mode} fixes "
+                          f"the directions (there is one such pair): drop --repeats, or drop {mode} for random "
+                          f"directions")
     directions_row = None
     if directions_path is not None:
         directions_path, directions_row = S.split_directions_spec(directions_path)
@@ -170,6 +181,7 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         return other, info
 
     jobs = []
+    more = []        # --repeats: the directions of repeats 1 .. K-1 (random directions only)
     for model, info, data in common.data_for_models(loaded, data_spec, split, samples, batch_size, seed, dev):
         if mode == "--to":
             other, oinfo = load_other(to_path)
@@ -193,8 +205,8 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                                  f"{'--bn ' + bn if bn != 'frozen' else ''} this surface is another function, "
                                  f"so the quadratic model L0 + l a^2 / 2 that lt plot draws is only indicative")
         else:
-            directions = S.random_directions(model, n_dims, norm, ignore, seed)
-        jobs.append(S.SurfaceJob(info.label, model, info, data, directions))
+            directions, *more = S.repeat_directions(model, repeats, n_dims, norm, ignore, seed)
+        jobs.append(S.SurfaceJob(info.label, model, info, data, directions, more))
 
     if x is None:
         if mode in ("--plane", "--pca"):
@@ -214,13 +226,14 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                                 directions_row=directions_row, eig=eig, data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
                                 precision=precision, compile=compile_model, device=str(dev), seed=seed,
-                                mode=mode)
-    n_points = len(x) * (1 if y is None else len(y))
+                                mode=mode, **({"repeats": repeats} if repeats > 1 else {}))
+    n_points = len(x) * (1 if y is None else len(y)) * repeats
     share = n_points if shard is None else len(S.shard_points(n_points, *shard))
     if ctx.distributed:
         share = len(S.shard_points(n_points, ctx.rank, ctx.world_size))
     if ctx.is_main:
         common.info_line(f"surface: {len(jobs)} model(s) x {share} point(s)"
+                         f"{f' ({repeats} repeats of the grid)' if repeats > 1 else ''}"
                          f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'}"
                          f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
                          f"on {len(jobs[0].data)} samples ({split}), {dev}"
@@ -247,6 +260,15 @@ def _summary(path) -> None:
 
     res = store.read_result(path)
     for label, node in res.models.items():
+        repeats = int(node.attrs.get("repeats", 1))
+        if repeats > 1:
+            done = node.data["done"].astype(bool)
+            rise, curv = node.data["sharpness_rise"], node.data["sharpness_curvature"]
+            click.echo(f"{label}: {int(done.sum())}/{done.size} points in {repeats} repeats; centre-to-border rise "
+                       f"{np.mean(rise):.4g} (repeats {', '.join(f'{v:.4g}' for v in rise)}); curvature at the "
+                       f"centre {', '.join(f'{np.mean(curv[:, i]):.4g} along {a}' for i, a in enumerate('xy'[:curv.shape[1]]))}"
+                       f" (means over repeats)")
+            continue
         loss, done = node.data["loss"], node.data["done"].astype(bool)
         x = node.data["x"]
         y = node.data.get("y")

@@ -14,8 +14,10 @@ The replicate unit:
 
 * **one entry per label** (one training run per model): the units inside the files.  evaluate: the
   test samples (per-sample values stored by ``lt evaluate``); hessian: the data batches (one spectrum
-  each); featvar: the data batches (per-batch variance); surface: the direction pairs (one per file
-  today: no interval).  **Paired** when both models saw the same units (same data description, sample
+  each); featvar: the data batches (per-batch variance); surface: the direction pairs (``lt surface
+  --repeats K``: K pairs, the same seeds for every model of the run; one pair: no interval), with two
+  quantities per pair: the centre-to-border rise and the curvature at the centre.
+  **Paired** when both models saw the same units (same data description, sample
   indices / batch sizes, direction seeds), otherwise unpaired (said in the ``note``).
   Means (NLL, accuracy, Brier, negative eigenvalues per batch, feature-map variance) get a t interval
   (``scipy.stats.ttest_rel`` paired, Welch ``scipy.stats.ttest_ind(equal_var=False)`` unpaired);
@@ -410,27 +412,34 @@ def _featvar_quantities(a: Entry, b: Entry) -> list[Quantity]:
 def surface_rises(node) -> np.ndarray:
     """Sharpness of a surface: mean loss on the grid's border minus the loss at the centre (the grid
     point nearest 0), one value per direction pair (a leading axis of ``loss`` beyond the grid's
-    dimensions is taken as repeats)."""
+    dimensions is taken as repeats): :func:`landscape_tools.surface.border_rise`."""
+    from .surface import border_rise
+
     loss = np.asarray(node["loss"], dtype=np.float64)
     x = np.asarray(node["x"], dtype=np.float64)
-    dims = 2 if "y" in node.data and loss.ndim >= 2 and loss.shape[-2:] == (len(x), len(node["y"])) else 1
-    grids = loss.reshape((-1,) + loss.shape[loss.ndim - dims:])
-    cx = int(np.argmin(np.abs(x)))
-    out = []
-    for g in grids:
-        if dims == 2:
-            cy = int(np.argmin(np.abs(np.asarray(node["y"], dtype=np.float64))))
-            border = np.concatenate([g[0, :], g[-1, :], g[1:-1, 0], g[1:-1, -1]])
-            out.append(float(np.mean(border) - g[cx, cy]))
-        else:
-            out.append(float(np.mean([g[0], g[-1]]) - g[cx]))
-    return np.array(out)
+    two = "y" in node.data and loss.ndim >= 2 and loss.shape[-2:] == (len(x), len(node["y"]))
+    return border_rise(loss, x, np.asarray(node["y"], dtype=np.float64) if two else None)
+
+
+def surface_curvatures(node) -> np.ndarray:
+    """Curvature of a surface at its centre, the mean over its directions of the second difference of the
+    stored grid (:func:`landscape_tools.surface.centre_curvature`), one value per direction pair."""
+    from .surface import centre_curvature
+
+    loss = np.asarray(node["loss"], dtype=np.float64)
+    x = np.asarray(node["x"], dtype=np.float64)
+    two = "y" in node.data and loss.ndim >= 2 and loss.shape[-2:] == (len(x), len(node["y"]))
+    return centre_curvature(loss, x, np.asarray(node["y"], dtype=np.float64) if two else None).mean(axis=1)
 
 
 def _surface_quantities(a: Entry, b: Entry) -> list[Quantity]:
     return [Quantity("surface", "rise from the centre to the border (sharpness)", "surface sharpness", "lower",
                      "flatter", lambda e: float(np.mean(surface_rises(e.node))), lambda e: surface_rises(e.node),
-                     count=lambda e: len(surface_rises(e.node)))]
+                     count=lambda e: len(surface_rises(e.node))),
+            Quantity("surface", "curvature at the centre (mean over directions)",
+                     "surface curvature", "lower", "flatter",
+                     lambda e: float(np.mean(surface_curvatures(e.node))), lambda e: surface_curvatures(e.node),
+                     count=lambda e: len(surface_curvatures(e.node)))]
 
 
 QUANTITIES = {"evaluate": _evaluate_quantities, "hessian": _hessian_quantities, "featvar": _featvar_quantities,
@@ -470,6 +479,9 @@ def shared_units(a: Entry, b: Entry) -> tuple[bool, str]:
         return False, "different or unrecorded direction recipes (seed, normalisation)"
     if na.attrs.get("data") != nb.attrs.get("data"):
         return False, "different data (data description)"
+    ra, rb = na.data.get("repeat_seeds"), nb.data.get("repeat_seeds")      # lt surface --repeats K
+    if (ra is None) != (rb is None) or (ra is not None and not np.array_equal(ra, rb)):
+        return False, "different direction pairs (repeat_seeds)"
     return True, ""
 
 
@@ -605,7 +617,7 @@ def _within_run(kind: str, a: Entry, b: Entry, level: float, resamples: int, see
         if interval.method.startswith("none") and not note:
             note = f"one unit ({UNIT_NAMES[kind]}) per model: no interval"
             if kind == "surface":
-                note += " (several direction pairs per file would give one)"
+                note += " (lt surface --repeats K gives K pairs, paired between models)"
         if interval.method.startswith("exact") and va != vb and not note:
             note = "differences without spread"
         if 0 < min(n_a, n_b) < 5 and not note:

@@ -1,6 +1,7 @@
 """The run engine: how every analysis (hessian, surface, featvar, evaluate) runs into its result file.
 
-An analysis is a list of *units* (hessian: the rows, one Hessian per batch; surface: grid points;
+An analysis is a list of *units* (hessian: the rows, one Hessian per batch; surface: grid points, or
+(repeat, grid point) pairs with ``--repeats K``;
 featvar and evaluate: data batches), a way to compute the units it is given, a result layout with a
 ``done`` mask over the units, and a merge that assembles units computed elsewhere.  This module
 owns everything around that, once for all four:

@@ -15,7 +15,10 @@ Library use::
     res["loss"][i, j]
 
 :func:`run_surface` does the same resumably into a result file (``lt surface``), optionally for one
-shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).
+shard of the points; :func:`merge_shards` assembles shard files (``lt merge``).  A
+:class:`SurfaceJob` with ``more_directions`` (:func:`repeat_directions`, ``lt surface --repeats K``)
+computes the grid along each of K direction pairs: the units are (repeat, grid point), ``loss`` gets a
+leading repeat axis, and :func:`sharpness` of each repeat's grid is stored beside it.
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", 
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
            "evaluate_model", "surface_options", "recompute_bn_statistics", "COMPILE_MODES", "parse_compile",
            "hessian_directions", "parse_eig", "split_directions_spec",
-           "estimated_compile_seconds"]
+           "estimated_compile_seconds", "repeat_seed", "repeat_directions", "border_rise", "centre_curvature",
+           "sharpness", "REPEAT_TAG"]
 
 BN_MODES = ("frozen", "recompute")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -766,12 +770,132 @@ class SurfaceJob:
     info: Any
     data: DataSet
     directions: Directions
+    #: the directions of repeats 1 .. K-1 (``--repeats K``; ``directions`` is repeat 0); empty: one repeat
+    more_directions: Sequence[Directions] = ()
+
+    @property
+    def repeats(self) -> list[Directions]:
+        """Every repeat's directions, repeat 0 first."""
+        return [self.directions, *self.more_directions]
 
 
 def _job_key(job: SurfaceJob) -> dict:
-    return {"label": job.label, "checkpoint_sha256": getattr(job.info, "sha256", None),
-            "model_fingerprint": job.directions.fingerprint, "directions": job.directions.digest(),
-            "data": {k: v for k, v in job.data.describe().items()}}
+    key = {"label": job.label, "checkpoint_sha256": getattr(job.info, "sha256", None),
+           "model_fingerprint": job.directions.fingerprint, "directions": job.directions.digest(),
+           "data": {k: v for k, v in job.data.describe().items()}}
+    if job.more_directions:        # one repeat: the key it had before --repeats existed
+        key["repeat_directions"] = [d.digest() for d in job.more_directions]
+    return key
+
+
+# ----------------------------------------------------------------------------- repeats and sharpness
+#: the tag :func:`repeat_seed` mixes into the run's seed (keeps repeat seeds apart from other derivations)
+REPEAT_TAG = 0x5EED_16
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The direction seed of repeat ``repeat`` (from 0) of a run with seed ``seed``.
+
+    Repeat 0 is the run's own seed (so ``--repeats 1`` is the run it always was); repeat r >= 1 is
+    ``engine.derive_seed(seed, REPEAT_TAG, r)``.  It depends on nothing but ``seed`` and ``r``, so the
+    first K repeats of a longer run are the K repeats of a shorter one.
+    """
+    if int(repeat) < 0:
+        raise ConfigError(f"repeat {repeat}: expected 0 or more")
+    return int(seed) if int(repeat) == 0 else engine.derive_seed(int(seed), REPEAT_TAG, int(repeat))
+
+
+def repeat_directions(model: nn.Module, repeats: int, dims: int = 2, norm: str = "filter", ignore: str = "biasbn",
+                      seed: int = 0) -> list[Directions]:
+    """``repeats`` independent :func:`random_directions` of ``model``, repeat r drawn with :func:`repeat_seed`
+    ``(seed, r)`` (its recipe records that seed and ``repeat: r``).
+
+    Raises:
+        ConfigError: ``repeats`` < 1, and as :func:`random_directions`.
+    """
+    repeats = check_repeats(repeats)
+    out = []
+    for r in range(repeats):
+        d = random_directions(model, dims, norm, ignore, repeat_seed(seed, r))
+        if repeats > 1:
+            d.recipe["repeat"] = r
+            d.recipe["run_seed"] = int(seed)
+        out.append(d)
+    return out
+
+
+def check_repeats(repeats) -> int:
+    """``--repeats`` as an int >= 1.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    try:
+        k = int(repeats)
+        ok = k == float(repeats) and k >= 1 and not isinstance(repeats, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--repeats {repeats!r}: expected a whole number of independent direction pairs, at least 1 "
+                          f"(1, the default, is one pair), e.g. --repeats 5")
+    return k
+
+
+def border_rise(loss: np.ndarray, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    """Centre-to-border rise of each grid: the mean loss on the grid's border (1-D: the two ends) minus the
+    loss at the centre (the grid point nearest 0).  ``loss`` is one grid (``(nx,)`` / ``(nx, ny)``) or
+    several with a leading repeat axis; returns one value per grid (float64)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    dims = 1 if y is None else 2
+    grids = loss.reshape((-1,) + loss.shape[loss.ndim - dims:])
+    cx = int(np.argmin(np.abs(x)))
+    out = []
+    for g in grids:
+        if dims == 2:
+            cy = int(np.argmin(np.abs(np.asarray(y, dtype=np.float64))))
+            border = np.concatenate([g[0, :], g[-1, :], g[1:-1, 0], g[1:-1, -1]])
+            out.append(float(np.mean(border) - g[cx, cy]))
+        else:
+            out.append(float(np.mean([g[0], g[-1]]) - g[cx]))
+    return np.array(out, dtype=np.float64)
+
+
+def _second_difference(values: np.ndarray, coords: np.ndarray, c: int) -> float:
+    """The second derivative at ``coords[c]`` from the three grid points around it (the three-point
+    formula for uneven spacing; ``(f+ - 2 f0 + f-) / h**2`` on an even grid).  NaN at a grid end."""
+    if c <= 0 or c >= len(coords) - 1:
+        return math.nan
+    hl, hr = float(coords[c] - coords[c - 1]), float(coords[c + 1] - coords[c])
+    fl, f0, fr = float(values[c - 1]), float(values[c]), float(values[c + 1])
+    return 2.0 * (hl * fr - (hl + hr) * f0 + hr * fl) / (hl * hr * (hl + hr))
+
+
+def centre_curvature(loss: np.ndarray, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    """Curvature of each grid at its centre (the point nearest 0) along each direction, by a second
+    difference of the stored loss: shape ``(grids, dims)`` (column 0 along x, 1 along y); NaN where the
+    centre is a grid end."""
+    loss = np.asarray(loss, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    dims = 1 if y is None else 2
+    grids = loss.reshape((-1,) + loss.shape[loss.ndim - dims:])
+    cx = int(np.argmin(np.abs(x)))
+    out = np.full((len(grids), dims), np.nan)
+    for k, g in enumerate(grids):
+        if dims == 1:
+            out[k, 0] = _second_difference(g, x, cx)
+        else:
+            yy = np.asarray(y, dtype=np.float64)
+            cy = int(np.argmin(np.abs(yy)))
+            out[k, 0] = _second_difference(g[:, cy], x, cx)
+            out[k, 1] = _second_difference(g[cx, :], yy, cy)
+    return out
+
+
+def sharpness(loss: np.ndarray, x: np.ndarray, y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The sharpness summaries of a repeats file, one row per repeat: ``sharpness_rise`` (:func:`border_rise`)
+    and ``sharpness_curvature`` (:func:`centre_curvature`)."""
+    return {"sharpness_rise": border_rise(loss, x, y), "sharpness_curvature": centre_curvature(loss, x, y)}
 
 
 def surface_options(mc: int = 0, bn: str = "frozen", seed: int = 0, precision: str = "fp32") -> dict:
@@ -802,13 +926,19 @@ def _provenance(command, config, seed, device) -> dict:
 
 
 def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
-    shape = (len(x),) if y is None else (len(x), len(y))
+    grid = (len(x),) if y is None else (len(x), len(y))
     layout = {}
     for j in jobs:
+        k = len(j.repeats)
+        shape = grid if k == 1 else (k,) + grid
         data = {"x": x, "loss": np.full(shape, np.nan), "accuracy": np.full(shape, np.nan),
                 "done": np.zeros(shape, dtype=bool)}
         if y is not None:
             data["y"] = y
+        if k > 1:
+            data["repeat_seeds"] = np.array([int(d.recipe.get("seed", -1)) for d in j.repeats], dtype=np.int64)
+            data["sharpness_rise"] = np.full(k, np.nan)
+            data["sharpness_curvature"] = np.full((k, len(grid)), np.nan)
         attrs = dict(j.info.describe()) if hasattr(j.info, "describe") else {}
         attrs.update({"norm": j.directions.recipe.get("norm"), "ignore": j.directions.recipe.get("ignore"),
                       "bn": options["bn"], "mc": options["mc"], "precision": options.get("precision", "fp32"),
@@ -816,14 +946,32 @@ def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, opt
                       "split": j.data.split, "dims": j.directions.dims,
                       "directions_kind": j.directions.recipe.get("kind"), "num_samples": len(j.data),
                       "data": json.dumps(j.data.describe(), sort_keys=True, default=str)})
-        layout[j.label] = {"attrs": attrs, "data": data, "groups": {"directions": to_node(j.directions)}}
+        groups = {"directions": to_node(j.directions)}
+        if k > 1:
+            attrs["repeats"] = k
+            groups["repeat_directions"] = {"attrs": {"note": "repeat r's directions in group r (repeat 0: the "
+                                                             "model's directions group)"},
+                                           "groups": {str(r): to_node(d) for r, d in enumerate(j.repeats) if r}}
+        layout[j.label] = {"attrs": attrs, "data": data, "groups": groups}
     return layout
+
+
+def _store_sharpness(result: "store.PartialResult", label: str) -> None:
+    """Write a repeats group's sharpness summaries from its stored (complete) grid."""
+    loss = result.read(f"{label}/loss")
+    x = result.read(f"{label}/x")
+    y = result.read(f"{label}/y") if "y" in result.file[label] else None
+    for name, values in sharpness(loss, x, y).items():
+        result.write(f"{label}/{name}", Ellipsis, values)
 
 
 def _explain_mismatch(old: dict, key: dict) -> str | None:
     """Which part of an earlier run's key (a partial file's) differs from this run's, in words."""
     if not isinstance(old, dict):
         return None
+    was, now = (int((k.get("options") or {}).get("repeats", 1)) for k in (old, key))
+    if was != now:
+        return f"another --repeats: {now}, the partial file has {was}"
     for part, what in (("models", "models or directions or data"), ("x", "grid (--x)"), ("y", "grid (--y)"),
                        ("options", "options")):
         if old.get(part) != key.get(part):
@@ -885,10 +1033,19 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
     x = np.asarray(x, np.float64)
     y = None if y is None else np.asarray(y, np.float64)
     for j in jobs:
-        _grid_shape(j.directions, x, y)
-    shape = (len(x),) if y is None else (len(x), len(y))
-    n_points = int(np.prod(shape))
+        for d in j.repeats:
+            _grid_shape(d, x, y)
+    n_repeats = len(jobs[0].repeats)
+    if any(len(j.repeats) != n_repeats for j in jobs):
+        raise ConfigError(f"every model of a run needs the same number of repeats (direction pairs): "
+                          f"{', '.join(f'{j.label}: {len(j.repeats)}' for j in jobs)}")
+    grid = (len(x),) if y is None else (len(x), len(y))
+    shape = grid if n_repeats == 1 else (n_repeats,) + grid
+    n_points = int(np.prod(grid))
+    n_units = n_points * n_repeats         # unit u: repeat u // n_points, grid point u % n_points
     options = surface_options(mc, bn, seed, precision)
+    if n_repeats > 1:          # one repeat: the options (and fingerprint) it had before --repeats existed
+        options["repeats"] = n_repeats
     precision = parse_precision(precision)
     compile_option = parse_compile(compile)
     for j in jobs:     # refuse a bad precision, or a compilation that cannot be done, before any file is touched
@@ -898,7 +1055,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
     key = run_fingerprint(jobs, x, y, options)
     shard_i, shard_n = shard if shard is not None else (0, 1)
-    points = shard_points(n_points, shard_i, shard_n)
+    points = shard_points(n_units, shard_i, shard_n)
     identity = engine.run_identity("surface", key, _device_of(jobs[0].model), (shard_i, shard_n))
     root = _provenance(command, config, seed, device)
     root["dims"] = 1 if y is None else 2
@@ -914,30 +1071,40 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             done_count += len(points) - len(remaining)
             todo.append(remaining)
         report(progress, done_count, total, "resumed" if result.resumed else "")
+        coords = _coords(x, y)
         for ji, job in enumerate(jobs):
-            if not todo[ji]:
-                continue
-            coords = _coords(x, y)
-            pending: list[tuple[int, float, float]] = []
-            last = time.monotonic()
-            with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed, precision, compile_option,
-                                  len(todo[ji]), notice) as ev:
-                _record_compile(result, job.label, compile_option, ev, earlier=len(points) - len(todo[ji]))
-                try:
-                    for p in todo[ji]:
-                        a, b = coords[p]
-                        loss, acc = ev(a, b)
-                        pending.append((p, loss, acc))
-                        done_count += 1
-                        if on_point is not None:
-                            on_point(ji, p)
-                        if len(pending) >= flush_points or time.monotonic() - last >= flush_seconds:
+            for r, directions in enumerate(job.repeats):
+                units = [u for u in todo[ji] if u // n_points == r]
+                if not units:
+                    continue
+                pending: list[tuple[int, float, float]] = []
+                last = time.monotonic()
+                name = job.label if n_repeats == 1 else f"{job.label} repeat {r}"
+                said = any(u // n_points < r for u in todo[ji])      # an earlier repeat already told the notice
+                with SurfaceEvaluator(job.model, job.data, directions, mc, bn, seed, precision, compile_option,
+                                      len(units), None if said else notice) as ev:
+                    # earlier: this model's units computed before this evaluator (a resume, or earlier repeats)
+                    _record_compile(result, job.label, compile_option, ev,
+                                    earlier=len(points) - len(todo[ji]) + sum(u // n_points < r for u in todo[ji]))
+                    try:
+                        for u in units:
+                            a, b = coords[u % n_points]
+                            loss, acc = ev(a, b)
+                            pending.append((u, loss, acc))
+                            done_count += 1
+                            if on_point is not None:
+                                on_point(ji, u)
+                            if len(pending) >= flush_points or time.monotonic() - last >= flush_seconds:
+                                _write_points(result, job.label, shape, pending)
+                                pending, last = [], time.monotonic()
+                            report(progress, done_count, total, name)
+                    finally:
+                        if pending and result.file is not None:
                             _write_points(result, job.label, shape, pending)
-                            pending, last = [], time.monotonic()
-                        report(progress, done_count, total, job.label)
-                finally:
-                    if pending and result.file is not None:
-                        _write_points(result, job.label, shape, pending)
+        if n_repeats > 1 and shard_n == 1:     # shards: lt merge computes them from the assembled grid
+            for job in jobs:
+                _store_sharpness(result, job.label)
+            result.flush()
         return result.finalize()
     finally:
         result.close()
@@ -994,6 +1161,11 @@ def merge_units(results: Sequence["store.Result"]) -> dict[str, dict]:
             node["attrs"]["compile_note"] = "the shards ran " + ", ".join(
                 f"{'mixed' if isinstance(v, str) else 'compiled' if v else 'eagerly'} ({r.path})"
                 for v, r in zip(ran, results))
+        if int(node["attrs"].get("repeats", 1)) > 1:    # from the assembled grid, as one process computes them
+            data = node["data"]
+            arr = lambda name: engine.array_of(node, name)
+            for name, values in sharpness(arr("loss"), arr("x"), arr("y") if "y" in data else None).items():
+                data[name] = values
         merged[label] = node
     return merged
 

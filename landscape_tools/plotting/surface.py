@@ -4,7 +4,8 @@ One panel per model (across every file given), side by side, sharing one colour 
 models' landscapes compare at a glance.  Plane corners and PCA trajectories stored with the
 directions are drawn on 2-D panels; a PCA trajectory's distance of each checkpoint from the plane
 gets a panel below.  1-D results are always drawn as lines (loss on the left axis, accuracy on the
-right); ``line`` on a 2-D result draws its ``y = 0`` row.  Along Hessian eigenvectors (``lt surface
+right); ``line`` on a 2-D result draws its ``y = 0`` row.  A ``--repeats K`` plane gives K panels (one per
+direction pair); a ``--repeats K`` line one panel: the mean over the repeats with their min-max band.  Along Hessian eigenvectors (``lt surface
 --directions H.h5``) a line also gets the quadratic model ``L0 + 1/2 * l * a^2`` of its eigenvalue (dashed),
 and the axes say which eigenvector and eigenvalue they follow.  Levels (and the 1-D loss axis) are
 logarithmic when asked, or by default when the loss spans more than :data:`LOG_RATIO`.
@@ -25,10 +26,37 @@ def _panels(results):
     for r in results:
         for label, node in r.models.items():
             title = label if len(results) == 1 else f"{label} ({r.path.rsplit('/', 1)[-1]})"
-            out.append((title, node))
+            if int(node.attrs.get("repeats", 1)) > 1:
+                out += _repeat_panels(title, node)
+            else:
+                out.append((title, node))
     if not out:
         raise ConfigError("the result file(s) hold no models to draw")
     return out
+
+
+def _repeat_panels(title: str, node):
+    """The panels of a ``--repeats K`` group: a plane gives one panel per repeat (its grid and directions);
+    a line gives one panel: the mean loss and accuracy over the repeats (``loss_band``: their min and max)."""
+    from ..store import Node
+
+    k = int(node.attrs["repeats"])
+    seeds = np.asarray(node.data.get("repeat_seeds", [-1] * k))
+    keep = {n: v for n, v in node.data.items() if n in ("x", "y")}
+    if "y" in node.data:
+        out = []
+        for r in range(k):
+            directions = node.groups["directions"] if r == 0 else node.groups["repeat_directions"].groups[str(r)]
+            data = dict(keep, loss=node.data["loss"][r], accuracy=node.data["accuracy"][r], done=node.data["done"][r])
+            out.append((f"{title}, repeat {r}\n(seed {int(seeds[r])})",
+                        Node(attrs=dict(node.attrs), data=data, groups={"directions": directions})))
+        return out
+    loss, acc = _masked(node, "loss"), _masked(node, "accuracy")
+    mean_loss, mean_acc = loss.mean(axis=0), acc.mean(axis=0)        # NaN where a repeat is missing
+    data = dict(keep, loss=mean_loss, accuracy=mean_acc, done=np.isfinite(mean_loss),
+                loss_band=np.stack([loss.min(axis=0), loss.max(axis=0)]))
+    return [(f"{title}, mean of {k} repeats", Node(attrs=dict(node.attrs), data=data,
+                                                   groups={"directions": node.groups["directions"]}))]
 
 
 def _masked(node, metric: str) -> np.ndarray:
@@ -293,6 +321,15 @@ def _draw_lines(plt, panels, log: bool | None = None):
     for ax, (title, node, x, loss, acc, on_axis) in zip(axes[0], rows):
         ax.plot(x, loss, "-o", color="tab:blue", ms=3, label="loss")
         handles, names = ax.get_lines()[:1], ["loss"]
+        band = node.data.get("loss_band")
+        acc_name = "accuracy"
+        if band is not None and loss.ndim == 1 and np.shape(band) == (2, len(x)):   # a --repeats line
+            k = int(node.attrs["repeats"])
+            handles.append(ax.fill_between(x, band[0], band[1], color="tab:blue", alpha=0.2, lw=0,
+                                           label=f"min-max of {k} repeats"))
+            names[0] = f"mean loss of {k} repeats"
+            names.append(f"min-max of {k} repeats")
+            acc_name = f"mean accuracy of {k} repeats"
         if log:
             ax.set_yscale("log")
         quad = quadratic_model(node, x, loss) if on_axis else None
@@ -310,7 +347,7 @@ def _draw_lines(plt, panels, log: bool | None = None):
         for label, (a, _) in _points(node):
             ax.axvline(a, color="grey", lw=0.8, ls=":")
             ax.annotate(label, (a, ax.get_ylim()[1]), fontsize=8, color="grey", va="top")
-        ax.legend(handles + twin.get_lines()[:1], names + ["accuracy"], fontsize=7, loc="best")
+        ax.legend(handles + twin.get_lines()[:1], names + [acc_name], fontsize=7, loc="best")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -67,8 +67,6 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
       lt evaluate smooth.pt --shard 0/2; lt evaluate smooth.pt --shard 1/2   # smooth.evaluate.shard0of2.h5, ...
       lt merge smooth.evaluate.shard*.h5 -o smooth.evaluate.h5
     """
-    from pathlib import Path
-
     from landscape_tools import distributed, store
     from landscape_tools.device import resolve_device
     from landscape_tools.engine import shard_suffix
@@ -149,16 +147,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     if shard is not None:
         click.echo(f"shard {shard[0]}/{shard[1]} written to {output}; `lt merge` joins the {shard[1]} shards")
         return
-    res = store.read_result(output)
-    for label, node in res.models.items():
-        click.echo(_table(label, node))
-        if node.attrs.get("note"):
-            common.info_line(f"note: {label}: {node.attrs['note']}")
-    for table in robust_tables:
-        click.echo(table)
-    common.info_line(f"result written to {Path(output)}")
-    if plot_path:
-        common.render_plot([output], plot_path)
+    _report(output, robust_tables, plot_path)
 
 
 class _Generated:
@@ -227,8 +216,6 @@ def _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pai
                    score, root, output, overwrite, plot_path) -> None:
     """--data cifar100c:DIR / cifar10c:DIR: every published set scored whole in one process; the
     top-level arrays of each model are all its sets pooled (the folder has no clean images)."""
-    from pathlib import Path
-
     from landscape_tools import corruptions as C
     from landscape_tools import store
 
@@ -258,11 +245,21 @@ def _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pai
         tables.append(_corruption_table(info.label, robust))
     root = {k: str(v) if isinstance(v, str) else v for k, v in root.items()}   # torch.__version__: a str subclass
     store.write_result(output, root, nodes, overwrite=overwrite)
+    _report(output, tables, plot_path)
+
+
+def _report(output, extra_tables, plot_path) -> None:
+    """Print each model's table from the written file (and its note), then ``extra_tables``; draw ``--plot``."""
+    from pathlib import Path
+
+    from landscape_tools import store
+
     res = store.read_result(output)
     for label, node in res.models.items():
         click.echo(_table(label, node))
-        common.info_line(f"note: {label}: {node.attrs['note']}")
-    for table in tables:
+        if node.attrs.get("note"):
+            common.info_line(f"note: {label}: {node.attrs['note']}")
+    for table in extra_tables:
         click.echo(table)
     common.info_line(f"result written to {Path(output)}")
     if plot_path:

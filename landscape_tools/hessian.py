@@ -290,25 +290,7 @@ class SharedDataOperator:
 
     def matvec(self, v: torch.Tensor, form: str | None = None) -> torch.Tensor:
         """``H v`` summed over the processes (float64 on the model's device)."""
-        error = None
-        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
-        try:
-            if self.empty:
-                part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-            else:
-                part = self._local(v, form) * self.scale
-        except Exception as exc:   # still join the sum below, flagged, so nobody waits forever
-            error = exc
-            part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-            flags[self.rank] = 1.0
-        total = self.reduce(torch.cat([part, flags]))
-        failed = [int(r) for r in torch.nonzero(total[self.dim:] > 0).flatten()]
-        if error is not None:
-            raise error
-        if failed:
-            raise PeerFailed(f"process(es) {', '.join(map(str, failed))} of {self.world_size} failed while "
-                             f"forming a Hessian-vector product (see their messages)")
-        hv = total[:self.dim].contiguous()
+        hv = self._summed(lambda: self._local(v, form) * self.scale, "a Hessian-vector product")
         if self.weight_decay:
             hv.add_(v.to(hv), alpha=self.weight_decay)
         self.count += 1
@@ -319,14 +301,17 @@ class SharedDataOperator:
     def free_gradient(self) -> torch.Tensor:
         """The gradient of the mean loss over every process's batches (float64 on the model's device,
         weight decay excluded), summed like a product: the start vector of a one-process run."""
+        return self._summed(lambda: self.inner.free_gradient().to(torch.float64) * self.scale, "the gradient")
+
+    def _summed(self, local, what: str) -> torch.Tensor:
+        """``local()`` (this process's share, a float64 vector; zero without batches) summed over the
+        processes.  A process whose share fails still joins the sum, flagged, so nobody waits forever;
+        then it raises its error and the others :class:`PeerFailed` naming ``what``."""
         error = None
         flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
         try:
-            if self.empty:
-                part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-            else:
-                part = self.inner.free_gradient().to(torch.float64) * self.scale
-        except Exception as exc:   # still join the sum below, flagged, so nobody waits forever
+            part = torch.zeros(self.dim, dtype=torch.float64, device=self.device) if self.empty else local()
+        except Exception as exc:
             error = exc
             part = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
             flags[self.rank] = 1.0
@@ -336,7 +321,7 @@ class SharedDataOperator:
             raise error
         if failed:
             raise PeerFailed(f"process(es) {', '.join(map(str, failed))} of {self.world_size} failed while "
-                             f"forming the gradient (see their messages)")
+                             f"forming {what} (see their messages)")
         return total[:self.dim].contiguous()
 
     def checked_matvec(self, v: torch.Tensor, label: str = "") -> tuple[float, torch.Tensor]:

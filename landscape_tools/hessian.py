@@ -118,7 +118,7 @@ class HessianSpectrum:
         return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
                 "scope": self.scope, "hessian_params": self.num_params, **{
                     key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision",
-                                                     "sub_batch", "warm_start")
+                                                     "sub_batch", "sub_batch_used", "warm_start")
                     if key in self.config}}
 
 
@@ -433,7 +433,9 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             under autocast, the loss itself in the model's dtype (an approximate Hessian).
         sub_batch: samples processed together in every product (``None``: whole batches; ``"auto"``:
             32 on a CPU, whole batches on a GPU).  The Hessian does not depend on it; the peak memory
-            does (smaller pieces, smaller second-backward buffers).
+            does (smaller pieces, smaller second-backward buffers).  A product that runs out of memory
+            is formed again in pieces of half the samples (down to 1), kept for the rest of the run,
+            said once on stderr, and recorded as ``config["sub_batch_used"]`` (an attribute).
         make_operator: ``make_operator(batch_indices) -> operator`` builds each row's operator instead
             of :func:`hessian_operator` (e.g. a :class:`SharedDataOperator` under torchrun).
         warm_start: (``lanczos``, ``scope="batch"``) start every row after the first from the Ritz vectors
@@ -500,11 +502,20 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     keep = k + WARM_GUARDS if warm else 0
     anchor = None
 
+    # pieces made smaller by an out-of-memory error stay smaller for the rest of the run
+    pieces = {"size": sub_batch}
+
     def operator(r):
         idx = groups[r]
         return (make_operator(idx) if make_operator is not None else
                 _make_operator(model, select(batch_list, idx), idx, params, weight_decay, mc_seed, form,
-                               precision, sub_batch))
+                               precision, pieces["size"]))
+
+    def note_pieces(op):
+        used = getattr(op, "sub_batch", pieces["size"])
+        if used != pieces["size"] and (pieces["size"] is None or (used is not None and used < pieces["size"])):
+            pieces["size"] = used
+            out.config["sub_batch_used"] = _sub_batch_attr(used)
 
     def solve(op, r, warm_vectors, vectors):
         common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
@@ -525,6 +536,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             try:
                 anchor = _anchor(solve(op, 0, None, keep).vectors, op)
             finally:
+                note_pieces(op)
                 op.close()
         report(progress, done, len(todo), f"{name}row {r}")
         op = operator(r)
@@ -559,6 +571,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.density["density"][r] = dens
                 out.density["sigma"][r] = sigma
         finally:
+            note_pieces(op)
             op.close()
         if on_row is not None:
             on_row(r, out)

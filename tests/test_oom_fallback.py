@@ -1,0 +1,135 @@
+"""Automatic out-of-memory fallbacks (smaller pieces, the same numbers), tested by injecting the error
+on a CPU: a forward pass over more samples than a limit raises the CUDA out-of-memory error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from landscape_tools import _hvp, _lanczos
+from landscape_tools._hvp import HessianOperator
+from landscape_tools.device import is_out_of_memory, out_of_memory_error
+from landscape_tools.hessian import hessian_operator, top_eigenvalues
+from landscape_tools.models import MCDropout
+
+
+class Small(nn.Module):
+    """linear -> tanh -> [MC dropout] -> linear, float64: 3*6+6 + 6*3+3 = 45 parameters."""
+
+    def __init__(self, mc: bool = False):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(3, 6)
+        self.drop = MCDropout(0.3) if mc else nn.Identity()
+        self.b = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.b.weight.mul_(3.0)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x))))
+
+
+def make(mc=False):
+    model = Small(mc).double()
+    torch.manual_seed(7)
+    x = torch.randn(19, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (19,))
+    return model, [(x[:8], y[:8]), (x[8:15], y[8:15]), (x[15:], y[15:])]   # sizes 8, 7, 4
+
+
+def oom():
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139 GiB total)")
+
+
+@pytest.fixture
+def limit(monkeypatch):
+    """``limit(n)``: every Hessian loss over more than ``n`` samples raises out of memory; returns the
+    list of piece sizes tried."""
+    tried = []
+
+    def install(n):
+        original = HessianOperator._loss
+
+        def loss(self, b, piece, model_call=None):
+            tried.append(piece[1] - piece[0])
+            if piece[1] - piece[0] > n:
+                raise oom()
+            return original(self, b, piece, model_call)
+
+        monkeypatch.setattr(HessianOperator, "_loss", loss)
+        return tried
+
+    return install
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("form", ["graph", "double", "func"])
+@pytest.mark.parametrize("mc", [False, True])
+def test_products_fall_back_to_smaller_pieces_with_the_same_values(limit, form, mc):
+    model, batches = make(mc)
+    torch.manual_seed(11)
+    vs = [torch.randn(45, dtype=torch.float64) for _ in range(3)]
+    with HessianOperator(model, batches, form=form, sub_batch=None) as free:
+        expected = [free.matvec(v) for v in vs]
+        grad = free.free_gradient()
+    notes = []
+    tried = limit(3)
+    with HessianOperator(model, batches, form=form, sub_batch=None, notice=notes.append) as op:
+        got = [op.matvec(v) for v in vs]
+        got_grad = op.free_gradient()
+        assert op.sub_batch == 2            # 8 -> 4 -> 2 samples: the first size within the limit
+        assert op.requested_sub_batch is None
+    assert max(tried) == 8 and 4 in tried   # it did run out of memory, then halved
+    for a, b in zip(got, expected):
+        assert _rel(a, b) <= 1e-10
+    assert _rel(got_grad, grad) <= 1e-10
+    assert len(notes) == 1 and "pieces of 8 samples" in notes[0] and "--sub-batch 2" in notes[0]
+
+
+def test_nothing_fits_raises_the_out_of_memory_error(limit):
+    model, batches = make()
+    limit(0)
+    with HessianOperator(model, batches, form="double", sub_batch=4, notice=lambda line: None) as op:
+        with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+            op.matvec(torch.ones(45, dtype=torch.float64))
+        assert op.sub_batch == 1
+    assert is_out_of_memory(info.value)
+    message = str(out_of_memory_error(info.value, "hessian"))
+    assert "lt hessian ran out of memory" in message and "--sub-batch" in message
+
+
+def test_other_errors_are_not_retried(monkeypatch):
+    model, batches = make()
+
+    def loss(self, b, piece, model_call=None):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(HessianOperator, "_loss", loss)
+    with HessianOperator(model, batches, form="double", sub_batch=None) as op:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            op.matvec(torch.ones(45, dtype=torch.float64))
+        assert op.sub_batch is None
+
+
+@pytest.mark.parametrize("mc", [False, True])
+def test_top_eigenvalues_keep_the_smaller_pieces_say_it_once_and_record_them(limit, capsys, mc):
+    model, batches = make(mc)
+    kw = dict(k=2, tol=1e-10, trace=True, trace_probes=6, density=True, density_runs=2, density_steps=6, seed=5)
+    free = top_eigenvalues(model, batches, **kw)
+    assert "sub_batch_used" not in free.config
+    capsys.readouterr()
+    tried = limit(3)
+    res = top_eigenvalues(model, batches, **kw)
+    err = capsys.readouterr().err
+    assert err.count("ran out of memory") == 1, err
+    assert res.config["sub_batch"] == 32 and res.config["sub_batch_used"] == 2
+    assert res.attrs()["sub_batch_used"] == 2
+    assert tried.count(8) == 1              # rows after the first start at the smaller size
+    np.testing.assert_allclose(res.eigenvalues, free.eigenvalues, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(res.trace["estimate"], free.trace["estimate"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(res.density["nodes"], free.density["nodes"], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(res.density["weights"], free.density["weights"], rtol=1e-9, atol=1e-11)

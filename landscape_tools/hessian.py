@@ -563,7 +563,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.trace["hutchpp_stderr"][r] = hpp["stderr"]
             if density:
                 nodes, weights = _lanczos.slq(op, dim, int(density_runs), int(density_steps),
-                                              seed=_row_seed(seed, r, 5), device=op.device)
+                                              seed=_row_seed(seed, r, 5), device=op.device,
+                                              basis_dtype=_density_basis_dtype(op))
                 grid, dens, sigma = _density_on_grid(nodes, weights)
                 out.density["nodes"][r] = nodes
                 out.density["weights"][r] = weights
@@ -594,6 +595,12 @@ def _basis_dtype(op, tol: float) -> torch.dtype:
     where its ~1e-7 loss of orthogonality is far below both the tolerance and the products' own
     rounding; float64 otherwise."""
     return torch.float32 if getattr(op, "dtype", torch.float64) == torch.float32 and tol >= 1e-6 else torch.float64
+
+
+def _density_basis_dtype(op) -> torch.dtype:
+    """The SLQ basis's storage: float64 for a float64 model (exact to its rounding), float32 for
+    every other (half the memory; its ~1e-7 relative rounding is that of the products themselves)."""
+    return torch.float64 if getattr(op, "dtype", torch.float64) == torch.float64 else torch.float32
 
 
 def _precision(op) -> float:

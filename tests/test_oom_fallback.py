@@ -133,3 +133,67 @@ def test_top_eigenvalues_keep_the_smaller_pieces_say_it_once_and_record_them(lim
     np.testing.assert_allclose(res.trace["estimate"], free.trace["estimate"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(res.density["nodes"], free.density["nodes"], rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(res.density["weights"], free.density["weights"], rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- SLQ basis storage
+def _dense(op, n):
+    return torch.stack([op(e) for e in torch.eye(n, dtype=torch.float64)]).T
+
+
+class _Recording(_lanczos._Basis):
+    made: list = []
+
+    def __init__(self, capacity, n, dtype, device):
+        super().__init__(capacity, n, dtype, device)
+        _Recording.made.append(self)
+
+
+def test_slq_float32_basis_matches_float64_and_halves_its_memory(monkeypatch):
+    model, batches = make()
+    monkeypatch.setattr(_lanczos, "_Basis", _Recording)
+    _Recording.made = []
+    with hessian_operator(model, batches, sub_batch=None) as op:
+        H = _dense(op, 45)
+        exact = np.sort(np.linalg.eigvalsh(H.numpy()))
+        n64, w64 = _lanczos.slq(op, 45, runs=3, steps=20, seed=2, basis_dtype=torch.float64)
+        n32, w32 = _lanczos.slq(op, 45, runs=3, steps=20, seed=2, basis_dtype=torch.float32)
+        full, _ = _lanczos.slq(op, 45, runs=1, steps=45, seed=2, basis_dtype=torch.float32)
+    radius = float(np.abs(exact).max())
+    # stored in float32: nodes and weights move by ~1e-7 relative; the stated tolerance is 1e-5
+    assert np.isfinite(n32).all() and np.isfinite(n64).all()
+    np.testing.assert_allclose(n32, n64, rtol=0, atol=1e-5 * radius)
+    np.testing.assert_allclose(w32, w64, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(w32.sum(1), 1.0, atol=1e-12)
+    # against the dense Hessian: the quadrature's moments are those of each run's start vector
+    # (v^T H^p v, exact for p < 2 * steps), and with all n steps allowed every node is an eigenvalue
+    for r in range(3):
+        v = _lanczos._random_unit(45, 2 + 7_777 * (r + 1), "cpu", kind="rademacher", draw_on_device=True)
+        for p in range(6):
+            moment = float(v @ torch.linalg.matrix_power(H, p) @ v)
+            assert abs(float((w32[r] * n32[r] ** p).sum()) - moment) <= 1e-5 * radius ** p
+    got = full[0][np.isfinite(full[0])]
+    assert len(got) >= 20
+    assert np.abs(got[:, None] - exact[None, :]).min(axis=1).max() <= 1e-5 * radius
+    # the stored basis: float32 rows, half the bytes of the float64 one of the same run
+    b64, b32 = _Recording.made[0], _Recording.made[3]
+    assert b64.dtype == torch.float64 and b32.dtype == torch.float32
+    bytes64 = sum(b.numel() * b.element_size() for b in b64.blocks)
+    bytes32 = sum(b.numel() * b.element_size() for b in b32.blocks)
+    assert bytes64 == 20 * 45 * 8 and bytes32 * 2 == bytes64
+    assert all(b.dtype == torch.float32 for b in b32.blocks)
+
+
+def test_top_eigenvalues_density_stores_a_float32_basis_for_a_float32_model(monkeypatch):
+    model, batches = make()
+    model = model.float()
+    batches = [(x.float(), y) for x, y in batches]
+    monkeypatch.setattr(_lanczos, "_Basis", _Recording)
+    _Recording.made = []
+    res = top_eigenvalues(model, batches[:1], k=1, density=True, density_runs=2, density_steps=10, seed=1)
+    dens = [b for b in _Recording.made if b.capacity == 10]
+    assert len(dens) == 2 and all(b.dtype == torch.float32 for b in dens)
+    ref = top_eigenvalues(model.double(), [(x.double(), y) for x, y in batches[:1]], k=1, density=True,
+                          density_runs=2, density_steps=10, seed=1)
+    radius = float(np.nanmax(np.abs(ref.density["nodes"])))
+    np.testing.assert_allclose(res.density["nodes"], ref.density["nodes"], rtol=0, atol=1e-4 * radius)
+    np.testing.assert_allclose(res.density["weights"], ref.density["weights"], rtol=0, atol=1e-4)

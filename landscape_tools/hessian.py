@@ -955,6 +955,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                            for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
         counter = {"n": 0}
+        pieces = opts["sub_batch"]
         for ji, job in enumerate(jobs):
             skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
 
@@ -970,8 +971,13 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
                 seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                 density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"], sub_batch=opts["sub_batch"], warm_start=opts["warm_start"],
+                precision=opts["precision"], sub_batch=pieces, warm_start=opts["warm_start"],
                 save_vectors=opts["save_vectors"])
+            used = results[job.label].config.get("sub_batch_used")
+            if used is not None:        # out of memory made the pieces smaller: kept for the next model
+                pieces = None if used == "whole" else int(used)
+            if pieces != opts["sub_batch"]:     # and recorded next to the requested sub_batch
+                part.set_attrs(job.label, {"sub_batch_used": _sub_batch_attr(pieces)})
         part.finalize()
     finally:
         part.close()

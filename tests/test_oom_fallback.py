@@ -197,3 +197,27 @@ def test_top_eigenvalues_density_stores_a_float32_basis_for_a_float32_model(monk
     radius = float(np.nanmax(np.abs(ref.density["nodes"])))
     np.testing.assert_allclose(res.density["nodes"], ref.density["nodes"], rtol=0, atol=1e-4 * radius)
     np.testing.assert_allclose(res.density["weights"], ref.density["weights"], rtol=0, atol=1e-4)
+
+
+def test_run_hessian_records_the_smaller_pieces_in_the_file_and_keeps_them_for_the_next_model(limit, tmp_path):
+    import h5py
+
+    from landscape_tools.hessian import HessianJob, run_hessian
+
+    model, batches = make()
+    other, _ = make(mc=True)
+    jobs = lambda: [HessianJob("a", model, None, batches), HessianJob("b", other, None, batches)]  # noqa: E731
+    kw = dict(k=2, tol=1e-10, seed=3, sub_batch=None)
+    free = run_hessian(jobs(), str(tmp_path / "free.h5"), **kw)
+    tried = limit(3)
+    got = run_hessian(jobs(), str(tmp_path / "oom.h5"), **kw)
+    assert tried.count(8) == 1                      # model b starts at the smaller size
+    with h5py.File(tmp_path / "oom.h5", "r") as f:
+        assert f["a"].attrs["sub_batch"] == "whole" and f["a"].attrs["sub_batch_used"] == 2
+        assert f["b"].attrs["sub_batch_used"] == 2
+        values = {k: f[k]["eigenvalues"][()] for k in ("a", "b")}
+    with h5py.File(tmp_path / "free.h5", "r") as f:
+        assert "sub_batch_used" not in f["a"].attrs
+        for k in ("a", "b"):
+            np.testing.assert_allclose(values[k], f[k]["eigenvalues"][()], rtol=1e-10, atol=0)
+            np.testing.assert_allclose(got[k].eigenvalues, free[k].eigenvalues, rtol=1e-10, atol=0)

@@ -221,3 +221,72 @@ def test_run_hessian_records_the_smaller_pieces_in_the_file_and_keeps_them_for_t
         for k in ("a", "b"):
             np.testing.assert_allclose(values[k], f[k]["eigenvalues"][()], rtol=1e-10, atol=0)
             np.testing.assert_allclose(got[k].eigenvalues, free[k].eigenvalues, rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- surface forward passes
+def _surface_case():
+    from landscape_tools import surface as S
+    from landscape_tools.data import DataSet
+
+    model = Small(mc=True).double().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(19, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (19,), generator=g)
+    data = DataSet(x, y, "tensors:test", "train", 3, 8)          # batches of 8, 8, 3
+    return S, model, data, S.random_directions(model, 2, seed=1)
+
+
+@pytest.fixture
+def forward_limit(monkeypatch):
+    """``forward_limit(n)``: a forward pass over more than ``n`` samples raises out of memory."""
+    tried = []
+
+    def install(n, error=oom):
+        original = Small.forward
+
+        def forward(self, x):
+            tried.append(int(x.shape[0]))
+            if x.shape[0] > n:
+                raise error()
+            return original(self, x)
+
+        monkeypatch.setattr(Small, "forward", forward)
+        return tried
+
+    return install
+
+
+@pytest.mark.parametrize("mc", [0, 3])
+def test_surface_points_fall_back_to_smaller_pieces_with_the_same_values(forward_limit, mc):
+    S, model, data, d = _surface_case()
+    xs, ys = np.array([-0.5, 0.0, 0.7]), np.array([-0.3, 0.4])
+    free = S.surface(model, data, d, xs, ys, mc=mc, seed=7)
+    notes = []
+    tried = forward_limit(3, error=lambda: RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB"))
+    got = S.surface(model, data, d, xs, ys, mc=mc, seed=7, notice=notes.append)
+    assert tried.count(8) == 1 and 4 in tried       # ran out once, then halved: 8 -> 4 -> 2, kept after
+    assert max(tried[tried.index(4) + 1:]) <= 3
+    np.testing.assert_allclose(got["loss"], free["loss"], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(got["accuracy"], free["accuracy"])
+    assert len(notes) == 1 and "with 8 samples at once" in notes[0] and "continuing with 2" in notes[0]
+    with S.SurfaceEvaluator(model, data, d, mc=mc, seed=7, notice=notes.append) as ev:
+        assert ev(0.7, 0.4) == pytest.approx(tuple(free_v[2, 1] for free_v in (free["loss"], free["accuracy"])),
+                                              rel=1e-12)
+        assert ev.pieces.size == 2                  # the size used, recorded on the evaluator
+
+
+def test_surface_mc_masks_of_pieces_are_those_of_the_whole_batch(forward_limit):
+    """With MC dropout a split batch that drew fresh masks would change the loss: it does not."""
+    S, model, data, d = _surface_case()
+    whole = S.evaluate_model(model, data, mc=4, seed=3)
+    forward_limit(1)
+    assert S.evaluate_model(model, data, mc=4, seed=3) == pytest.approx(whole, rel=1e-12)
+    assert whole != pytest.approx(S.evaluate_model(model, data, mc=4, seed=4), rel=1e-6)  # masks matter here
+
+
+def test_surface_nothing_fits_raises_the_out_of_memory_error(forward_limit):
+    S, model, data, d = _surface_case()
+    forward_limit(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+        S.surface(model, data, d, np.array([0.0]), np.array([0.0]), notice=lambda line: None)
+    assert "--batch-size" in str(out_of_memory_error(info.value, "surface"))

@@ -543,7 +543,18 @@ class SurfaceEvaluator:
         full = sum(1 for n in batch_sizes(batches) if n == size)
         t_eager = None
         if option == "auto":
-            t_eager = self._timed_batch(self.model, bx)
+            try:
+                t_eager = self._timed_batch(self.model, bx)
+            except Exception as exc:      # noqa: BLE001 -- out of memory: the points split the batches (eagerly)
+                if not is_out_of_memory(exc):
+                    raise
+                t_eager = None
+            if t_eager is None:
+                if bx.is_cuda:
+                    torch.cuda.empty_cache()
+                self._say(False, f"--compile auto: running eagerly: a batch of {size} samples does not fit in "
+                                 f"memory at once")
+                return
             if t_eager < 0.5:                           # the first pass may include one-off set-up: once more
                 t_eager = min(t_eager, self._timed_batch(self.model, bx))
             points = int(self.points or 0)
@@ -568,6 +579,8 @@ class SurfaceEvaluator:
             seconds = time.perf_counter() - start
         except Exception as exc:      # no C++ compiler, an unsupported op or platform, ...
             stack.close()
+            if is_out_of_memory(exc):     # not a failure of torch.compile: the one Error: line (--batch-size)
+                raise
             why = _first_line(exc)
             if option == "on":
                 raise ConfigError(f"--compile on: torch.compile failed here ({why}); use --compile off "
@@ -930,6 +943,8 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             the run's fingerprint (a partial file of another precision is refused, like one of another
             grid); compilation is not (the same numbers to float rounding): a resumed run decides
             again, and when its points ran otherwise than the earlier ones, ``compile`` is ``"mixed"``.
+            When a forward pass ran out of memory and batches went through in smaller pieces (the same
+            numbers up to rounding; :class:`Pieces`), ``rows_per_pass`` records the samples per pass.
 
     Raises:
         StoreError: output exists, another process writes it, a partial file of another run.
@@ -969,6 +984,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             done_count += len(points) - len(remaining)
             todo.append(remaining)
         report(progress, done_count, total, "resumed" if result.resumed else "")
+        rows_per_pass = None       # samples per forward pass once out of memory made them fewer: kept for later models
         for ji, job in enumerate(jobs):
             if not todo[ji]:
                 continue
@@ -978,6 +994,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             with SurfaceEvaluator(job.model, job.data, job.directions, mc, bn, seed, precision, compile_option,
                                   len(todo[ji]), notice) as ev:
                 _record_compile(result, job.label, compile_option, ev, earlier=len(points) - len(todo[ji]))
+                ev.pieces.size = rows_per_pass
                 try:
                     for p in todo[ji]:
                         a, b = coords[p]
@@ -993,6 +1010,9 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                 finally:
                     if pending and result.file is not None:
                         _write_points(result, job.label, shape, pending)
+                    rows_per_pass = ev.pieces.size
+                    if rows_per_pass is not None and result.file is not None:
+                        result.set_attrs(job.label, {"rows_per_pass": int(rows_per_pass)})
         return result.finalize()
     finally:
         result.close()

@@ -290,3 +290,98 @@ def test_surface_nothing_fits_raises_the_out_of_memory_error(forward_limit):
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
         S.surface(model, data, d, np.array([0.0]), np.array([0.0]), notice=lambda line: None)
     assert "--batch-size" in str(out_of_memory_error(info.value, "surface"))
+
+
+def test_run_surface_records_the_rows_per_pass_and_keeps_them_for_the_next_model(forward_limit, tmp_path):
+    import h5py
+
+    S, model, data, d = _surface_case()
+    other = Small(mc=True).double().eval()
+    with torch.no_grad():
+        other.a.weight.mul_(1.5)
+    d_other = S.random_directions(other, 2, seed=2)
+    jobs = lambda: [S.SurfaceJob("a", model, None, data, d), S.SurfaceJob("b", other, None, data, d_other)]  # noqa: E731
+    xs, ys = np.array([-0.5, 0.5]), np.array([0.0, 0.3])
+    S.run_surface(jobs(), str(tmp_path / "free.h5"), xs, ys, mc=2, seed=1)
+    tried = forward_limit(5)
+    S.run_surface(jobs(), str(tmp_path / "oom.h5"), xs, ys, mc=2, seed=1, notice=lambda line: None)
+    assert tried.count(8) == 1                      # model b starts at the smaller size
+    with h5py.File(tmp_path / "oom.h5", "r") as f, h5py.File(tmp_path / "free.h5", "r") as ref:
+        for k in ("a", "b"):
+            assert f[k].attrs["rows_per_pass"] == 4 and "rows_per_pass" not in ref[k].attrs
+            np.testing.assert_allclose(f[k]["loss"][()], ref[k]["loss"][()], rtol=1e-12, atol=0)
+            np.testing.assert_array_equal(f[k]["accuracy"][()], ref[k]["accuracy"][()])
+
+
+# ----------------------------------------------------------------------------- through the CLI
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from landscape_tools.checkpoints import save_checkpoint
+    from landscape_tools.data import save_tensors
+    from landscape_tools.models import build_model
+
+    root = tmp_path_factory.mktemp("oom_cli")
+    torch.manual_seed(0)
+    m = build_model("resnet_dnn_18", width=4, num_classes=3, in_channels=1)
+    save_checkpoint(root / "m.pt", m, "resnet_dnn_18", m.arch_kwargs, {})
+    rng = np.random.default_rng(0)
+    save_tensors(root / "d.npz", x=rng.normal(size=(12, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 12))
+    return root
+
+
+def _lt(*args):
+    from click.testing import CliRunner
+
+    from landscape_tools.cli.main import cli
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result, result.output          # stdout and stderr, interleaved
+
+
+def test_cli_hessian_falls_back_says_it_once_and_errors_when_nothing_fits(cli_files, limit, tmp_path):
+    from landscape_tools import store
+
+    common = ["hessian", cli_files / "m.pt", "--data", f"tensors:{cli_files / 'd.npz'}", "--batch-size", "6",
+              "--top-k", "1", "--tol", "1e-3", "--device", "cpu", "--sub-batch", "whole"]
+    free, _ = _lt(*common, "-o", tmp_path / "free.h5")
+    assert free.exit_code == 0, free.output
+    limit(2)
+    res, text = _lt(*common, "-o", tmp_path / "oom.h5")
+    assert res.exit_code == 0, text
+    assert text.count("ran out of memory") == 1 and "--sub-batch 1" in text
+    got, ref = store.read_result(tmp_path / "oom.h5"), store.read_result(tmp_path / "free.h5")
+    node = got.models["m"]
+    assert node.attrs["sub_batch_used"] == 1 and "sub_batch_used" not in ref.models["m"].attrs
+    np.testing.assert_allclose(node.data["eigenvalues"], ref.models["m"].data["eigenvalues"], rtol=1e-4)
+    limit(0)
+    res, text = _lt(*common, "-o", tmp_path / "none.h5")
+    assert res.exit_code == 1 and "Error: lt hessian ran out of memory" in text and "--sub-batch" in text, text
+
+
+def test_cli_surface_falls_back_and_errors_when_nothing_fits(cli_files, monkeypatch, tmp_path):
+    from landscape_tools import store
+    from landscape_tools import surface as S
+
+    common = ["surface", cli_files / "m.pt", "--data", f"tensors:{cli_files / 'd.npz'}", "--batch-size", "6",
+              "--x", "-1:1:3", "--device", "cpu"]
+    free, _ = _lt(*common, "-o", tmp_path / "free.h5")
+    assert free.exit_code == 0, free.output
+    original = S._logits
+
+    def limited(n):
+        def logits(forward, bx, precision, dtype):
+            if bx.shape[0] > n:
+                raise oom()
+            return original(forward, bx, precision, dtype)
+        monkeypatch.setattr(S, "_logits", logits)
+
+    limited(4)
+    res, text = _lt(*common, "-o", tmp_path / "oom.h5")
+    assert res.exit_code == 0, text
+    assert text.count("ran out of memory") == 1 and "continuing with 3" in text
+    assert "--compile auto: running eagerly: a batch of 6 samples does not fit in memory at once" in text
+    got, ref = store.read_result(tmp_path / "oom.h5"), store.read_result(tmp_path / "free.h5")
+    assert got.models["m"].attrs["rows_per_pass"] == 3
+    np.testing.assert_allclose(got.models["m"].data["loss"], ref.models["m"].data["loss"], rtol=1e-5)
+    limited(0)
+    res, text = _lt(*common, "-o", tmp_path / "none.h5")
+    assert res.exit_code == 1 and "Error: lt surface ran out of memory" in text and "--batch-size" in text, text

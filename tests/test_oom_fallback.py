@@ -90,29 +90,28 @@ def test_products_fall_back_to_smaller_pieces_with_the_same_values(limit, form, 
     assert len(notes) == 1 and "pieces of 8 samples" in notes[0] and "--sub-batch 2" in notes[0]
 
 
-def test_nothing_fits_raises_the_out_of_memory_error(limit):
+def test_nothing_fits_raises_the_out_of_memory_error_and_other_errors_are_not_retried(limit, monkeypatch):
     model, batches = make()
-    limit(0)
+    tried = limit(0)
     with HessianOperator(model, batches, form="double", sub_batch=4, notice=lambda line: None) as op:
         with pytest.raises(torch.cuda.OutOfMemoryError) as info:
             op.matvec(torch.ones(45, dtype=torch.float64))
-        assert op.sub_batch == 1
+        assert op.sub_batch == 1 and tried == [4, 2, 1]
     assert is_out_of_memory(info.value)
     message = str(out_of_memory_error(info.value, "hessian"))
     assert "lt hessian ran out of memory" in message and "--sub-batch" in message
 
-
-def test_other_errors_are_not_retried(monkeypatch):
-    model, batches = make()
+    calls = []
 
     def loss(self, b, piece, model_call=None):
+        calls.append(piece)
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(HessianOperator, "_loss", loss)
-    with HessianOperator(model, batches, form="double", sub_batch=None) as op:
+    with HessianOperator(model, batches, form="double", sub_batch=4) as op:
         with pytest.raises(RuntimeError, match="shape mismatch"):
             op.matvec(torch.ones(45, dtype=torch.float64))
-        assert op.sub_batch is None
+        assert op.sub_batch == 4 and calls == [(0, 4)]
 
 
 @pytest.mark.parametrize("mc", [False, True])
@@ -286,9 +285,10 @@ def test_surface_mc_masks_of_pieces_are_those_of_the_whole_batch(forward_limit):
 
 def test_surface_nothing_fits_raises_the_out_of_memory_error(forward_limit):
     S, model, data, d = _surface_case()
-    forward_limit(0)
+    tried = forward_limit(0)
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
         S.surface(model, data, d, np.array([0.0]), np.array([0.0]), notice=lambda line: None)
+    assert tried == [8, 4, 2, 1]                    # halved down to one sample before giving up
     assert "--batch-size" in str(out_of_memory_error(info.value, "surface"))
 
 

@@ -25,6 +25,12 @@ of 32 samples cut the peak by about a quarter at no cost in time (measured on a 
 batch 128: 440 instead of 600 MiB, 1.00 instead of 1.04 s per product), which is the default there;
 on a GPU the whole batch runs at once (smaller pieces would leave it idle).
 
+A product (or the gradient, or the retained graph) that runs out of device memory is formed again
+in pieces of half the samples, down to 1 sample; the smaller size is kept for the rest of the
+operator's life (``sub_batch``), said once on stderr (or through ``notice``), and the matrix is the
+same (the pieces' losses add up to the batch's, with the whole batch's dropout masks).  Out of
+memory with 1-sample pieces is raised as is (the CLI turns it into its one ``Error:`` line).
+
 Every product (and the graph it differentiates) runs with TF32 off unless the operator's precision
 is ``tf32`` (:func:`landscape_tools.precision.fp32_math`), and on CUDA with cuDNN's deterministic
 algorithms and no autotuning (``torch.backends.cudnn.deterministic`` / ``benchmark``), restored
@@ -44,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import precision as P
+from .device import is_out_of_memory, memory_notice
 from .errors import ConfigError, NumericalError
 from .streaming import as_sequence, batch_sizes
 
@@ -125,6 +132,8 @@ class HessianOperator:
             :func:`landscape_tools.precision.autocast`, e.g. ``hessian.hessian_operator``); sets TF32
             in the products and the determinism check's tolerance.  A forward pass that enters a
             lower precision than this is noticed and compared at its own.
+        notice: called with one line when an out-of-memory error makes the pieces smaller (default:
+            a line on stderr).
 
     Raises:
         ConfigError: unknown form, no matching parameters, empty batches, fp16 (here or in a
@@ -135,7 +144,7 @@ class HessianOperator:
     def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  batch_indices: Sequence[int] | None = None, params: str | Sequence[str] | None = None,
                  weight_decay: float = 0.0, mc_seed: int = 0, form: str = "auto", sub_batch: int | str | None = "auto",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", notice=None):
         self.precision = P.parse_hessian_precision(precision)
         #: the precisions the forward passes of the products have entered (see :meth:`_note_precision`)
         self.seen_precisions: set[str] = set()
@@ -166,6 +175,9 @@ class HessianOperator:
         self.sub_batch = resolve_sub_batch(sub_batch, self.device)
         #: per batch, the (start, stop) sample ranges processed together
         self.pieces = [_pieces(n, self.sub_batch) for n in sizes]
+        self.notice = notice
+        #: the requested samples per piece (``sub_batch`` may shrink after out-of-memory errors)
+        self.requested_sub_batch = self.sub_batch
         self._was_training = model.training
         model.eval()
         self.stochastic = _draws_dropout(model)
@@ -201,6 +213,38 @@ class HessianOperator:
                                  f"hold NaN/inf values (check the checkpoint, e.g. with `lt evaluate`)")
         return loss
 
+    def piece_size(self) -> int:
+        """The largest number of samples processed together now."""
+        return max(self.batch_sizes) if self.sub_batch is None else min(self.sub_batch, max(self.batch_sizes))
+
+    def _shrink(self) -> None:
+        """Halve the piece size (out of memory): new pieces, no retained graph, cached memory freed."""
+        self.sub_batch = max(1, self.piece_size() // 2)
+        self.pieces = [_pieces(n, self.sub_batch) for n in self.batch_sizes]
+        self._grads = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fitting(self, work):
+        """``work()``, formed again in pieces of half the samples while it runs out of memory (down to
+        1 sample; then the error is raised).  Each piece's loss is its summed loss over the batch size
+        and its dropout masks the matching rows of the whole batch's, so the result is the same up to
+        rounding."""
+        before = self.piece_size()
+        while True:
+            try:
+                out = work()
+                break
+            except Exception as exc:      # noqa: BLE001 -- only out-of-memory errors are retried
+                if not is_out_of_memory(exc) or self.piece_size() <= 1:
+                    raise
+            self._shrink()                # outside the except block: the failed attempt's tensors are freed
+        if self.piece_size() < before:
+            memory_notice(f"the Hessian-vector products ran out of memory with pieces of {before} samples; "
+                          f"continuing with pieces of {self.piece_size()} (--sub-batch {self.piece_size()}: "
+                          f"the same Hessian)", self.notice)
+        return out
+
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Flat float64 vector -> list of tensors shaped (and typed) like the parameters."""
         v = v.to(device=self.device, dtype=self.dtype)
@@ -225,17 +269,18 @@ class HessianOperator:
         (about a third of a product), summed batch by batch."""
         total = None
         with self._arithmetic():
-            if self.form == "graph":
-                self._build_graph()
             for b, w in enumerate(self.weights):
-                if self.form == "graph":
-                    grads = self._grads[b]
-                else:
-                    grads = [torch.autograd.grad(self._loss(b, piece), self.params) for piece in self.pieces[b]]
-                part = self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
+                part = self._fitting(lambda b=b: self._gradient_batch(b))
                 total = part * w if total is None else total.add_(part, alpha=w)
-                del grads
         return total
+
+    def _gradient_batch(self, b: int) -> torch.Tensor:
+        if self.form == "graph":
+            self._build_graph()
+            grads = self._grads[b]
+        else:
+            grads = [torch.autograd.grad(self._loss(b, piece), self.params) for piece in self.pieces[b]]
+        return self.flat(_add_up([[g.detach() for g in piece] for piece in grads]))
 
     def _hvp_batch(self, b: int, vs: list[torch.Tensor], form: str) -> list[torch.Tensor]:
         if form == "graph":
@@ -276,8 +321,7 @@ class HessianOperator:
         total = None
         with self._arithmetic():
             for b, w in enumerate(self.weights):
-                hv = self._hvp_batch(b, vs, form)
-                part = self.flat(hv)
+                part = self._fitting(lambda b=b: self.flat(self._hvp_batch(b, vs, form)))
                 total = part * w if total is None else total.add_(part, alpha=w)
         if self.weight_decay:
             total.add_(v.to(total), alpha=self.weight_decay)

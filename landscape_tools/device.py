@@ -1,6 +1,7 @@
 """Device resolution, out-of-memory messages and progress reporting hooks shared by every analysis."""
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +67,16 @@ def out_of_memory_error(exc: BaseException, command: str | None = None,
     name = f"lt {command}" if command else "the command"
     return OutOfMemory(f"{name} ran out of memory{where} ({detail}); lower the peak with {knobs}, "
                        f"or run on a device with more memory")
+
+
+def memory_notice(message: str, notice: Callable[[str], None] | None = None) -> None:
+    """Say an automatic out-of-memory fallback (smaller pieces, the same result) on one line: through
+    ``notice`` when given (e.g. the CLI's status line), else on stderr."""
+    if notice is not None:
+        notice(message)
+    else:
+        sys.stderr.write(f"note: {message}\n")
+        sys.stderr.flush()
 
 
 def report(progress: Progress, done: int, total: int, message: str = "") -> None:

@@ -118,7 +118,7 @@ class HessianSpectrum:
         return {"method": self.method, "which": self.which, "k": self.k, "tol": self.tol, "max_iter": self.max_iter,
                 "scope": self.scope, "hessian_params": self.num_params, **{
                     key: self.config[key] for key in ("params", "weight_decay", "mc_seed", "seed", "form", "ncv", "precision",
-                                                     "sub_batch", "warm_start")
+                                                     "sub_batch", "sub_batch_used", "warm_start")
                     if key in self.config}}
 
 
@@ -418,7 +418,9 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             under autocast, the loss itself in the model's dtype (an approximate Hessian).
         sub_batch: samples processed together in every product (``None``: whole batches; ``"auto"``:
             32 on a CPU, whole batches on a GPU).  The Hessian does not depend on it; the peak memory
-            does (smaller pieces, smaller second-backward buffers).
+            does (smaller pieces, smaller second-backward buffers).  A product that runs out of memory
+            is formed again in pieces of half the samples (down to 1), kept for the rest of the run,
+            said once on stderr, and recorded as ``config["sub_batch_used"]`` (an attribute).
         make_operator: ``make_operator(batch_indices) -> operator`` builds each row's operator instead
             of :func:`hessian_operator` (e.g. a :class:`SharedDataOperator` under torchrun).
         warm_start: (``lanczos``, ``scope="batch"``) start every row after the first from the Ritz vectors
@@ -485,11 +487,20 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     keep = k + WARM_GUARDS if warm else 0
     anchor = None
 
+    # pieces made smaller by an out-of-memory error stay smaller for the rest of the run
+    pieces = {"size": sub_batch}
+
     def operator(r):
         idx = groups[r]
         return (make_operator(idx) if make_operator is not None else
                 _make_operator(model, select(batch_list, idx), idx, params, weight_decay, mc_seed, form,
-                               precision, sub_batch))
+                               precision, pieces["size"]))
+
+    def note_pieces(op):
+        used = getattr(op, "sub_batch", pieces["size"])
+        if used != pieces["size"] and (pieces["size"] is None or (used is not None and used < pieces["size"])):
+            pieces["size"] = used
+            out.config["sub_batch_used"] = _sub_batch_attr(used)
 
     def solve(op, r, warm_vectors, vectors):
         common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
@@ -510,6 +521,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             try:
                 anchor = _anchor(solve(op, 0, None, keep).vectors, op)
             finally:
+                note_pieces(op)
                 op.close()
         report(progress, done, len(todo), f"{name}row {r}")
         op = operator(r)
@@ -536,7 +548,8 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.trace["hutchpp_stderr"][r] = hpp["stderr"]
             if density:
                 nodes, weights = _lanczos.slq(op, dim, int(density_runs), int(density_steps),
-                                              seed=_row_seed(seed, r, 5), device=op.device)
+                                              seed=_row_seed(seed, r, 5), device=op.device,
+                                              basis_dtype=_density_basis_dtype(op))
                 grid, dens, sigma = _density_on_grid(nodes, weights)
                 out.density["nodes"][r] = nodes
                 out.density["weights"][r] = weights
@@ -544,6 +557,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.density["density"][r] = dens
                 out.density["sigma"][r] = sigma
         finally:
+            note_pieces(op)
             op.close()
         if on_row is not None:
             on_row(r, out)
@@ -566,6 +580,12 @@ def _basis_dtype(op, tol: float) -> torch.dtype:
     where its ~1e-7 loss of orthogonality is far below both the tolerance and the products' own
     rounding; float64 otherwise."""
     return torch.float32 if getattr(op, "dtype", torch.float64) == torch.float32 and tol >= 1e-6 else torch.float64
+
+
+def _density_basis_dtype(op) -> torch.dtype:
+    """The SLQ basis's storage: float64 for a float64 model (exact to its rounding), float32 for
+    every other (half the memory; its ~1e-7 relative rounding is that of the products themselves)."""
+    return torch.float64 if getattr(op, "dtype", torch.float64) == torch.float64 else torch.float32
 
 
 def _precision(op) -> float:
@@ -920,6 +940,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                            for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
         counter = {"n": 0}
+        pieces = opts["sub_batch"]
         for ji, job in enumerate(jobs):
             skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
 
@@ -935,8 +956,13 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
                 seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
                 density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"], sub_batch=opts["sub_batch"], warm_start=opts["warm_start"],
+                precision=opts["precision"], sub_batch=pieces, warm_start=opts["warm_start"],
                 save_vectors=opts["save_vectors"])
+            used = results[job.label].config.get("sub_batch_used")
+            if used is not None:        # out of memory made the pieces smaller: kept for the next model
+                pieces = None if used == "whole" else int(used)
+            if pieces != opts["sub_batch"]:     # and recorded next to the requested sub_batch
+                part.set_attrs(job.label, {"sub_batch_used": _sub_batch_attr(pieces)})
         part.finalize()
     finally:
         part.close()

@@ -40,9 +40,9 @@ from . import engine, store
 from ._directions import (IGNORES, NORMS, Directions, from_node, hessian_directions, line_to, model_fingerprint,
                           normalize_direction, parse_eig, pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
-from .device import Progress, report
+from .device import Progress, is_out_of_memory, memory_notice, report
 from .errors import ConfigError, StoreError
-from .models import mc_dropout
+from .models import mask_rows, mc_dropout
 from .models.mc import MCDropout, sampling_dropout_modules
 from .precision import autocast, full_precision, model_dtype, parse_precision
 from .streaming import batch_sizes
@@ -157,28 +157,81 @@ def _logits(forward: nn.Module, bx: torch.Tensor, precision: str, dtype: torch.d
     return out if precision in ("fp32", "tf32") else full_precision(out, dtype)
 
 
+class Pieces:
+    """How many samples of a batch go through one forward pass of the surface's points: whole batches
+    until a pass runs out of memory, then half as many (down to 1), kept for every later batch and
+    point.  Each piece keeps its rows of the whole batch's dropout masks and the model is in eval
+    mode, so the per-sample log-probabilities, and the surface, are the same up to rounding."""
+
+    def __init__(self, notice: Callable[[str], None] | None = None):
+        #: samples per forward pass, ``None``: whole batches
+        self.size: int | None = None
+        self.notice = notice
+
+    def of(self, rows: int) -> int:
+        return rows if self.size is None else min(self.size, rows)
+
+    def shrink(self, tried: int) -> None:
+        self.size = max(1, tried // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _evaluate(model: nn.Module, data: DataSet, mc: int, seed: int, precision: str = "fp32",
-              forward: nn.Module | None = None) -> tuple[float, float]:
+              forward: nn.Module | None = None, pieces: Pieces | None = None) -> tuple[float, float]:
     """Mean NLL / accuracy; ``model`` is switched (dropout, modes), ``forward`` (default ``model``;
-    a compiled wrapper sharing its parameters) is called."""
+    a compiled wrapper sharing its parameters) is called, on batches split as ``pieces`` says (and
+    split further when a forward pass runs out of memory)."""
     forward = model if forward is None else forward
+    pieces = Pieces() if pieces is None else pieces
     dtype = model_dtype(model)
     total = torch.zeros((), dtype=torch.float64, device=data.y.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.y.device)
     with torch.no_grad(), (mc_dropout(model, False) if mc <= 0 else contextlib.nullcontext()):
         for b, (bx, by) in enumerate(data.batches()):
-            if mc <= 0:
-                logp = F.log_softmax(_logits(forward, bx, precision, dtype), dim=1)
-            else:
-                samples = []
-                for s in range(mc):
-                    with mc_dropout(model, True, seed=_mc_seed(seed, s, b)):
-                        samples.append(F.log_softmax(_logits(forward, bx, precision, dtype), dim=1))
-                logp = torch.logsumexp(torch.stack(samples), dim=0) - math.log(mc)
-            total += F.nll_loss(logp, by, reduction="sum").double()
-            correct += (logp.argmax(dim=1) == by).sum()
+            rows = int(bx.shape[0])
+            first = pieces.of(rows)
+            while True:
+                size = pieces.of(rows)
+                try:
+                    nll, right = _batch_sums(model, forward, bx, by, b, mc, seed, precision, dtype, size)
+                    break
+                except Exception as exc:      # noqa: BLE001 -- only out-of-memory errors are retried
+                    if not is_out_of_memory(exc) or size <= 1:
+                        raise
+                pieces.shrink(size)           # outside the except block: the failed pass's tensors are freed
+            if pieces.of(rows) < first:
+                memory_notice(f"the forward passes ran out of memory with {first} samples at once; continuing "
+                              f"with {pieces.of(rows)} (a --batch-size of {pieces.of(rows)} gives the same surface, "
+                              f"up to rounding)", pieces.notice)
+            total += nll
+            correct += right
     n = len(data)
     return float(total) / n, float(correct) / n
+
+
+def _batch_sums(model, forward, bx, by, b: int, mc: int, seed: int, precision: str, dtype,
+                size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (float64) and correct predictions of batch ``b``, ``size`` samples per forward pass
+    (each piece with its rows of the whole batch's dropout masks)."""
+    rows = int(bx.shape[0])
+    nll = torch.zeros((), dtype=torch.float64, device=by.device)
+    right = torch.zeros((), dtype=torch.int64, device=by.device)
+    for start in range(0, rows, size):
+        stop = min(start + size, rows)
+        x, y = (bx, by) if stop - start == rows else (bx[start:stop], by[start:stop])
+        if mc <= 0:
+            logp = F.log_softmax(_logits(forward, x, precision, dtype), dim=1)
+        else:
+            samples = []
+            with mask_rows(start, stop - start, rows):
+                for s in range(mc):
+                    with mc_dropout(model, True, seed=_mc_seed(seed, s, b)):
+                        samples.append(F.log_softmax(_logits(forward, x, precision, dtype), dim=1))
+            logp = torch.logsumexp(torch.stack(samples), dim=0) - math.log(mc)
+        nll += F.nll_loss(logp, y, reduction="sum").double()
+        right += (logp.argmax(dim=1) == y).sum()
+    return nll, right
 
 
 def _mc_seed(seed: int, sample: int, batch: int) -> int:
@@ -390,6 +443,8 @@ class SurfaceEvaluator:
             if blocker:
                 raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
         self.points, self.notice = points, notice
+        #: samples per forward pass (``pieces.size``: None for whole batches, smaller after out of memory)
+        self.pieces = Pieces(notice)
         self.forward: Callable = model
         self.compiled, self.compile_note = False, "--compile off: eager"
         self.dtype = model_dtype(model)
@@ -492,7 +547,18 @@ class SurfaceEvaluator:
         full = sum(1 for n in batch_sizes(batches) if n == size)
         t_eager = None
         if option == "auto":
-            t_eager = self._timed_batch(self.model, bx)
+            try:
+                t_eager = self._timed_batch(self.model, bx)
+            except Exception as exc:      # noqa: BLE001 -- out of memory: the points split the batches (eagerly)
+                if not is_out_of_memory(exc):
+                    raise
+                t_eager = None
+            if t_eager is None:
+                if bx.is_cuda:
+                    torch.cuda.empty_cache()
+                self._say(False, f"--compile auto: running eagerly: a batch of {size} samples does not fit in "
+                                 f"memory at once")
+                return
             if t_eager < 0.5:                           # the first pass may include one-off set-up: once more
                 t_eager = min(t_eager, self._timed_batch(self.model, bx))
             points = int(self.points or 0)
@@ -517,6 +583,8 @@ class SurfaceEvaluator:
             seconds = time.perf_counter() - start
         except Exception as exc:      # no C++ compiler, an unsupported op or platform, ...
             stack.close()
+            if is_out_of_memory(exc):     # not a failure of torch.compile: the one Error: line (--batch-size)
+                raise
             why = _first_line(exc)
             if option == "on":
                 raise ConfigError(f"--compile on: torch.compile failed here ({why}); use --compile off "
@@ -577,7 +645,7 @@ class SurfaceEvaluator:
             self._recompute_bn()
         else:
             self.model.eval()
-        return _evaluate(self.model, self.data, self.mc, self.seed, self.precision, self.forward)
+        return _evaluate(self.model, self.data, self.mc, self.seed, self.precision, self.forward, self.pieces)
 
 
 def _ms(seconds: float) -> str:
@@ -1023,6 +1091,8 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             the run's fingerprint (a partial file of another precision is refused, like one of another
             grid); compilation is not (the same numbers to float rounding): a resumed run decides
             again, and when its points ran otherwise than the earlier ones, ``compile`` is ``"mixed"``.
+            When a forward pass ran out of memory and batches went through in smaller pieces (the same
+            numbers up to rounding; :class:`Pieces`), ``rows_per_pass`` records the samples per pass.
 
     Raises:
         StoreError: output exists, another process writes it, a partial file of another run.
@@ -1072,6 +1142,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
             todo.append(remaining)
         report(progress, done_count, total, "resumed" if result.resumed else "")
         coords = _coords(x, y)
+        rows_per_pass = None       # samples per forward pass once out of memory made them fewer: kept for later models
         for ji, job in enumerate(jobs):
             for r, directions in enumerate(job.repeats):
                 units = [u for u in todo[ji] if u // n_points == r]
@@ -1086,6 +1157,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                     # earlier: this model's units computed before this evaluator (a resume, or earlier repeats)
                     _record_compile(result, job.label, compile_option, ev,
                                     earlier=len(points) - len(todo[ji]) + sum(u // n_points < r for u in todo[ji]))
+                    ev.pieces.size = rows_per_pass
                     try:
                         for u in units:
                             a, b = coords[u % n_points]
@@ -1101,6 +1173,9 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                     finally:
                         if pending and result.file is not None:
                             _write_points(result, job.label, shape, pending)
+                        rows_per_pass = ev.pieces.size
+                        if rows_per_pass is not None and result.file is not None:
+                            result.set_attrs(job.label, {"rows_per_pass": int(rows_per_pass)})
         if n_repeats > 1 and shard_n == 1:     # shards: lt merge computes them from the assembled grid
             for job in jobs:
                 _store_sharpness(result, job.label)

@@ -683,24 +683,12 @@ def store_result_node(part, label: str) -> tuple[dict, EnsembleCurve]:
         if name in ("units", "sample_units"):
             continue
         if hasattr(item, "keys"):
-            groups[name] = _group_node(part, f"{label}/{name}")
+            from . import engine, store
+            groups[name] = engine.node_dict(store._read_node(item))   # finished subgroups, read whole
         else:
             attrs = part.attrs(f"{label}/{name}")
             data[name] = (item[()], attrs) if attrs else item[()]
     return _finished_node(part.attrs(label), data, units, part.read(f"{label}/sample_units/values"), groups)
-
-
-def _group_node(part, path: str) -> dict:
-    """The node dict (attrs, data, groups) of group ``path`` of an open partial file, read whole."""
-    group = part.file[path]
-    node = {"attrs": part.attrs(path), "data": {}, "groups": {}}
-    for name in group:
-        if hasattr(group[name], "keys"):
-            node["groups"][name] = _group_node(part, f"{path}/{name}")
-        else:
-            attrs = part.attrs(f"{path}/{name}")
-            node["data"][name] = (group[name][()], attrs) if attrs else group[name][()]
-    return node
 
 
 def merge_units(results) -> dict[str, dict]:

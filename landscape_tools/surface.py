@@ -41,7 +41,7 @@ from ._directions import (IGNORES, NORMS, Directions, from_node, hessian_directi
                           normalize_direction, parse_eig, pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
 from .device import Progress, is_out_of_memory, memory_notice, report
-from .errors import ConfigError, StoreError
+from .errors import ConfigError
 from .models import mask_rows, mc_dropout
 from .models.mc import MCDropout, sampling_dropout_modules
 from .precision import autocast, full_precision, model_dtype, parse_precision

@@ -612,7 +612,8 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int]
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.description,
                        "batch_sizes": batch_sizes(job.batches)})
     key = {"models": prints, "sizes": sizes, "seed": int(seed), "n_bins": int(n_bins), "precision": precision}
-    device = jobs[0].batches[0][0].device
+    p0 = next(iter(jobs[0].model.parameters()), None)     # not the data: a streamed batch would be decoded for it
+    device = p0.device if p0 is not None else jobs[0].batches[0][0].device
     curves: dict[str, EnsembleCurve] = {}
 
     def compute(out, part):

@@ -40,7 +40,7 @@ FIGURES = (("evaluate", "curves", "evaluate_curves.png", "NLL, accuracy and ECE 
            ("featvar", "fourier", "featvar_fourier.png", "relative log amplitude of the feature maps' spectra"))
 ANALYSES = ("evaluate", "hessian", "surface", "featvar")
 NLL_TOLERANCE = 0.02
-#: training seeds per model of the full demo: 3 x ~2.5 minutes on 2 idle CPU cores fits in 8 minutes
+#: training seeds per model of the full demo: 3 seeds x ~2.4 minutes on 2 idle CPU cores fit in 8 minutes
 DEFAULT_SEEDS = 3
 #: the verdict of a claim from one training run per model
 ONE_SEED = "one seed: no verdict across training runs"
@@ -74,14 +74,14 @@ class DemoConfig:
     train_samples: int | None = None
     mc_sizes: tuple = (1, 2, 5, 10, 20)
     eval_samples: int | None = None
-    hessian_batches: int = 4
+    hessian_batches: int = 3
     hessian_batch_size: int = 64
     hessian_k: int = 5
     hessian_tol: float = 1e-3
     hessian_max_iter: int | None = None
-    surface_points: int = 11
+    surface_points: int = 9
     surface_range: float = 1.0
-    surface_samples: int = 256
+    surface_samples: int = 192
     featvar_mc: int = 16
     featvar_samples: int = 256
     featvar_batch_size: int = 64

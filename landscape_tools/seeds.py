@@ -64,6 +64,10 @@ FEATVAR_NOISE = 15
 FEATVAR_DROPOUT = 16
 #: (seed, crc32 of the corruption's name, severity, image position): a noise corruption's draws
 CORRUPTION = 17
+#: (seed, crc32 of ``kind/quantity``): ``lt compare``'s bootstrap (and permutation test) seed of a quantity
+COMPARE_QUANTITY = 18
+#: (demo seed, model index): the initial weights of the demo's model ``index``
+DEMO_MODEL_INIT = 19
 #: (seed, repeat r >= 1): the direction seed of surface repeat r (scheme 1's tag, kept: same numbers)
 SURFACE_REPEAT = 0x5EED_16
 

@@ -231,7 +231,7 @@ def test_one_seed_derivation_with_distinct_purposes():
         assert E.derive_seed(*parts) == by_hand
     assert E.derive_seed(2 ** 32 + 1, 1) != E.derive_seed(1, 1)          # every bit of a large seed counts
     # one number per purpose, none reused; the surface's repeat tag is the one it always had
-    assert len(set(seeds.PURPOSES.values())) == len(seeds.PURPOSES) >= 17
+    assert len(set(seeds.PURPOSES.values())) == len(seeds.PURPOSES) >= 19
     assert S.REPEAT_TAG == seeds.SURFACE_REPEAT == 0x5EED_16
     # a row's start vector, its probes and its SLQ runs: different seeds
     row = [E.derive_seed(0, p, 1) for p in (seeds.HESSIAN_START, seeds.HESSIAN_HUTCHINSON, seeds.HESSIAN_HUTCHPP,

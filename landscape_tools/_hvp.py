@@ -50,8 +50,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import precision as P
+from . import seeds
 from .device import is_out_of_memory, memory_notice
 from .errors import ConfigError, NumericalError
+from .seeds import derive_seed
 from .streaming import as_sequence, batch_sizes
 
 FORMS = ("graph", "double", "func")
@@ -109,11 +111,6 @@ def select_parameters(model: nn.Module, params: str | Sequence[str] | None) -> l
     return chosen
 
 
-def batch_mask_seed(mc_seed: int, batch_index: int) -> int:
-    """The dropout-mask seed of batch ``batch_index`` (independent of which other batches run)."""
-    return int(mc_seed) * 1_000_033 + int(batch_index) * 7_919 + 1
-
-
 class HessianOperator:
     """The Hessian of the size-weighted mean loss over ``batches``, as a matrix-free operator.
 
@@ -124,7 +121,9 @@ class HessianOperator:
         batch_indices: position of each batch in the whole data (seeds its dropout mask).
         params: glob(s) of the parameters spanning the Hessian (None: all trainable ones).
         weight_decay: adds ``wd/2 * ||w||^2`` to the loss, i.e. ``wd * v`` to every product.
-        mc_seed: seed of the fixed dropout masks (used when the model samples dropout in eval mode).
+        mc_seed: seed of the fixed dropout masks (used when the model samples dropout in eval mode):
+            batch ``b`` draws those of ``mc_dropout(model, True, seed=derive_seed(mc_seed,
+            seeds.HESSIAN_BATCH_MASKS, batch_indices[b]))``.
         form: ``graph``, ``double``, ``func`` or ``auto`` (see the module docstring).
         sub_batch: samples per piece of a batch, ``None`` for whole batches, or ``"auto"`` (by
             device; see the module docstring).  The matrix does not depend on it.
@@ -190,7 +189,8 @@ class HessianOperator:
             return contextlib.nullcontext()
         from .models import mask_rows, mc_dropout
         stack = contextlib.ExitStack()
-        stack.enter_context(mc_dropout(self.model, True, seed=batch_mask_seed(self.mc_seed, self.batch_indices[b])))
+        seed = derive_seed(self.mc_seed, seeds.HESSIAN_BATCH_MASKS, self.batch_indices[b])
+        stack.enter_context(mc_dropout(self.model, True, seed=seed))
         start, stop = piece
         stack.enter_context(mask_rows(start, stop - start, self.batch_sizes[b]))
         return stack

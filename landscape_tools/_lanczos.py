@@ -24,6 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import seeds
+from .seeds import derive_seed
+
 Operator = Callable[[torch.Tensor], torch.Tensor]
 WHICH = ("LM", "LA", "SA")
 _CHUNK = 1 << 14   # columns of the basis widened / rotated at a time
@@ -341,7 +344,8 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
         max_hvps: budget of operator applications (pairs not converged by then are flagged).
         ncv: Krylov basis size before a restart (default ``max(2k + 10, 30)``; memory up to ``ncv * n``
             values of ``basis_dtype``, allocated 8 rows at a time as the basis grows).
-        seed: seed of the start vector.
+        seed: seed of the start vector; the fresh direction after an invariant subspace found at
+            ``p`` products is seeded ``seeds.derive_seed(seed, seeds.LANCZOS_RESTART, p)``.
         device: where the basis lives (default: the operator's output device).
         return_vectors: also return the Ritz vectors ((k, n) float64); an int ``p >= k`` returns the
             first ``p`` Ritz vectors in ``which`` order (e.g. to warm-start a related problem).
@@ -409,7 +413,7 @@ def thick_restart_lanczos(op: Operator, n: int, k: int, which: str = "LM", tol: 
                 break
             if beta <= 1e-10 * max(norm_est, 1e-300):
                 # invariant subspace found: continue from a fresh direction orthogonal to it
-                w = _random_unit(n, seed + 7919 * (hvps + 1), "cpu").to(device)
+                w = _random_unit(n, derive_seed(seed, seeds.LANCZOS_RESTART, hvps), "cpu").to(device)
                 _orthogonalise(w, V.head(size))
                 w /= torch.linalg.vector_norm(w)
                 beta_couple = 0.0
@@ -456,7 +460,8 @@ def _orthonormal_rows(Z: torch.Tensor, against: torch.Tensor | None, seed: int) 
     two passes of classical Gram-Schmidt per row, in order.  A row that loses nearly all of its norm
     on the way (it lies, to rounding, in the span of the rows before it: an invariant subspace, a
     low-rank or zero operator) is replaced by a seeded random vector treated the same way, so the
-    result always has ``len(Z)`` rows that are orthonormal to rounding."""
+    result always has ``len(Z)`` rows that are orthonormal to rounding.  Attempt ``a`` at row ``i`` is
+    seeded ``seeds.derive_seed(seed, seeds.ORTHONORMAL_REPLACEMENT, i, a)``."""
     n = Z.shape[1]
     out = torch.empty_like(Z)
     done = 0 if against is None else against.shape[0]
@@ -473,7 +478,7 @@ def _orthonormal_rows(Z: torch.Tensor, against: torch.Tensor | None, seed: int) 
                     break
             if done + i >= n:  # cannot happen: callers never ask for more than n rows in all
                 raise ValueError(f"{done + i + 1} orthonormal rows asked for in dimension {n}")
-            z = _random_unit(n, seed + 7919 * (i + 1) + 104_729 * attempt, "cpu").to(Z.device)
+            z = _random_unit(n, derive_seed(seed, seeds.ORTHONORMAL_REPLACEMENT, i, attempt), "cpu").to(Z.device)
         else:
             raise RuntimeError("could not complete an orthonormal block (non-finite operator output?)")
     return out
@@ -521,7 +526,10 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
     Everything is float64.
 
     Args:
-        op, n, k, which, tol, seed, device, return_vectors: as :func:`thick_restart_lanczos`.
+        op, n, k, which, tol, seed, device, return_vectors: as :func:`thick_restart_lanczos`; the
+            i-th random vector of the first block is seeded ``derive_seed(seed, seeds.POWER_BLOCK, i)``,
+            the orthonormalisation after ``p`` products ``derive_seed(seed, seeds.POWER_STEP, p)``
+            (:mod:`landscape_tools.seeds`).
         max_iter: products allowed per wanted eigenvalue: the solve stops after at most
             ``max_iter * k`` operator applications (the budget of the single-vector deflated power
             iteration with ``max_iter`` iterations per eigenvalue).
@@ -567,7 +575,8 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
         v = hv = None
     # the rest of the block: seeded random vectors, orthonormalised, multiplied
     if len(rows) < b:
-        fresh = torch.stack([_random_unit(n, seed + 1009 * (i + 1), "cpu") for i in range(b - len(rows))])
+        fresh = torch.stack([_random_unit(n, derive_seed(seed, seeds.POWER_BLOCK, i), "cpu")
+                             for i in range(b - len(rows))])
         if device is not None:
             fresh = fresh.to(device)
         fresh = _orthonormal_rows(fresh, torch.stack(rows) if rows else None, seed)
@@ -612,7 +621,7 @@ def deflated_power(op: Operator, n: int, k: int, which: str = "LM", tol: float =
             mu = 0.0
         Z = HB[active] - mu * B[active]
         keep = B[locked] if locked else None
-        Z = _orthonormal_rows(Z, keep, seed + 31 * (hvps + 1))
+        Z = _orthonormal_rows(Z, keep, derive_seed(seed, seeds.POWER_STEP, hvps))
         W = torch.stack([op(z).to(device=device, dtype=torch.float64) for z in Z])
         hvps += len(active)
         B = torch.cat([keep, Z]) if locked else Z
@@ -653,7 +662,7 @@ def hutchpp(op: Operator, n: int, hvps: int, seed: int = 0, device=None) -> dict
 
     With ``s = hvps // 3`` sketch vectors: ``Q = orth(H S)`` (s products), ``tr(Q^T H Q)`` (s products)
     and ``hvps - 2s`` Hutchinson probes of ``(I - QQ^T) H (I - QQ^T)``.  Probes are drawn on ``device``
-    (see :func:`hutchinson`).
+    (see :func:`hutchinson`) by a generator seeded with ``seed``.
 
     Returns:
         dict with ``estimate``, ``stderr`` (from the Hutchinson part; the sketch part is exact given Q)
@@ -661,7 +670,7 @@ def hutchpp(op: Operator, n: int, hvps: int, seed: int = 0, device=None) -> dict
     """
     s = max(1, min(hvps // 3, n))
     g = max(2, hvps - 2 * s)
-    gen = _generator(seed + 99_991, device)
+    gen = _generator(seed, device)
 
     def rademacher():
         return _rademacher(n, gen)
@@ -687,8 +696,9 @@ def slq(op: Operator, n: int, runs: int, steps: int, seed: int = 0, device=None,
 
     Lanczos with full reorthogonalisation for ``min(steps, n)`` steps (fewer when the Krylov space
     becomes invariant); nodes are the eigenvalues of the tridiagonal matrix, weights the squared
-    first components of its eigenvectors (each run's weights sum to one).  Each run's start vector is
-    drawn on ``device`` (see :func:`hutchinson`).
+    first components of its eigenvectors (each run's weights sum to one).  Run ``r``'s start vector is
+    drawn on ``device`` (see :func:`hutchinson`) by a generator seeded with
+    ``seeds.derive_seed(seed, seeds.SLQ_RUN, r)``.
 
     The current vectors, the three-term recurrence and the reorthogonalisation run in float64; the
     basis of past vectors (``steps`` x ``n``, the memory of the method) is stored in ``basis_dtype``,
@@ -707,8 +717,8 @@ def slq(op: Operator, n: int, runs: int, steps: int, seed: int = 0, device=None,
     nodes = np.full((runs, steps), np.nan)
     weights = np.zeros((runs, steps))
     for r in range(runs):
-        v = _random_unit(n, seed + 7_777 * (r + 1), device if device is not None else "cpu", kind="rademacher",
-                         draw_on_device=True)
+        v = _random_unit(n, derive_seed(seed, seeds.SLQ_RUN, r), device if device is not None else "cpu",
+                         kind="rademacher", draw_on_device=True)
         V = None
         alphas, betas = [], []
         for j in range(steps_eff):

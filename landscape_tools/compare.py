@@ -23,7 +23,8 @@ The replicate unit:
   (``scipy.stats.ttest_rel`` paired, Welch ``scipy.stats.ttest_ind(equal_var=False)`` unpaired);
   the other statistics (ECE, MC samples to come within ``within`` of the largest N's NLL, median top
   eigenvalue magnitude) a bootstrap interval over the units (``scipy.stats.bootstrap``, BCa, ``resamples``
-  resamples, seeded by ``seed`` and the quantity's name; paired: the same resampled units for A and B),
+  resamples, seeded by ``derive_seed(seed, COMPARE_QUANTITY, crc32(kind/quantity))``; paired: the same
+  resampled units for A and B),
   and their verdict also needs a permutation test (``scipy.stats.permutation_test``: paired, A's and
   B's value of a unit swapped at random) to reject at ``1 - level``: bootstrap intervals of ECE or of a
   median under-cover with a few hundred units (measured: 8-11 % false detections at 95 %), the
@@ -44,7 +45,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import seeds
 from .errors import ConfigError
+from .seeds import derive_seed
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -214,11 +217,6 @@ def verdict(interval: Interval, better: str, p_value: float = math.nan, alpha: f
 
 def _floats(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).ravel()
-
-
-def quantity_seed(seed: int, name: str) -> int:
-    """The bootstrap seed of one quantity: ``seed`` mixed with the quantity's name (crc32)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------- entries
@@ -600,7 +598,8 @@ def _within_run(kind: str, a: Entry, b: Entry, level: float, resamples: int, see
             n_a, n_b = q.count(a), q.count(b)
             if paired and n_a != n_b:
                 paired, note = False, f"unpaired: {n_a} vs {n_b} {UNIT_NAMES[kind]}"
-            qseed = quantity_seed(seed, f"{kind}/{q.name}")
+            # the bootstrap (and permutation) seed of one quantity: the run's seed and its name's crc32
+            qseed = derive_seed(seed, seeds.COMPARE_QUANTITY, zlib.crc32(f"{kind}/{q.name}".encode()))
             if min(n_a, n_b) < MIN_BOOTSTRAP_UNITS:
                 interval = Interval(vb - va, math.nan, math.nan, "none")
                 note = (f"only {min(n_a, n_b)} {UNIT_NAMES[kind]}: too few for a bootstrap interval (at least "
@@ -720,8 +719,9 @@ def settings(level: float, resamples: int, seed: int, within: float) -> dict[str
                 "means within a run": "paired t (scipy.stats.ttest_rel) when the units are shared, else Welch t "
                                       "(scipy.stats.ttest_ind, equal_var=False)",
                 "other statistics within a run": f"{BOOTSTRAP_METHOD} bootstrap over units (scipy.stats.bootstrap, "
-                                                 f"{int(resamples)} resamples, seed {int(seed)} mixed with crc32 of "
-                                                 f"the quantity name); a verdict also needs the permutation test "
+                                                 f"{int(resamples)} resamples, seed landscape_tools.seeds."
+                                                 f"derive_seed({int(seed)}, COMPARE_QUANTITY, crc32 of kind/quantity "
+                                                 f"name)); a verdict also needs the permutation test "
                                                  f"(scipy.stats.permutation_test, {int(resamples)} resamples) to "
                                                  f"reject at 1 - level",
                 "across training seeds": "Welch t (scipy.stats.ttest_ind, equal_var=False) on per-seed values"})}

@@ -39,7 +39,8 @@ Both blurs pad with the half-sample symmetric reflection (``d c b a | a b c d``;
 Severity 0 is the identity (the clean data, returned unchanged).
 
 **Seeding.** The random draws of a noise corruption on the image at position ``i`` of the full split
-come from a generator seeded by ``(seed, name, severity, i)`` (:func:`sample_generator`): an image gets
+come from a generator seeded ``derive_seed(seed, CORRUPTION, crc32(name), severity, i)``
+(:func:`sample_generator`, :mod:`landscape_tools.seeds`): an image gets
 the same noise whatever subset (``--samples``), batch size or device, and the draws are made on the CPU
 in float64.
 """
@@ -54,7 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import seeds
 from .errors import ConfigError, DataError
+from .seeds import derive_seed
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -142,10 +145,10 @@ def parameter(name: str, severity: int):
 
 # ----------------------------------------------------------------------------- the corruptions
 def sample_generator(seed: int, name: str, severity: int, index: int) -> torch.Generator:
-    """The CPU generator of the random draws on the image at position ``index`` of the full split."""
-    tag = zlib.crc32(name.encode())
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, tag, int(severity), int(index)]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1] >> 1))
+    """The CPU generator of the random draws on the image at position ``index`` of the full split, seeded
+    ``derive_seed(seed, seeds.CORRUPTION, crc32(name), severity, index)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, seeds.CORRUPTION, zlib.crc32(name.encode()), severity,
+                                                     index))
 
 
 def _reflect_index(n: int, radius: int) -> torch.Tensor:

@@ -25,8 +25,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import seeds
 from .device import Progress
 from .errors import ConfigError, StoreError
+from .seeds import derive_seed
 
 DATA_SPEC = "digits"
 #: (label = checkpoint stem, zoo architecture, description)
@@ -103,7 +105,8 @@ class DemoConfig:
 
     def digest(self) -> str:
         """A short fingerprint of the configuration (stored in every output, checked on reuse)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        document = {**asdict(self), "seed_scheme": seeds.SEED_SCHEME}   # other seeds: other models and numbers
+        return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -238,7 +241,7 @@ def train_models(cfg: DemoConfig, out_dir: Path, device, overwrite: bool, log: C
                              batch_size=cfg.batch_size, device=device)
         test_ds = load_data(DATA_SPEC, "test", batch_size=256, device=device)
         in_channels = int(train_ds.x.shape[1])
-        torch.manual_seed(cfg.seed * 1000 + i)
+        torch.manual_seed(derive_seed(cfg.seed, seeds.DEMO_MODEL_INIT, i))   # model i's initial weights
         model = build_model(arch, num_classes=train_ds.num_classes, in_channels=in_channels, width=cfg.width).to(device)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
         n_params = sum(p.numel() for p in model.parameters())

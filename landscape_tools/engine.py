@@ -27,8 +27,9 @@ owns everything around that, once for all four:
 - **the rank vote** (:func:`vote`): one function; it runs over a gloo group with a long timeout
   (:func:`landscape_tools.distributed.vote_group`), so a rank that finishes early waits for slow
   ranks instead of being killed by the NCCL watchdog.
-- **seeds**: :func:`derive_seed` is the one derivation for new seeds; ``SEED_SCHEME`` is recorded
-  in every run's key, so a partial file written under another scheme is refused.
+- **seeds**: :func:`derive_seed` (:mod:`landscape_tools.seeds`, re-exported here) is the one
+  derivation of every seed lt derives, with one purpose number per kind of draw; ``SEED_SCHEME``
+  (2) is recorded in every run's key, so a partial file written under another scheme is refused.
 
 Progress is reported through each analysis' ``progress(done, total, message)`` callback and
 interrupts (SIGINT / SIGTERM) through :mod:`landscape_tools.cli.main`, which turns them into
@@ -49,14 +50,13 @@ import torch
 from . import store
 from .distributed import RankFailed
 from .errors import ConfigError, StoreError
+from .seeds import SEED_SCHEME, derive_seed   # the one seed derivation (re-exported here)
 
 __all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "run_identity", "parse_shard", "shard_units",
            "shard_path", "shard_suffix", "open_run", "replace_partial", "array_of", "vote", "check_shard", "run_ranks",
            "merge", "merge_done", "node_dict",
            "RankFailed"]
 
-#: the seed derivation in force; part of every run's key (older partial files are refused, not resumed)
-SEED_SCHEME = 1
 #: the kinds ``lt merge`` assembles (each module ``landscape_tools.<kind>`` has ``merge_units``)
 KINDS = ("hessian", "surface", "featvar", "evaluate")
 
@@ -65,13 +65,6 @@ KINDS = ("hessian", "surface", "featvar", "evaluate")
 def digest(obj: Any) -> str:
     """SHA-256 of ``obj`` as sorted JSON (the one fingerprint function)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed from ``seed`` and integer ``parts`` (batch, sample, module ...), stable across
-    platforms and processes: SHA-256 of the parts, so nearby inputs give unrelated seeds."""
-    text = ",".join(str(int(p)) for p in (seed, *parts)).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
 def runtime(device: torch.device | str) -> dict:
@@ -198,7 +191,8 @@ def _difference(old: dict, identity: dict, explain) -> str:
                     f"differ between device kinds, so the two cannot be mixed in one result; resume it on a "
                     f"{old.get('device_kind')} device with the same --precision")
     if int(old.get("seed_scheme")) != SEED_SCHEME:
-        return f"seed scheme {old.get('seed_scheme')}, this lt uses {SEED_SCHEME}"
+        return (f"written with seed scheme {old.get('seed_scheme')}, this lt derives its seeds with scheme {SEED_SCHEME} "
+                f"(landscape_tools.seeds): resuming it would mix dropout masks, start vectors and probes of two schemes")
     if (int(old.get("shard", 0)), int(old.get("n_shards", 1))) != (identity["shard"], identity["n_shards"]):
         return f"shard {old.get('shard')}/{old.get('n_shards')}, this run is {identity['shard']}/{identity['n_shards']}"
     try:

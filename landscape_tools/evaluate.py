@@ -19,7 +19,8 @@ of a sweep we report
 A sweep reuses samples: the running sum of probabilities over MC samples ``1..max(N)`` is scored
 whenever the count reaches one of the ``N``, so it costs ``max(N)`` forward passes' worth of rows per
 batch, not ``sum(N)``.  It streams over the data: only the current batch's probability sums are held.
-MC sample ``s`` of batch ``b`` uses the dropout masks of :func:`mc_seed` ``(seed, b, s)``, so a run is
+MC sample ``s`` of batch ``b`` uses the dropout masks of ``mc_dropout(model, True,
+seed=derive_seed(seed, seeds.EVALUATE_MC_SAMPLE, b, s))`` (:mod:`landscape_tools.seeds`), so a run is
 reproducible for a given seed and batch size.  Several MC samples go through the model in one forward
 pass, stacked along the batch dimension, each copy multiplied by its own sample's masks (exactly the
 masks of one pass per sample), at most ``max_batch`` rows per pass (:data:`DEFAULT_MAX_BATCH`).
@@ -34,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import seeds
 from .device import Progress, report
 from .errors import ConfigError, DataError, NumericalError
 from .models import MCDropout, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
+from .seeds import derive_seed
 from .streaming import as_sequence, batch_sizes
 
 #: lower clamp of probabilities inside the NLL's log
@@ -89,12 +92,6 @@ def parse_ensemble_sizes(text: str | Sequence[int], option: str = "--mc") -> tup
 
 def _show(text) -> str:
     return repr(text) if isinstance(text, str) else repr(",".join(str(v) for v in text))
-
-
-def mc_seed(seed: int, batch_index: int, sample_index: int) -> int:
-    """The dropout-mask seed of MC sample ``sample_index`` (0-based) on batch ``batch_index``."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index), int(sample_index)]).generate_state(2)
-    return int(state[0]) << 31 | int(state[1] >> 1)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -364,9 +361,9 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
     The model runs in eval mode (BatchNorm on running statistics) with its MC dropout switched on
     (the modules of :func:`~landscape_tools.models.sampling_dropout_modules`: none for a zoo ``_dnn``
-    model); its train/eval mode is restored afterwards.  MC sample ``s`` of batch ``b`` draws the
-    masks of :func:`mc_seed` ``(seed, b, s)``, exactly the masks of
-    ``mc_dropout(model, True, seed=mc_seed(seed, b, s))``; the running sum of softmax probabilities
+    model); its train/eval mode is restored afterwards.  MC sample ``s`` of batch ``b`` draws
+    exactly the masks of ``mc_dropout(model, True, seed=derive_seed(seed, seeds.EVALUATE_MC_SAMPLE, b, s))``
+    (:func:`landscape_tools.seeds.derive_seed`); the running sum of softmax probabilities
     (float64) over samples ``1..max(ns)`` is scored when the count reaches each N, so the sweep costs
     ``max(ns)`` forward passes' worth of rows per batch.  A model without MC dropout gives the same
     prediction for every N: it is run once per batch and that prediction scored for all N.
@@ -739,7 +736,8 @@ def _mc_probabilities(forward, holder: list, seed: int, b: int, x: torch.Tensor,
             xin = x[r0:r1]
             if len(ks) > 1:
                 xin = xin.repeat((len(ks),) + (1,) * (x.dim() - 1))
-            holder[0] = _Plan([mc_seed(seed, b, k) for k in ks], r1 - r0, len(ks) > 1 or len(pieces) > 1)
+            holder[0] = _Plan([derive_seed(seed, seeds.EVALUATE_MC_SAMPLE, b, k) for k in ks], r1 - r0,
+                              len(ks) > 1 or len(pieces) > 1)
             split = mask_rows(r0, r1 - r0, rows) if len(pieces) > 1 else contextlib.nullcontext()
             try:
                 with split, P.autocast(x.device, precision):
@@ -762,7 +760,7 @@ def _copies_dropout(module: nn.Module, index: int, holder: list, channelwise: bo
     """The forward of sampled dropout module ``index``: copy ``j`` of a stacked pass (rows
     ``j*n .. (j+1)*n``) is multiplied by exactly the mask ``mc_dropout(model, True, seed=seeds[j])``
     draws for it (:func:`~landscape_tools.models.mc.seeded_mask`)."""
-    from .models.mc import apply_dropout, module_seed, seeded_mask
+    from .models.mc import apply_dropout, seeded_mask
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         plan = holder[0]
@@ -770,18 +768,19 @@ def _copies_dropout(module: nn.Module, index: int, holder: list, channelwise: bo
         if plan is None or p == 0.0:
             return x
         if not plan.stacked:
-            return apply_dropout(x, p, True, module_seed(plan.seeds[0], index), channelwise)
+            return apply_dropout(x, p, True, derive_seed(plan.seeds[0], seeds.DROPOUT_MODULE, index), channelwise)
         n = len(plan.seeds)
         lead = int(x.shape[0]) if x.dim() else 0
         if lead != n * plan.rows:        # not one row per sample: copies and pieces cannot be matched to rows
             raise _NotBatchFirst(tuple(x.shape))
         if n == 1:
-            return x * seeded_mask(x, p, module_seed(plan.seeds[0], index), channelwise)
+            return x * seeded_mask(x, p, derive_seed(plan.seeds[0], seeds.DROPOUT_MODULE, index), channelwise)
         size = lead // n
         out = torch.empty_like(x)
         for j, s in enumerate(plan.seeds):
             part = x[j * size:(j + 1) * size]
-            torch.mul(part, seeded_mask(part, p, module_seed(s, index), channelwise), out=out[j * size:(j + 1) * size])
+            torch.mul(part, seeded_mask(part, p, derive_seed(s, seeds.DROPOUT_MODULE, index), channelwise),
+                      out=out[j * size:(j + 1) * size])
         return out
     return forward
 
@@ -789,7 +788,7 @@ def _copies_dropout(module: nn.Module, index: int, holder: list, channelwise: bo
 def _copies_mask(holder: list):
     """The masks :func:`_copies_dropout` multiplies by, as a :data:`landscape_tools._compiled.MaskOf` for
     the compiled forward pass: the same seeds, the same generator, the same numbers."""
-    from .models.mc import module_seed, seeded_mask
+    from .models.mc import seeded_mask
 
     def mask_of(index: int, module: nn.Module, shape, dtype, device):
         plan = holder[0]
@@ -798,14 +797,15 @@ def _copies_mask(holder: list):
             return None
         channelwise = isinstance(module, _CHANNEL_DROPOUTS)
         if not plan.stacked:
-            return seeded_mask(torch.empty(shape, dtype=dtype, device=device), p, module_seed(plan.seeds[0], index),
-                               channelwise)
+            return seeded_mask(torch.empty(shape, dtype=dtype, device=device), p,
+                               derive_seed(plan.seeds[0], seeds.DROPOUT_MODULE, index), channelwise)
         n = len(plan.seeds)
         lead = int(shape[0]) if len(shape) else 0
         if lead != n * plan.rows:
             raise _NotBatchFirst(tuple(shape))
         part = torch.empty((lead // n,) + tuple(shape[1:]), dtype=dtype, device=device)
-        return torch.cat([seeded_mask(part, p, module_seed(s, index), channelwise) for s in plan.seeds])
+        return torch.cat([seeded_mask(part, p, derive_seed(s, seeds.DROPOUT_MODULE, index), channelwise)
+                          for s in plan.seeds])
     return mask_of
 
 

@@ -19,8 +19,9 @@ How the MC samples are run: the data batch is repeated along the batch dimension
 sample, and the copies go through the model in batched forward passes of at most ``max_batch`` rows
 (default 128 on CPU, 4096 on CUDA; halved again on out-of-memory; an explicit ``max_batch`` below the
 batch size also splits the batch into row pieces).  Every copy draws its own dropout masks (or noise) from a
-generator seeded by ``derive_seed(seed, batch index, copy, dropout module, call)``, so the result does
-not depend on the chunking, equals the plain loop of ``mc`` separate passes with the same masks, and
+generator seeded by ``derive_seed(seed, FEATVAR_DROPOUT, batch index, copy, dropout module, call)``
+(noise: ``derive_seed(seed, FEATVAR_NOISE, batch index, copy)``; :mod:`landscape_tools.seeds`), so the
+result does not depend on the chunking, equals the plain loop of ``mc`` separate passes with the same masks, and
 a resumed run equals an uninterrupted one.  Statistics are merged in float64 as they stream out of
 the forward hooks (Chan et al.'s parallel Welford update), so memory does not grow with ``mc``.
 Hooks, dropout switches and train/eval flags are always restored: the model is left as it was.
@@ -37,12 +38,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import seeds
 from .device import Progress, report
 from .errors import ConfigError, NumericalError
 from .evaluate import DEFAULT_MAX_BATCH, _is_oom, check_max_batch
 from .models import Smoothing, dropout_modules, replaced_forwards, sampling_dropout_modules
 from .models.mc import _CHANNEL_DROPOUTS
 from .precision import autocast, full_precision, model_dtype, parse_precision
+from .seeds import derive_seed
 from .streaming import batch_sizes, inputs_of
 
 OVER = ("mc", "spatial")
@@ -51,8 +54,6 @@ LOG_EPS = 1e-6
 DEFAULT_MC = 32
 #: default cap on the rows (MC copies x samples) of one forward pass, per device type (see evaluate's)
 DEFAULT_MAX_BATCH = dict(DEFAULT_MAX_BATCH)
-
-_MASK64 = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------- options
@@ -87,23 +88,6 @@ def parse_source(text: str | Source | None) -> Source:
             return Source("noise", sigma)
     raise ConfigError(f"--source {text!r}: expected 'dropout' or 'noise:SIGMA' with SIGMA a positive number "
                       f"(the std of Gaussian input noise), e.g. noise:0.1")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 mixing): the seed of each copy's masks and noise.
-
-    ``derive_seed(seed, batch, copy)`` seeds the input noise of MC copy ``copy`` of data batch
-    ``batch``; ``derive_seed(seed, batch, copy, module, call)`` the dropout mask drawn by the
-    ``module``-th dropout module (in ``dropout_modules`` order) at its ``call``-th call in a pass.
-    """
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -322,7 +306,9 @@ class _CopySchedule:
 @contextlib.contextmanager
 def _copywise_dropout(model: nn.Module, holder: list | None) -> Iterator[None]:
     """Replace every dropout's forward: identity when ``holder`` is None or holds None, else each MC
-    copy of the repeated batch gets its own mask seeded by ``derive_seed`` (only the modules MC
+    copy of the repeated batch gets its own mask seeded by ``derive_seed(seed, FEATVAR_DROPOUT, batch,
+    copy, module, call)`` (the ``module``-th dropout module in ``dropout_modules`` order at its
+    ``call``-th call in a pass; only the modules MC
     sampling switches on, see ``sampling_dropout_modules``; the others are the identity).  Restored on exit."""
     sampled = {id(m) for _, m in sampling_dropout_modules(model)}
     with replaced_forwards((m, _copy_forward(m, index, holder if id(m) in sampled else None,
@@ -358,7 +344,7 @@ def _copy_forward(module: nn.Module, index: int, holder: list | None, channelwis
                                      f"be split into pieces of --max-batch {count} rows: give --max-batch at least "
                                      f"{total} (or a smaller --batch-size)")
         for j, k in enumerate(schedule.copies):
-            gen = _generator(derive_seed(schedule.seed, schedule.batch, k, index, call), x.device)
+            gen = _generator(derive_seed(schedule.seed, seeds.FEATVAR_DROPOUT, schedule.batch, k, index, call), x.device)
             if piece is None:
                 torch.rand(shape, generator=gen, device=x.device, dtype=mask_dtype, out=keep[j])
             else:
@@ -592,7 +578,8 @@ class FeatureVariance:
             for name, i in layer_of.items():
                 handles.append(modules[name].register_forward_hook(make_hook(i)))
             with _evaluation(self.model), _copywise_dropout(self.model, holder), torch.no_grad(), \
-                    _seeded_global_rng(derive_seed(self.seed, index), x.device), autocast(x.device, self.precision):
+                    _seeded_global_rng(derive_seed(self.seed, seeds.FEATVAR_BATCH, index), x.device), \
+                    autocast(x.device, self.precision):
                 if self.over == "spatial":
                     self.model(x)
                 else:
@@ -604,8 +591,9 @@ class FeatureVariance:
                             xin = x.repeat((len(ks),) + (1,) * (x.dim() - 1))
                         else:
                             holder[0] = None
-                            noise = [input_noise(whole.shape, self.source.sigma, derive_seed(self.seed, index, k),
-                                                 x.device, x.dtype) for k in ks]
+                            noise = [input_noise(whole.shape, self.source.sigma,
+                                                 derive_seed(self.seed, seeds.FEATVAR_NOISE, index, k), x.device,
+                                                 x.dtype) for k in ks]
                             if piece is not None:
                                 noise = [z[piece[0]:piece[0] + piece[1]] for z in noise]
                             xin = torch.cat([x + z for z in noise])

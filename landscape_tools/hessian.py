@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _lanczos
+from . import _lanczos, seeds
 from ._hvp import FORMS, HessianOperator, default_form, resolve_sub_batch, select_parameters
 from .device import Progress, report
 from .errors import ConfigError, LTError
+from .seeds import derive_seed
 from .streaming import as_sequence, batch_sizes, select
 
 __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
@@ -369,10 +370,6 @@ def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
         raise ConfigError(f"--weight-decay {weight_decay} must be >= 0")
 
 
-def _row_seed(seed: int, row: int, salt: int) -> int:
-    return (int(seed) * 1_000_003 + int(row) * 10_007 + salt) % (2**62)
-
-
 def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", method: str = "lanczos",
                     tol: float = 1e-4, max_iter: int | None = None, params: str | Sequence[str] | None = None,
                     weight_decay: float = 0.0, mc_seed: int | None = None, scope: str = "batch", *,
@@ -402,9 +399,12 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         params: glob(s) of the parameters spanning the Hessian (comma separated; None: all).
         weight_decay: adds ``wd/2 * ||w||^2`` to the loss (every eigenvalue + wd).
         mc_seed: seed of the fixed dropout masks of models that sample dropout in eval mode
-            (default 0); batch ``i`` uses a mask derived from it and ``i``.
+            (default 0); batch ``i`` uses the masks of ``mc_dropout(model, True,
+            seed=derive_seed(mc_seed, seeds.HESSIAN_BATCH_MASKS, i))`` (:mod:`landscape_tools.seeds`).
         scope: ``batch`` (one Hessian per batch) or ``dataset`` (one for the mean loss).
-        seed: seed of start vectors and probes (row ``i`` uses one derived from it and ``i``).
+        seed: seed of start vectors and probes: row ``i``'s solver is seeded
+            ``derive_seed(seed, seeds.HESSIAN_START, i)``, its Hutchinson, Hutch++ and SLQ draws
+            ``derive_seed(seed, seeds.HESSIAN_HUTCHINSON | HESSIAN_HUTCHPP | HESSIAN_SLQ, i)``.
         trace: also estimate the trace (Hutchinson with ``trace_probes`` probes and Hutch++ with as many).
         density: also compute the stochastic Lanczos quadrature density (``density_runs`` x ``density_steps``).
         ncv: Lanczos basis size before a restart (default ``max(2k + 10, 30)``).
@@ -503,11 +503,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
             out.config["sub_batch_used"] = _sub_batch_attr(used)
 
     def solve(op, r, warm_vectors, vectors):
-        common = {"which": which, "tol": tol, "seed": _row_seed(seed, r, 2), "device": op.device,
-                  "return_vectors": vectors}
+        row_seed = derive_seed(seed, seeds.HESSIAN_START, r)
+        common = {"which": which, "tol": tol, "seed": row_seed, "device": op.device, "return_vectors": vectors}
         # the start vector's product is formed twice (the determinism check of this very
         # operator) inside the solver, which alone holds the vectors
-        start = lambda: _checked_start(op, dim, which, _row_seed(seed, r, 2), label, warm=warm_vectors)  # noqa: E731
+        start = lambda: _checked_start(op, dim, which, row_seed, label, warm=warm_vectors)  # noqa: E731
         if method == "lanczos":
             return _lanczos.thick_restart_lanczos(op, dim, k, max_hvps=max_iter, ncv=ncv,
                                                   basis_dtype=_basis_dtype(op, tol), start=start,
@@ -539,8 +539,10 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.eigenvectors[r] = pairs.vectors[:k]
             pairs = None
             if trace:
-                hut = _lanczos.hutchinson(op, dim, int(trace_probes), seed=_row_seed(seed, r, 3), device=op.device)
-                hpp = _lanczos.hutchpp(op, dim, int(trace_probes), seed=_row_seed(seed, r, 4), device=op.device)
+                hut = _lanczos.hutchinson(op, dim, int(trace_probes), seed=derive_seed(seed, seeds.HESSIAN_HUTCHINSON, r),
+                                          device=op.device)
+                hpp = _lanczos.hutchpp(op, dim, int(trace_probes), seed=derive_seed(seed, seeds.HESSIAN_HUTCHPP, r),
+                                       device=op.device)
                 out.trace["samples"][r] = hut["samples"]
                 out.trace["estimate"][r] = hut["estimate"]
                 out.trace["stderr"][r] = hut["stderr"]
@@ -548,7 +550,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                 out.trace["hutchpp_stderr"][r] = hpp["stderr"]
             if density:
                 nodes, weights = _lanczos.slq(op, dim, int(density_runs), int(density_steps),
-                                              seed=_row_seed(seed, r, 5), device=op.device,
+                                              seed=derive_seed(seed, seeds.HESSIAN_SLQ, r), device=op.device,
                                               basis_dtype=_density_basis_dtype(op))
                 grid, dens, sigma = _density_on_grid(nodes, weights)
                 out.density["nodes"][r] = nodes

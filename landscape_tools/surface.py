@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import engine, store
+from . import engine, seeds, store
 from ._directions import (IGNORES, NORMS, Directions, from_node, hessian_directions, line_to, model_fingerprint,
                           normalize_direction, parse_eig, pca_directions, plane_through, random_directions, to_node)
 from .data import DataSet
@@ -45,6 +45,7 @@ from .errors import ConfigError
 from .models import mask_rows, mc_dropout
 from .models.mc import MCDropout, sampling_dropout_modules
 from .precision import autocast, full_precision, model_dtype, parse_precision
+from .seeds import derive_seed
 from .streaming import batch_sizes
 from ._compiled import SeededCompiled
 
@@ -110,7 +111,9 @@ def evaluate_model(model: nn.Module, data: DataSet, mc: int = 0, seed: int = 0, 
         model: any classifier returning logits.
         data: the evaluation data (batches in fixed order).
         mc: 0: dropout off (deterministic); N >= 1: the probabilities averaged over N MC-dropout
-            samples, each (sample, batch) with its own fixed seed so every grid point sees the same masks.
+            samples, sample ``s`` on batch ``b`` with the masks of ``mc_dropout(model, True,
+            seed=derive_seed(seed, seeds.SURFACE_MC_SAMPLE, b, s))`` (:mod:`landscape_tools.seeds`), so every
+            grid point sees the same masks.
         seed: seed of those masks.
         precision: ``fp32`` (the model's own dtype), ``bf16`` or ``fp16`` (autocast forward pass;
             the logits are cast back before the loss); see :mod:`landscape_tools.precision`.
@@ -226,16 +229,12 @@ def _batch_sums(model, forward, bx, by, b: int, mc: int, seed: int, precision: s
             samples = []
             with mask_rows(start, stop - start, rows):
                 for s in range(mc):
-                    with mc_dropout(model, True, seed=_mc_seed(seed, s, b)):
+                    with mc_dropout(model, True, seed=derive_seed(seed, seeds.SURFACE_MC_SAMPLE, b, s)):
                         samples.append(F.log_softmax(_logits(forward, x, precision, dtype), dim=1))
             logp = torch.logsumexp(torch.stack(samples), dim=0) - math.log(mc)
         nll += F.nll_loss(logp, y, reduction="sum").double()
         right += (logp.argmax(dim=1) == y).sum()
     return nll, right
-
-
-def _mc_seed(seed: int, sample: int, batch: int) -> int:
-    return (int(seed) * 1_000_003 + sample * 10_007 + batch * 101 + 1) % (2**61 - 1)
 
 
 def recompute_bn_statistics(model: nn.Module, inputs, precision: str = "fp32") -> int:
@@ -521,7 +520,7 @@ class SurfaceEvaluator:
         device = bx.device
         self.model.eval()
         dropout = (mc_dropout(self.model, False) if self.mc <= 0
-                   else mc_dropout(self.model, True, seed=_mc_seed(self.seed, 0, 0)))
+                   else mc_dropout(self.model, True, seed=derive_seed(self.seed, seeds.SURFACE_MC_SAMPLE, 0, 0)))
         with torch.no_grad(), dropout:
             _sync(device)
             start = time.perf_counter()
@@ -857,8 +856,9 @@ def _job_key(job: SurfaceJob) -> dict:
 
 
 # ----------------------------------------------------------------------------- repeats and sharpness
-#: the tag :func:`repeat_seed` mixes into the run's seed (keeps repeat seeds apart from other derivations)
-REPEAT_TAG = 0x5EED_16
+#: the purpose :func:`repeat_seed` derives with (``seeds.SURFACE_REPEAT``: keeps repeat seeds apart from
+#: other derivations; the same number as before the seeds module, so repeat seeds are unchanged)
+REPEAT_TAG = seeds.SURFACE_REPEAT
 
 
 def repeat_seed(seed: int, repeat: int) -> int:
@@ -870,7 +870,7 @@ def repeat_seed(seed: int, repeat: int) -> int:
     """
     if int(repeat) < 0:
         raise ConfigError(f"repeat {repeat}: expected 0 or more")
-    return int(seed) if int(repeat) == 0 else engine.derive_seed(int(seed), REPEAT_TAG, int(repeat))
+    return int(seed) if int(repeat) == 0 else derive_seed(int(seed), REPEAT_TAG, int(repeat))
 
 
 def repeat_directions(model: nn.Module, repeats: int, dims: int = 2, norm: str = "filter", ignore: str = "biasbn",

@@ -4,6 +4,7 @@ pre-corrupted data directly, the published-files spec, and the severity figure a
 import colorsys
 import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from landscape_tools.data import CIFAR_STATS, load_data, read_cifar_c, save_tens
 from landscape_tools.errors import ConfigError, DataError
 from landscape_tools.evaluate import ensemble_curve
 from landscape_tools.models import build_model
+from landscape_tools.seeds import CORRUPTION, derive_seed
 
 
 def run(*args):
@@ -57,6 +59,10 @@ def test_noise_corruptions_by_hand(name, severity):
     out = C.corrupt_pixels(p, name, severity, seed=3, indices=[7]).numpy()[0]
     c = C.PARAMETERS[name][severity - 1]
     g = C.sample_generator(3, name, severity, 7)
+    # the documented generator: seeded derive_seed(seed, CORRUPTION, crc32(name), severity, position)
+    by_hand = torch.Generator().manual_seed(derive_seed(3, CORRUPTION, zlib.crc32(name.encode()), severity, 7))
+    assert torch.equal(torch.rand(5, generator=C.sample_generator(3, name, severity, 7), dtype=torch.float64),
+                       torch.rand(5, generator=by_hand, dtype=torch.float64))
     x = p.numpy()[0]
     if name in ("gaussian_noise", "speckle_noise"):
         z = torch.randn((2, 3, 3), generator=g, dtype=torch.float64).numpy()

@@ -187,3 +187,11 @@ def test_two_seeds_compare_across_training_runs(demo_dir, tmp_path):
         assert f"| {claim['claim']} | **{claim['verdict']}** |" in report
         assert claim["verdict"] != ONE_SEED
     assert "[seed1/report.md](seed1/report.md)" in report and "](compare_forest.png)" in report
+
+
+def test_a_demo_folder_of_another_seed_scheme_is_not_reused(monkeypatch):
+    # its checkpoints were initialised and its analyses seeded by other derivations: refused, not mixed
+    from landscape_tools import seeds
+    now = DemoConfig.quick().digest()
+    monkeypatch.setattr(seeds, "SEED_SCHEME", 1)
+    assert DemoConfig.quick().digest() != now

@@ -331,8 +331,9 @@ def _net_and_batches():
 
 def _dense_with_masks(net, batches, mc_seed, weight_decay):
     """The dense Hessian with each batch's fixed dropout mask (as the operator draws it)."""
-    from landscape_tools._hvp import batch_mask_seed
-    return _dense_mean_hessian(net, batches, weight_decay, [batch_mask_seed(mc_seed, i) for i in range(len(batches))])
+    from landscape_tools.seeds import HESSIAN_BATCH_MASKS, derive_seed
+    return _dense_mean_hessian(net, batches, weight_decay,
+                               [derive_seed(mc_seed, HESSIAN_BATCH_MASKS, i) for i in range(len(batches))])
 
 
 def test_shared_operator_equals_dense_hessian_of_the_mean_loss():

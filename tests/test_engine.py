@@ -175,6 +175,36 @@ def test_a_partial_file_without_seed_scheme_is_refused(files, tmp_path, monkeypa
         S.run_surface(_surface_job(files), out, *GRID)
 
 
+def test_a_partial_file_of_an_older_seed_scheme_is_refused_and_overwrite_recomputes(files, tmp_path, monkeypatch):
+    out = str(tmp_path / "s.h5")
+    monkeypatch.setattr(E, "SEED_SCHEME", 1)                      # as an lt of seed scheme 1 wrote it
+    with pytest.raises(Stop):
+        S.run_surface(_surface_job(files), out, *GRID, mc=2, on_point=stop_after(3), flush_points=1)
+    monkeypatch.undo()
+    import h5py
+    with h5py.File(store.partial_path(out), "r+") as f:
+        assert f.attrs["seed_scheme"] == 1 and json.loads(f.attrs["run_key"])["seed_scheme"] == 1
+        loss = f["m/loss"]
+        done = np.asarray(f["m/done"]).astype(bool)
+        assert done.sum() == 3
+        values = np.asarray(loss)
+        values[done] = 123.0                                      # what the other scheme's masks gave
+        loss[...] = values
+    assert E.SEED_SCHEME == 2
+    with pytest.raises(StoreError) as err:
+        S.run_surface(_surface_job(files), out, *GRID, mc=2)
+    assert str(err.value) == (
+        f"{out}.partial holds progress of a different run (written with seed scheme 1, this lt derives its seeds "
+        f"with scheme 2 (landscape_tools.seeds): resuming it would mix dropout masks, start vectors and probes of "
+        f"two schemes); rerun the same command to resume it, or pass --overwrite to start again")
+    assert store.read_result(store.partial_path(out)).models["m"].data["done"].sum() == 3     # left as it was
+    S.run_surface(_surface_job(files), out, *GRID, mc=2, overwrite=True)      # --overwrite: every point again
+    S.run_surface(_surface_job(files), str(tmp_path / "fresh.h5"), *GRID, mc=2)
+    again, fresh = store.read_result(out), store.read_result(tmp_path / "fresh.h5")
+    assert again.attrs["seed_scheme"] == 2 and not (np.asarray(again.models["m"].data["loss"]) == 123.0).any()
+    assert_bit_equal(again.models["m"], fresh.models["m"], timing=("compile_note",))
+
+
 def test_identity_and_shards():
     a = E.run_identity("surface", {"x": 1}, "cpu")
     b = E.run_identity("surface", {"x": 1}, "cpu", (1, 3))
@@ -189,6 +219,24 @@ def test_identity_and_shards():
     with pytest.raises(ConfigError, match=r"--shard '3/3' is not a shard: expected I/N with 0 <= I < N"):
         E.parse_shard("3/3")
     assert E.derive_seed(1, 2) == E.derive_seed(1, 2) != E.derive_seed(2, 1) and 0 <= E.derive_seed(5) < 2 ** 63
+
+
+def test_one_seed_derivation_with_distinct_purposes():
+    from landscape_tools import seeds
+    assert E.derive_seed is seeds.derive_seed and E.SEED_SCHEME == seeds.SEED_SCHEME == 2
+    # the documented formula, by hand: SHA-256 of the decimal parts joined by commas, 8 bytes little-endian, >> 1
+    import hashlib
+    for parts in [(0,), (7, seeds.HESSIAN_START, 3), (-5, 1, 2, 3), (2 ** 70, seeds.DROPOUT_MODULE, 0)]:
+        by_hand = int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+        assert E.derive_seed(*parts) == by_hand
+    assert E.derive_seed(2 ** 32 + 1, 1) != E.derive_seed(1, 1)          # every bit of a large seed counts
+    # one number per purpose, none reused; the surface's repeat tag is the one it always had
+    assert len(set(seeds.PURPOSES.values())) == len(seeds.PURPOSES) >= 19
+    assert S.REPEAT_TAG == seeds.SURFACE_REPEAT == 0x5EED_16
+    # a row's start vector, its probes and its SLQ runs: different seeds
+    row = [E.derive_seed(0, p, 1) for p in (seeds.HESSIAN_START, seeds.HESSIAN_HUTCHINSON, seeds.HESSIAN_HUTCHPP,
+                                             seeds.HESSIAN_SLQ)]
+    assert len(set(row)) == len(row)
 
 
 # ----------------------------------------------------------------------------- the vote waits for a slow rank

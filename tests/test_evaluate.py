@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from landscape_tools.errors import ConfigError, DataError, NumericalError
-from landscape_tools.evaluate import (PROB_FLOOR, ensemble_curve, mc_seed, parse_ensemble_sizes,
-                                      predictive_metrics)
+from landscape_tools.evaluate import PROB_FLOOR, ensemble_curve, parse_ensemble_sizes, predictive_metrics
 from landscape_tools.models import mc_dropout
+from landscape_tools.seeds import EVALUATE_MC_SAMPLE, derive_seed
 
 NAN = float("nan")
 
@@ -110,7 +110,7 @@ def brute_force(model, batches, sizes, seed):
         for b, (x, _) in enumerate(batches):
             samples = []
             for s in range(max(sizes)):
-                with mc_dropout(model, True, seed=mc_seed(seed, b, s)):
+                with mc_dropout(model, True, seed=derive_seed(seed, EVALUATE_MC_SAMPLE, b, s)):
                     samples.append(torch.softmax(model(x).double(), dim=1))
             per_batch.append(torch.stack(samples))            # (S, batch, classes)
     labels = torch.cat([y for _, y in batches])

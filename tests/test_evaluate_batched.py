@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from landscape_tools.errors import ConfigError
-from landscape_tools.evaluate import ensemble_curve, mc_seed, predictive_metrics
+from landscape_tools.evaluate import ensemble_curve, predictive_metrics
 from landscape_tools.models import MCDropout, mc_dropout
-from landscape_tools.models.mc import module_seed, seeded_mask
+from landscape_tools.models.mc import seeded_mask
+from landscape_tools.seeds import DROPOUT_MODULE, EVALUATE_MC_SAMPLE, derive_seed
 
 SIZES = (1, 2, 3, 5)
 KEYS = ("nll", "accuracy", "ece", "brier")
@@ -65,14 +66,15 @@ def conv_batches(sizes=(4, 4, 3)):
 
 def one_sample_per_pass(model, batches, sizes, seed):
     """The reference: every MC sample its own forward pass of the whole batch under
-    ``mc_dropout(model, True, seed=mc_seed(seed, b, s))``, the first N averaged, scored on all data."""
+    ``mc_dropout(model, True, seed=derive_seed(seed, EVALUATE_MC_SAMPLE, b, s))``, the first N averaged,
+    scored on all data."""
     model.eval()
     means = {n: [] for n in sizes}
     with torch.no_grad():
         for b, (x, _) in enumerate(batches):
             samples = []
             for s in range(max(sizes)):
-                with mc_dropout(model, True, seed=mc_seed(seed, b, s)):
+                with mc_dropout(model, True, seed=derive_seed(seed, EVALUATE_MC_SAMPLE, b, s)):
                     samples.append(torch.softmax(model(x), dim=1))
             for n in sizes:
                 means[n].append(torch.stack(samples[:n]).mean(0))
@@ -140,7 +142,8 @@ def test_each_copy_of_a_stacked_pass_gets_its_own_samples_masks():
         masks = []
         for j in range(4):
             part = inp[3 * j:3 * j + 3]
-            mask = seeded_mask(part, p, module_seed(mc_seed(2, 0, j), index), channelwise)
+            module_seed = derive_seed(derive_seed(2, EVALUATE_MC_SAMPLE, 0, j), DROPOUT_MODULE, index)
+            mask = seeded_mask(part, p, module_seed, channelwise)
             assert torch.equal(out[3 * j:3 * j + 3], part * mask), (name, j)
             masks.append(mask)
         assert not any(torch.equal(masks[0], m) for m in masks[1:]), name

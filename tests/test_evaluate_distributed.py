@@ -17,8 +17,9 @@ from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
 from landscape_tools.data import load_data
 from landscape_tools.errors import DataError
-from landscape_tools.evaluate import MetricAccumulator, ensemble_curve, mc_seed, predictive_metrics
+from landscape_tools.evaluate import MetricAccumulator, ensemble_curve, predictive_metrics
 from landscape_tools.models import mc_dropout
+from landscape_tools.seeds import EVALUATE_MC_SAMPLE, derive_seed
 from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
 
 SIZES = [1, 2, 3]
@@ -129,7 +130,7 @@ def old_loop(model, batches, sizes, seed):
         for b, (x, y) in enumerate(batches):
             running = None
             for s in range(max(sizes)):
-                with mc_dropout(model, True, seed=mc_seed(seed, b, s)):
+                with mc_dropout(model, True, seed=derive_seed(seed, EVALUATE_MC_SAMPLE, b, s)):
                     probs = torch.softmax(model(x).double(), dim=1)
                 running = probs if running is None else running + probs
                 if s + 1 in accs:

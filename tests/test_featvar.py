@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from landscape_tools import featvar, store
 from landscape_tools.errors import ConfigError, StoreError
-from landscape_tools.featvar import derive_seed, dropout_mask, input_noise
+from landscape_tools.featvar import dropout_mask, input_noise
+from landscape_tools.seeds import FEATVAR_DROPOUT, FEATVAR_NOISE, derive_seed
 from landscape_tools.models import MCDropout, build_model
 
 SEED = 7
@@ -43,10 +44,11 @@ class TinyNet(nn.Module):
 def reference_outputs(net: TinyNet, x: torch.Tensor, batch: int, copy: int, seed: int = SEED) -> dict:
     """One MC sample computed by hand, with the documented per-copy mask seeds."""
     h1 = net.relu(net.conv1(x))
-    m1 = dropout_mask(h1.shape, 0.3, derive_seed(seed, batch, copy, 0, 0), x.device, x.dtype)
+    m1 = dropout_mask(h1.shape, 0.3, derive_seed(seed, FEATVAR_DROPOUT, batch, copy, 0, 0), x.device, x.dtype)
     h1 = h1 * m1
     h2 = net.conv2(h1)
-    m2 = dropout_mask((h2.shape[0], h2.shape[1], 1, 1), 0.4, derive_seed(seed, batch, copy, 1, 0), x.device, x.dtype)
+    m2 = dropout_mask((h2.shape[0], h2.shape[1], 1, 1), 0.4, derive_seed(seed, FEATVAR_DROPOUT, batch, copy, 1, 0),
+                      x.device, x.dtype)
     d2 = h2 * m2
     return {"conv2": h2, "drop2": d2, "fc": net.fc(torch.flatten(d2, 1))}
 
@@ -88,7 +90,7 @@ def test_noise_source_equals_reference_with_dropout_off():
     with torch.no_grad():
         outs = []
         for k in range(mc):
-            xk = x + input_noise(x.shape, sigma, derive_seed(SEED, 0, k), x.device, x.dtype)
+            xk = x + input_noise(x.shape, sigma, derive_seed(SEED, FEATVAR_NOISE, 0, k), x.device, x.dtype)
             h2 = net.conv2(net.relu(net.conv1(xk)))          # every dropout off
             outs.append({"conv2": h2, "fc": net.fc(torch.flatten(h2, 1))})
     expected = [torch.stack([o[n] for o in outs]).var(dim=0, unbiased=True).mean().item() for n in ("conv2", "fc")]

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from landscape_tools import featvar
 from landscape_tools.errors import ConfigError, NumericalError
-from landscape_tools.featvar import derive_seed, dropout_mask, input_noise
+from landscape_tools.featvar import dropout_mask, input_noise
+from landscape_tools.seeds import FEATVAR_DROPOUT, FEATVAR_NOISE, derive_seed
 
 from test_featvar import SEED, TinyNet, data, reference_outputs
 
@@ -24,12 +25,15 @@ def sample_by_sample(net: TinyNet, x: torch.Tensor, mc: int, layers, batch: int 
             for k in range(mc):
                 xi = x[i:i + 1]
                 if sigma is not None:
-                    xi = xi + input_noise(x.shape, sigma, derive_seed(SEED, batch, k), x.device, x.dtype)[i:i + 1]
+                    xi = xi + input_noise(x.shape, sigma, derive_seed(SEED, FEATVAR_NOISE, batch, k), x.device,
+                                          x.dtype)[i:i + 1]
                 h1 = net.relu(net.conv1(xi))
                 h2 = net.conv2(h1 if sigma is not None else h1 * dropout_mask(
-                    (n,) + tuple(h1.shape[1:]), 0.3, derive_seed(SEED, batch, k, 0, 0), x.device, x.dtype)[i:i + 1])
+                    (n,) + tuple(h1.shape[1:]), 0.3, derive_seed(SEED, FEATVAR_DROPOUT, batch, k, 0, 0), x.device,
+                    x.dtype)[i:i + 1])
                 d2 = h2 if sigma is not None else h2 * dropout_mask(
-                    (n, h2.shape[1], 1, 1), 0.4, derive_seed(SEED, batch, k, 1, 0), x.device, x.dtype)[i:i + 1]
+                    (n, h2.shape[1], 1, 1), 0.4, derive_seed(SEED, FEATVAR_DROPOUT, batch, k, 1, 0), x.device,
+                    x.dtype)[i:i + 1]
                 got = {"conv2": h2, "drop2": d2, "fc": net.fc(torch.flatten(d2, 1))}
                 for name in layers:
                     outs[name].append(got[name])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
 from landscape_tools import _lanczos
-from landscape_tools._hvp import HessianOperator, batch_mask_seed
+from landscape_tools import seeds
+from landscape_tools._hvp import HessianOperator
 from landscape_tools.errors import ConfigError, NumericalError
 from landscape_tools.hessian import top_eigenvalues
 from landscape_tools.models import MCDropout, make_blur, mc_dropout
@@ -66,7 +67,7 @@ def dense_hessian(model, batches, indices, mc_seed=0, names=None):
         for i in indices:
             x, y = batches[i]
             if stochastic:
-                with mc_dropout(model, True, seed=batch_mask_seed(mc_seed, i)):
+                with mc_dropout(model, True, seed=seeds.derive_seed(mc_seed, seeds.HESSIAN_BATCH_MASKS, i)):
                     logits = functional_call(model, state, (x,))
             else:
                 logits = functional_call(model, state, (x,))

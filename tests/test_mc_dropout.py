@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from landscape_tools.models import MCDropout, build_model, dropout_modules, has_stochastic_dropout, mc_dropout
+from landscape_tools.seeds import DROPOUT_MODULE, derive_seed
 
 P = 0.5
 
@@ -22,7 +23,7 @@ def _x():
 
 def _sub_seed(seed, index):
     """The per-module seed mc_dropout documents: derived from the seed and the module's position."""
-    return int(seed) * 1_000_003 + index * 7919 + 17
+    return derive_seed(seed, DROPOUT_MODULE, index)
 
 
 def _mask(shape, seed, p=P, dtype=torch.float64):

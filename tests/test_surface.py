@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from landscape_tools import store
+from landscape_tools import seeds, store
 from landscape_tools import surface as S
 from landscape_tools.data import DataSet
 from landscape_tools.errors import ConfigError, StoreError
@@ -241,7 +241,7 @@ def test_mc_dropout_averages_probabilities_with_fixed_masks():
         for bi, (bx, by) in enumerate(data.batches()):
             probs = []
             for s in range(3):
-                with mc_dropout(model, True, seed=S._mc_seed(7, s, bi)):
+                with mc_dropout(model, True, seed=seeds.derive_seed(7, seeds.SURFACE_MC_SAMPLE, bi, s)):
                     probs.append(F.softmax(model(bx), 1))
             p = torch.stack(probs).mean(0)
             total += -torch.log(p[torch.arange(len(by)), by]).sum().item()

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import seeds
 from ..errors import ConfigError
 
 _CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -62,14 +63,9 @@ def _seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool) -> tor
     return keep.to(x.dtype) / (1.0 - p) if p < 1.0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
-def module_seed(seed: int, index: int) -> int:
-    """The mask seed of the ``index``-th sampled dropout module (in :func:`sampling_dropout_modules`
-    order) inside ``mc_dropout(model, True, seed=seed)``."""
-    return int(seed) * 1_000_003 + int(index) * 7919 + 17
-
-
 def seeded_mask(x: torch.Tensor, p: float, seed: int, channelwise: bool = False) -> torch.Tensor:
-    """The scaled keep-mask a dropout module seeded with ``seed`` (see :func:`module_seed`) multiplies
+    """The scaled keep-mask a dropout module seeded with ``seed`` (inside ``mc_dropout(model, True, seed=s)``
+    the ``index``-th module's is ``seeds.derive_seed(s, seeds.DROPOUT_MODULE, index)``) multiplies
     ``x`` by, honouring :func:`mask_rows`; ``x * seeded_mask(x, ...)`` is exactly its output."""
     return _seeded_mask(x, p, seed, channelwise)
 
@@ -225,7 +221,8 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
             ``Dropout1d/2d/3d`` modules. Off: every dropout module of the model.
         enabled: True: dropout is applied (MC sampling); False: every dropout is the identity.
         seed: with ``enabled``, every forward pass inside the block draws the *same* masks
-            (each dropout module gets its own stream derived from ``seed`` and its position);
+            (the ``index``-th module, in :func:`sampling_dropout_modules` order, draws from a generator
+            seeded ``seeds.derive_seed(seed, seeds.DROPOUT_MODULE, index)``);
             None draws fresh masks from torch's global generator each pass.
 
     Yields:
@@ -242,7 +239,7 @@ def mc_dropout(model: nn.Module, enabled: bool = True, seed: int | None = None) 
     targets = sampling_dropout_modules(model) if enabled else dropout_modules(model)
     try:
         for index, (_, m) in enumerate(targets):
-            sub_seed = None if seed is None else module_seed(seed, index)
+            sub_seed = None if seed is None else seeds.derive_seed(seed, seeds.DROPOUT_MODULE, index)
             if isinstance(m, MCDropout):
                 saved.append((m, "mc", (m.mc_enabled, m.mc_seed)))
                 m.mc_enabled, m.mc_seed = bool(enabled), sub_seed

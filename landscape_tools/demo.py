@@ -314,9 +314,10 @@ def run_hessian_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
                      batch_size=cfg.hessian_batch_size, batches=cfg.hessian_batches, scope="batch",
                      top_k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
                      max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, device=str(device), seed=cfg.seed)
-    H.run_hessian(jobs, str(output), k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
-                  max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, scope="batch", seed=cfg.seed,
-                  overwrite=overwrite, config=config, device=str(device), data_description=described,
+    options = H.HessianOptions(k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
+                               max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, scope="batch", seed=cfg.seed)
+    H.run_hessian(jobs, str(output), options, overwrite=overwrite, config=config, device=str(device),
+                  data_description=described,
                   progress=progress_for("hessian"))
 
 

@@ -36,6 +36,7 @@ exit 130 / 143 after the ``finally`` blocks here have closed the partial file an
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -50,7 +51,7 @@ from . import store
 from .distributed import RankFailed
 from .errors import ConfigError, StoreError
 
-__all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "run_identity", "parse_shard", "shard_units",
+__all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "options_key", "run_identity", "parse_shard", "shard_units",
            "shard_path", "shard_suffix", "open_run", "replace_partial", "array_of", "vote", "check_shard", "run_ranks",
            "merge", "merge_done", "node_dict",
            "RankFailed"]
@@ -83,6 +84,20 @@ def runtime(device: torch.device | str) -> dict:
     if dev.type == "cuda":
         tf32 = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     return {"device_kind": dev.type, "tf32": tf32}
+
+
+def options_key(options) -> dict:
+    """The part of a run's key its options make: ``dataclasses.asdict`` of the analysis' frozen,
+    validated options dataclass, less the fields declared ``metadata={"identity": False}`` (those
+    that change only the memory or speed of a run, never its units' values, e.g. hessian's
+    ``sub_batch``), with ``options_class`` naming the dataclass.  A partial file written before the
+    options were a dataclass lacks ``options_class`` and is refused by that (:func:`open_run`)."""
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        raise TypeError(f"expected an options dataclass instance, got {type(options).__name__}")
+    skip = {f.name for f in dataclasses.fields(options) if not f.metadata.get("identity", True)}
+    key = {k: v for k, v in dataclasses.asdict(options).items() if k not in skip}
+    key["options_class"] = type(options).__name__
+    return key
 
 
 def run_identity(kind: str, key: dict, device: torch.device | str, shard: tuple[int, int] = (0, 1)) -> dict:
@@ -205,6 +220,12 @@ def _difference(old: dict, identity: dict, explain) -> str:
         was, now = json.loads(old["run_key"])["run"], json.loads(identity["run_key"])["run"]
     except (ValueError, KeyError, TypeError):
         return "another run"
+    old_options, new_options = was.get("options"), now.get("options")
+    if (isinstance(new_options, dict) and "options_class" in new_options
+            and not (isinstance(old_options, dict) and "options_class" in old_options)):
+        return (f"written by an older lt that recorded its options one by one, before they were validated as one "
+                f"{new_options['options_class']}: its units cannot be checked against this command's options, "
+                f"so it is not resumed; finish it with the lt version that started it, or pass --overwrite")
     why = explain(was, now) if explain is not None else None
     return why or _first_difference(was, now) or "another run"
 

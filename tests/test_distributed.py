@@ -181,14 +181,14 @@ def _hjobs(files):
 
 def test_hessian_rank_logic_in_one_process_resumes_a_finished_rank_file(files, tmp_path):
     from landscape_tools import hessian as H
-    jobs, kw = _hjobs(files), {"k": 2, "trace": True, "trace_probes": 3}
-    H.run_hessian(jobs, str(tmp_path / "ref.h5"), **kw)
+    jobs, options = _hjobs(files), H.HessianOptions(k=2, trace=True, trace_probes=3)
+    H.run_hessian(jobs, str(tmp_path / "ref.h5"), options)
     out = tmp_path / "out.h5"
-    H.run_hessian(jobs, str(E.shard_path(out, 0, 2)), shard=(0, 2), **kw)    # an earlier job's rank 0
+    H.run_hessian(jobs, str(E.shard_path(out, 0, 2)), options, shard=(0, 2))    # an earlier job's rank 0
     rows = []
-    H.run_job(D.Context(rank=1, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=1, world_size=2), jobs, out, options, on_row=lambda j, r: rows.append(r))
     assert rows == [1] and not out.exists()
-    H.run_job(D.Context(rank=0, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=0, world_size=2), jobs, out, options, on_row=lambda j, r: rows.append(r))
     assert rows == [1]                                   # rank 0 found its rows done: nothing recomputed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
     _equal_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
@@ -418,7 +418,8 @@ def test_dataset_scope_rank_that_sees_another_fail_before_starting_writes_nothin
     monkeypatch.setattr(D, "all_reduce", rank0_failed)
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 0 of 2 failed before starting \(see their messages\); "
                                          r"nothing was computed"):
-        H.run_job(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5", scope="dataset", k=2)
+        H.run_job(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5",
+                  H.HessianOptions(scope="dataset", k=2))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -340,8 +340,8 @@ def run_surface_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
     config = _config(cfg, "surface", models=[info.path for _, info in loaded], dims=2, x=grid.tolist(),
                      y=grid.tolist(), norm="filter", ignore="biasbn", split="train", samples=cfg.surface_samples,
                      batch_size=256, mc=0, bn="frozen", device=str(device), seed=cfg.seed, mode="random")
-    S.run_surface(jobs, str(output), grid, grid, mc=0, bn="frozen", seed=cfg.seed, overwrite=overwrite,
-                  config=config, device=str(device), progress=progress_for("surface"))
+    S.run_surface(jobs, str(output), S.SurfaceOptions(x=grid, y=grid, mc=0, bn="frozen", seed=cfg.seed),
+                  overwrite=overwrite, config=config, device=str(device), progress=progress_for("surface"))
 
 
 def run_featvar_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: bool, progress_for) -> None:

@@ -302,9 +302,9 @@ def test_run_surface_records_the_rows_per_pass_and_keeps_them_for_the_next_model
     d_other = S.random_directions(other, 2, seed=2)
     jobs = lambda: [S.SurfaceJob("a", model, None, data, d), S.SurfaceJob("b", other, None, data, d_other)]  # noqa: E731
     xs, ys = np.array([-0.5, 0.5]), np.array([0.0, 0.3])
-    S.run_surface(jobs(), str(tmp_path / "free.h5"), xs, ys, mc=2, seed=1)
+    S.run_surface(jobs(), str(tmp_path / "free.h5"), S.SurfaceOptions(xs, ys, mc=2, seed=1))
     tried = forward_limit(5)
-    S.run_surface(jobs(), str(tmp_path / "oom.h5"), xs, ys, mc=2, seed=1, notice=lambda line: None)
+    S.run_surface(jobs(), str(tmp_path / "oom.h5"), S.SurfaceOptions(xs, ys, mc=2, seed=1), notice=lambda line: None)
     assert tried.count(8) == 1                      # model b starts at the smaller size
     with h5py.File(tmp_path / "oom.h5", "r") as f, h5py.File(tmp_path / "free.h5", "r") as ref:
         for k in ("a", "b"):

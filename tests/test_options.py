@@ -82,3 +82,19 @@ def test_hessian_partial_file_of_the_keyword_options_is_refused_not_resumed(tmp_
     got = store.read_result(out).models["m"].data["eigenvalues"]
     np.testing.assert_array_equal(got, ref["m"].eigenvalues)
 
+
+# ----------------------------------------------------------------------------- surface
+def test_surface_options_are_resolved_once_and_refuse_bad_values():
+    from landscape_tools import surface as S
+
+    o = S.SurfaceOptions(np.linspace(-1, 1, 3), [0, 1], mc=2, precision="bfloat16", compile=True)
+    assert (o.x, o.y, o.mc, o.precision, o.compile, o.grid) == ((-1.0, 0.0, 1.0), (0.0, 1.0), 2, "bf16", "on", (3, 2))
+    for kwargs, message in [({"bn": "train"}, "--bn 'train' is not one of frozen, recompute"),
+                            ({"mc": -1}, "--mc -1 must be 0"), ({"precision": "fp8"}, "--precision 'fp8' is not one"),
+                            ({"compile": "maybe"}, "--compile 'maybe' is not one of auto, on, off"),
+                            ({"y": []}, "the grid's y coordinates")]:
+        with pytest.raises(ConfigError, match=message):
+            S.SurfaceOptions([0.0], **kwargs)
+    with pytest.raises(ConfigError, match=r"the grid's x coordinates \[nan\] are not a list of finite numbers"):
+        S.SurfaceOptions([float("nan")])
+

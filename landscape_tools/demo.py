@@ -360,8 +360,9 @@ def run_featvar_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
     config = _config(cfg, "featvar", models=[info.path for _, info in loaded], over="mc", mc=cfg.featvar_mc,
                      source="dropout", layers="stages", fourier=True, split="test", samples=cfg.featvar_samples,
                      batch_size=cfg.featvar_batch_size, max_batch=None, seed=cfg.seed)
-    featvar.run_to_file(jobs, str(output), _provenance("featvar", config, cfg.seed, device), over="mc",
-                        mc=cfg.featvar_mc, source="dropout", layers="stages", fourier=True, seed=cfg.seed,
+    options = featvar.FeatvarOptions(over="mc", mc=cfg.featvar_mc, source="dropout", layers="stages", fourier=True,
+                                     seed=cfg.seed)
+    featvar.run_to_file(jobs, str(output), _provenance("featvar", config, cfg.seed, device), options,
                         overwrite=overwrite, progress=progress_for("featvar"))
 
 

@@ -98,3 +98,20 @@ def test_surface_options_are_resolved_once_and_refuse_bad_values():
     with pytest.raises(ConfigError, match=r"the grid's x coordinates \[nan\] are not a list of finite numbers"):
         S.SurfaceOptions([float("nan")])
 
+
+# ----------------------------------------------------------------------------- featvar
+def test_featvar_options_are_resolved_once_and_refuse_bad_values():
+    from landscape_tools import featvar
+
+    o = featvar.FeatvarOptions(mc=None, source="noise:0.10", layers=["a.*", "b"], precision="half")
+    assert (o.mc, o.source, o.layers, o.precision) == (featvar.DEFAULT_MC, "noise:0.1", ("a.*", "b"), "fp16")
+    assert featvar.FeatvarOptions(over="spatial", mc=None).mc == 1
+    assert "max_batch" not in engine.options_key(featvar.FeatvarOptions(max_batch=8))
+    for kwargs, message in [({"over": "time"}, "--over 'time': expected one of mc, spatial"),
+                            ({"mc": 1}, "--mc 1: the sample variance needs at least 2 MC samples"),
+                            ({"source": "noise:-1"}, "--source 'noise:-1': expected 'dropout' or 'noise:SIGMA'"),
+                            ({"over": "spatial", "source": "noise:0.1"}, "--source applies to --over mc only"),
+                            ({"max_batch": 0}, "max-batch"), ({"precision": "int8"}, "--precision 'int8'")]:
+        with pytest.raises(ConfigError, match=message):
+            featvar.FeatvarOptions(**kwargs)
+

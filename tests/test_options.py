@@ -115,3 +115,19 @@ def test_featvar_options_are_resolved_once_and_refuse_bad_values():
         with pytest.raises(ConfigError, match=message):
             featvar.FeatvarOptions(**kwargs)
 
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_options_are_resolved_once_and_refuse_bad_values():
+    from landscape_tools import evaluate
+
+    o = evaluate.EvaluateOptions("5,1,5", seed=2, precision="float16", compile=1, max_batch=64)
+    assert (o.sizes, o.precision, o.compile, o.max_batch) == ((1, 5), "fp16", True, 64)
+    assert evaluate.EvaluateOptions([2, 1]).sizes == (1, 2)
+    assert engine.options_key(o) == {"sizes": (1, 5), "seed": 2, "n_bins": evaluate.N_BINS, "precision": "fp16",
+                                     "options_class": "EvaluateOptions"}
+    for kwargs, message in [({"sizes": "1,x"}, "--mc '1,x': 'x' is not a whole number"),
+                            ({"sizes": ()}, "--mc is empty"), ({"n_bins": 0}, "n_bins=0 must be at least 1"),
+                            ({"max_batch": 1.5}, "--max-batch 1.5: expected a whole number"),
+                            ({"precision": "fp64"}, "--precision 'fp64' is not one of")]:
+        with pytest.raises(ConfigError, match=message):
+            evaluate.EvaluateOptions(**kwargs)

@@ -372,6 +372,19 @@ def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim=None):
         raise ConfigError(f"--weight-decay {weight_decay} must be >= 0")
 
 
+def _validate_form(form) -> None:
+    if form not in FORMS + ("auto",):
+        raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+
+
+def _validate_estimators(trace, trace_probes, density, density_runs, density_steps) -> None:
+    """The checks of the trace and density options (:func:`top_eigenvalues`, :class:`HessianOptions`)."""
+    if trace and int(trace_probes) < 3:
+        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
+    if density and (int(density_runs) < 1 or int(density_steps) < 2):
+        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+
+
 def _row_seed(seed: int, row: int, salt: int) -> int:
     return (int(seed) * 1_000_003 + int(row) * 10_007 + salt) % (2**62)
 
@@ -450,8 +463,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     _validate(k, which, method, tol, max_iter, scope, weight_decay, dim)
     vectors_meta = vector_meta(model, params, which, save_vectors) if save_vectors else None
     return_vectors = bool(return_vectors or save_vectors)
-    if form not in FORMS + ("auto",):
-        raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+    _validate_form(form)
     from .precision import parse_hessian_precision
     precision = parse_hessian_precision(precision)
     k = int(k)
@@ -475,10 +487,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         trace=_empty_trace(rows, trace_probes) if trace else None,
         density=_empty_density(rows, density_runs, density_steps) if density else None,
         eigenvectors=[None] * rows if return_vectors else None, vectors=vectors_meta)
-    if trace and int(trace_probes) < 3:
-        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
-    if density and (int(density_runs) < 1 or int(density_steps) < 2):
-        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+    _validate_estimators(trace, trace_probes, density, density_runs, density_steps)
     skip_set = set(int(s) for s in (skip or ()))
     todo = [r for r in range(rows) if r not in skip_set]
     name = f"{label}: " if label else ""
@@ -823,13 +832,8 @@ class HessianOptions:
 
         which = str(self.which).upper()
         _validate(self.k, which, self.method, self.tol, self.max_iter, self.scope, self.weight_decay)
-        if self.trace and int(self.trace_probes) < 3:
-            raise ConfigError(f"--trace-probes {self.trace_probes} must be at least 3 (Hutch++ splits them in three)")
-        if self.density and (int(self.density_runs) < 1 or int(self.density_steps) < 2):
-            raise ConfigError(f"density needs at least 1 run and 2 steps (got {self.density_runs} x "
-                              f"{self.density_steps}), e.g. --density-runs 4 --density-steps 64")
-        if self.form not in FORMS + ("auto",):
-            raise ConfigError(f"HVP form {self.form!r} is not one of {', '.join(FORMS)}, auto")
+        _validate_estimators(self.trace, self.trace_probes, self.density, self.density_runs, self.density_steps)
+        _validate_form(self.form)
         if self.save_vectors not in (None, "float32", "float64"):
             raise ConfigError(f"--vector-dtype {self.save_vectors!r} is not float32 or float64")
         k = int(self.k)

@@ -942,22 +942,34 @@ _SUMS = ("var_sum", "count", "fourier_sum", "fourier_count")
 
 
 def _compute_rows(part, analyses, rank: tuple[int, int] | None, progress: Progress) -> None:
-    """Compute every batch not yet done (of rank ``(r, n)``: batches ``r, r + n, ...``) into ``part``."""
+    """Compute every batch not yet done (of rank ``(r, n)``: batches ``r, r + n, ...``) into ``part``,
+    through the engine's unit loop (:func:`landscape_tools.engine.run_units`)."""
+    from . import engine
+
     rows = [range(len(xs)) if rank is None else range(rank[0], len(xs), rank[1]) for _, _, xs in analyses]
-    total, done_total = sum(len(r) for r in rows), 0
-    for (job, analysis, xs), mine in zip(analyses, rows):
+    total = sum(len(r) for r in rows)
+    todo = []
+    for (job, _, _), mine in zip(analyses, rows):
+        done = part.read(job.label + "/sums/done").astype(bool)
+        todo.append([i for i in mine if not done[i]])
+    count = total - sum(len(t) for t in todo)
+    if count:
+        report(progress, count, total, "resumed")
+    for (job, analysis, xs), units in zip(analyses, todo):
         base = job.label + "/sums/"
-        done = part.read(base + "done").astype(bool)
-        for i in mine:
-            if not done[i]:
-                s = analysis.batch_stats(i, xs[i])
+
+        def write(batch, base=base):
+            for i, s in batch:
                 for key in _SUMS:
                     part.write(base + key, i, getattr(s, key))
-                part.flush()
+            part.flush()
+            for i, _ in batch:
                 part.write(base + "done", i, True)
-                part.flush()
-            done_total += 1
-            report(progress, done_total, total, job.label)
+            part.flush()
+
+        count = engine.run_units(units, lambda i, a=analysis, xs=xs: a.batch_stats(i, xs[i]), write,
+                                 progress=progress, done=count, total=total,
+                                 message=lambda i, s, label=job.label: label)
 
 
 def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarResult]:

@@ -1182,8 +1182,6 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, options: SurfaceOptions
                 units = [u for u in todo[ji] if u // n_points == r]
                 if not units:
                     continue
-                pending: list[tuple[int, float, float]] = []
-                last = time.monotonic()
                 name = job.label if n_repeats == 1 else f"{job.label} repeat {r}"
                 said = any(u // n_points < r for u in todo[ji])      # an earlier repeat already told the notice
                 with SurfaceEvaluator(job.model, job.data, directions, mc, bn, seed, precision, compile_option,
@@ -1192,21 +1190,20 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, options: SurfaceOptions
                     _record_compile(result, job.label, compile_option, ev,
                                     earlier=len(points) - len(todo[ji]) + sum(u // n_points < r for u in todo[ji]))
                     ev.pieces.size = rows_per_pass
+
+                    def compute(u, ev=ev):
+                        return ev(*coords[u % n_points])
+
+                    def write(batch, label=job.label):
+                        if result.file is not None:
+                            _write_points(result, label, shape, [(u, loss, acc) for u, (loss, acc) in batch])
+
                     try:
-                        for u in units:
-                            a, b = coords[u % n_points]
-                            loss, acc = ev(a, b)
-                            pending.append((u, loss, acc))
-                            done_count += 1
-                            if on_point is not None:
-                                on_point(ji, u)
-                            if len(pending) >= flush_points or time.monotonic() - last >= flush_seconds:
-                                _write_points(result, job.label, shape, pending)
-                                pending, last = [], time.monotonic()
-                            report(progress, done_count, total, name)
+                        done_count = engine.run_units(
+                            units, compute, write, progress=progress, done=done_count, total=total,
+                            message=lambda u, value, name=name: name, every=flush_points, seconds=flush_seconds,
+                            on_unit=None if on_point is None else (lambda u, ji=ji: on_point(ji, u)))
                     finally:
-                        if pending and result.file is not None:
-                            _write_points(result, job.label, shape, pending)
                         rows_per_pass = ev.pieces.size
                         if rows_per_pass is not None and result.file is not None:
                             result.set_attrs(job.label, {"rows_per_pass": int(rows_per_pass)})

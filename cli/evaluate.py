@@ -71,12 +71,13 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     from landscape_tools.device import resolve_device
     from landscape_tools.engine import shard_suffix
     from landscape_tools.errors import ConfigError
-    from landscape_tools.evaluate import Job, ensemble_curve, parse_ensemble_sizes, run_to_file
+    from landscape_tools.evaluate import EvaluateOptions, Job, ensemble_curve, run_to_file
     from landscape_tools.plotting import check_figure_path
     from landscape_tools import corruptions as C
     from landscape_tools.data import CIFAR_C_KINDS, parse_spec
 
-    sizes = parse_ensemble_sizes(mc)
+    options = EvaluateOptions(sizes=mc, seed=seed, precision=precision, compile=compile_model, max_batch=max_batch)
+    sizes = options.sizes
     shard = common.parse_shard(shard_spec, "evaluate")
     pairs = C.parse_corruptions(corrupt) if corrupt else None
     published = data_spec is not None and parse_spec(data_spec)[0] in CIFAR_C_KINDS
@@ -103,18 +104,18 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
 
     def score(model, info, ds, what=""):
-        return ensemble_curve(model, ds.batches(), sizes, seed=seed, precision=precision,
-                              compile_model=compile_model, max_batch=max_batch,
+        return ensemble_curve(model, ds.batches(), sizes, seed=seed, precision=options.precision,
+                              compile_model=options.compile, max_batch=options.max_batch,
                               progress=common.ProgressBar(f"evaluate {info.label}{what}", quiet=not ctx.is_main))
 
     config = common.dump_config(models=list(models), labels=labels, mc=list(sizes), data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, max_batch=max_batch, device=str(dev), seed=seed,
-                                arch=arch, model=model_factory, precision=precision, compile=bool(compile_model),
+                                arch=arch, model=model_factory, precision=options.precision, compile=bool(compile_model),
                                 corrupt=[f"{n}:{s}" for n, s in pairs] if pairs else None, shard=shard_spec)
     root = store.provenance("evaluate", config=config, seed=seed, device=str(dev))
     if published:
-        _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pairs, sizes, precision,
-                       compile_model, score, root, output, overwrite, plot_path)
+        _published_run(loaded, data_spec, split, samples, batch_size, seed, dev, pairs, sizes,
+                       options.precision, options.compile, score, root, output, overwrite, plot_path)
         return
     jobs, robust_tables = [], []
     shared = f", batches shared by {ctx.world_size} ranks" if ctx.distributed else ""
@@ -122,7 +123,8 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
     for model, info, ds, robust in _data_and_corruptions(loaded, data_spec, split, samples, batch_size, seed, dev,
                                                           pairs, False, score):
         say(f"evaluating {info.label} ({info.arch}) on {ds.spec} {split} ({len(ds)} samples), "
-            f"N = {','.join(map(str, sizes))}, on {dev}, {precision}{' compiled' if compile_model else ''}{shared}"
+            f"N = {','.join(map(str, sizes))}, on {dev}, {options.precision}"
+            f"{' compiled' if options.compile else ''}{shared}"
             f"{f', {robust.count} corrupted sets' if robust is not None else ''}")
         groups = {}
         if robust is not None:          # scored first, whole (not resumable); the clean batches resume
@@ -130,8 +132,8 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
             groups["corruptions"] = robust.to_node()
             robust_tables.append(_corruption_table(info.label, robust))
         data = ds.describe()
-        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=precision,
-                     compiled=bool(compile_model),
+        attrs = dict(info.describe(), split=split, data_spec=ds.spec, precision=options.precision,
+                     compiled=options.compile,
                      data=common.dump_config(**{k: v for k, v in data.items() if k != "indices"}))
         extra = {}
         if data["indices"] is not None:
@@ -139,8 +141,7 @@ def command(models, arch, model_factory, trust_pickle, labels, mc, data_spec, sp
                                                                        f"(seed {ds.sample_seed})"})
         description = dict(data, corrupt=[f"{n}:{s}" for n, s in pairs] if pairs else None)
         jobs.append(Job(info.label, model, attrs, ds.batches(), extra, description, groups=groups))
-    run_to_file(jobs, output, root, sizes, seed=seed, precision=precision, compile_model=compile_model,
-                max_batch=max_batch, overwrite=overwrite, ctx=ctx, shard=shard,
+    run_to_file(jobs, output, root, options, overwrite=overwrite, ctx=ctx, shard=shard,
                 progress=common.ProgressBar("evaluate", quiet=not ctx.is_main))
     if not ctx.is_main:
         return

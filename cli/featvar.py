@@ -71,7 +71,8 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
         raise ConfigError(featvar.COMPILE_REFUSED)
     if over == "spatial" and (mc is not None or source is not None):
         raise click.UsageError("--mc and --source apply to --over mc only; --over spatial is deterministic")
-    src = featvar.parse_source(source) if over == "mc" else None
+    options = featvar.FeatvarOptions(over=over, mc=mc, source=source if over == "mc" else None, layers=layers,
+                                     fourier=fourier, seed=seed, max_batch=max_batch, precision=precision)
     shard = common.parse_shard(shard_spec, "featvar")
     if shard is not None and plot_path:
         raise ConfigError(f"--plot with --shard {shard_spec}: a shard holds only sums of some batches; plot the merged "
@@ -89,14 +90,12 @@ def command(models, arch, model_factory, trust_pickle, labels, over, mc, source,
         jobs.append(featvar.Job(info.label, model, dict(info.describe(), data=described), ds.batches(),
                                 data={k: v for k, v in described.items() if k != "normalisation"}))
     config = common.dump_config(models=list(models), over=over, mc=mc if over == "mc" else None,
-                                source=str(src) if src else None, layers=layers, fourier=fourier,
+                                source=options.source, layers=layers, fourier=fourier,
                                 data=data_spec, split=split, samples=samples, batch_size=batch_size,
-                                max_batch=max_batch, seed=seed, precision=precision, compile=bool(compile_model),
+                                max_batch=max_batch, seed=seed, precision=options.precision, compile=bool(compile_model),
                                 shard=shard_spec)
     attrs = store.provenance("featvar", None, config, seed, str(dev))
-    results = featvar.run_to_file(jobs, output, attrs, over=over, mc=mc, source=src, layers=layers, fourier=fourier,
-                                  seed=seed, max_batch=max_batch, overwrite=overwrite, precision=precision, ctx=ctx,
-                                  shard=shard,
+    results = featvar.run_to_file(jobs, output, attrs, options, overwrite=overwrite, ctx=ctx, shard=shard,
                                   progress=common.ProgressBar("featvar", quiet=not ctx.is_main))
     if not ctx.is_main:
         return

@@ -108,15 +108,12 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     from landscape_tools.streaming import batch_sizes
     from landscape_tools.errors import ConfigError
 
-    which = which.upper()
-    if which not in H.WHICH:
-        raise ConfigError(f"--which {which!r} is not one of {', '.join(H.WHICH)} (LM: largest magnitude, "
-                          f"LA: largest algebraic, SA: smallest algebraic)")
-    if method not in H.METHODS:
-        raise ConfigError(f"--method {method!r} is not one of {', '.join(H.METHODS)}")
-    if scope not in H.SCOPES:
-        raise ConfigError(f"--scope {scope!r} is not one of {', '.join(H.SCOPES)}")
-    sub_batch = _parse_sub_batch(sub_batch)
+    options = H.HessianOptions(k=top_k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
+                               weight_decay=weight_decay, mc_seed=seed if mc_seed is None else mc_seed, scope=scope,
+                               seed=seed, trace=trace, trace_probes=trace_probes, density=density,
+                               density_runs=density_runs, density_steps=density_steps, precision=precision,
+                               sub_batch=sub_batch, warm_start=warm_start,
+                               save_vectors=vector_dtype if save_vectors else None)
     shard = common.parse_shard(shard_spec, "hessian")
     if shard is not None and scope == "dataset":
         raise ConfigError(f"--shard {shard_spec} with --scope dataset: every product of the one Hessian needs every "
@@ -131,7 +128,6 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
     ctx = distributed.init(dev)
     click.get_current_context().call_on_close(lambda: distributed.destroy(ctx))
     dev = ctx.device
-    mc_seed = seed if mc_seed is None else mc_seed
 
     loaded = common.load_models(models, arch, model_factory, trust_pickle, labels, device=dev)
     jobs, described = [], {}
@@ -146,54 +142,34 @@ def command(models, arch, model_factory, trust_pickle, labels, data_spec, split,
         jobs.append(H.HessianJob(info.label, model, info, batches))
 
     config = common.dump_config(models=list(models), data=data_spec, split=split, samples=samples,
-                                batch_size=batch_size, batches=n_batches, scope=scope, top_k=top_k, which=which,
-                                method=method, tol=tol, max_iter=max_iter, params=params, weight_decay=weight_decay,
-                                trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
-                                density_steps=density_steps, mc_seed=mc_seed, sub_batch=sub_batch, precision=precision,
-                                device=str(dev), seed=seed, warm_start=warm_start, shard=shard_spec,
-                                save_vectors=vector_dtype if save_vectors else None)
+                                batch_size=batch_size, batches=n_batches, scope=scope, top_k=top_k,
+                                which=options.which, method=method, tol=tol, max_iter=max_iter, params=params,
+                                weight_decay=weight_decay, trace=trace, trace_probes=trace_probes, density=density,
+                                density_runs=density_runs, density_steps=density_steps, mc_seed=options.mc_seed,
+                                sub_batch=options.sub_batch, precision=options.precision, device=str(dev), seed=seed,
+                                warm_start=warm_start, shard=shard_spec, save_vectors=options.save_vectors)
     first = jobs[0]
     rows = len(first.batches) if scope == "batch" else 1
     if ctx.is_main:
         common.info_line(f"hessian: {len(jobs)} model(s) x {rows} Hessian(s) of "
                          f"{'one batch' if scope == 'batch' else 'all batches'}"
-                         f" ({sum(batch_sizes(first.batches))} samples, {split}), top-{top_k} {which} "
-                         f"by {method}, {dev}{'' if precision == 'fp32' else f', {precision} forward passes'}"
+                         f" ({sum(batch_sizes(first.batches))} samples, {split}), top-{top_k} {options.which} "
+                         f"by {method}, {dev}"
+                         f"{'' if options.precision == 'fp32' else f', {options.precision} forward passes'}"
                          f"{_sharing(scope, ctx.world_size) if ctx.distributed else ''}")
-        if precision != "fp32":
-            common.info_line(f"warning: --precision {precision} runs the loss's forward pass in {precision}; "
+        if options.precision != "fp32":
+            common.info_line(f"warning: --precision {options.precision} runs the loss's forward pass in "
+                             f"{options.precision}; "
                              f"the Hessian is approximate (use fp32, the default, for exact eigenvalues)")
     data_description = described if len(set(map(str, described.values()))) > 1 else described[first.label]
-    H.run_job(ctx, jobs, output, shard=shard, k=top_k, which=which, method=method, tol=tol, max_iter=max_iter,
-                            params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed,
-                            trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
-                            density_steps=density_steps, precision=precision, sub_batch=sub_batch,
-                            warm_start=warm_start, save_vectors=vector_dtype if save_vectors else None,
-                            overwrite=overwrite, config=config,
-                            device=str(dev),
-                            data_description=data_description,
-                            progress=common.ProgressBar("hessian", quiet=not ctx.is_main))
+    H.run_job(ctx, jobs, output, options, shard=shard, overwrite=overwrite, config=config, device=str(dev),
+              data_description=data_description,
+              progress=common.ProgressBar("hessian", quiet=not ctx.is_main))
     if not ctx.is_main:
         return
     _summary(output)
     if plot_path:
         common.render_plot([output], plot_path)
-
-
-def _parse_sub_batch(text: str):
-    from landscape_tools.errors import ConfigError
-
-    value = str(text).strip().lower()
-    if value in ("auto", "whole"):
-        return None if value == "whole" else "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ConfigError(f"--sub-batch {text!r} is not a positive number of samples, 'auto' or 'whole' "
-                          f"(e.g. --sub-batch 32)")
-    return number
 
 
 def _sharing(scope: str, world: int) -> str:

@@ -219,13 +219,14 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
         else:
             y = S.parse_range(DEFAULT_RANGE, "--y")
 
-    config = common.dump_config(models=list(models), dims=n_dims, x=[float(v) for v in x],
-                                y=None if y is None else [float(v) for v in y], norm=norm, ignore=ignore,
+    options = S.SurfaceOptions(x=x, y=y, mc=mc, bn=bn, seed=seed, precision=precision, compile=compile_model)
+    config = common.dump_config(models=list(models), dims=n_dims, x=list(options.x),
+                                y=None if y is None else list(options.y), norm=norm, ignore=ignore,
                                 to=to_path, plane=list(plane_paths) if plane_paths else None,
                                 pca=list(pca_paths) or None, directions=directions_path,
                                 directions_row=directions_row, eig=eig, data=data_spec, split=split,
                                 samples=samples, batch_size=batch_size, mc=mc, bn=bn, shard=shard_spec,
-                                precision=precision, compile=compile_model, device=str(dev), seed=seed,
+                                precision=options.precision, compile=compile_model, device=str(dev), seed=seed,
                                 mode=mode, **({"repeats": repeats} if repeats > 1 else {}))
     n_points = len(x) * (1 if y is None else len(y)) * repeats
     share = n_points if shard is None else len(S.shard_points(n_points, *shard))
@@ -237,11 +238,10 @@ def command(models, arch, model_factory, trust_pickle, labels, dims, x_spec, y_s
                          f"{'' if shard is None else f' (shard {shard[0]}/{shard[1]} of {n_points})'}"
                          f"{f' per rank x {ctx.world_size} ranks' if ctx.distributed else ''} "
                          f"on {len(jobs[0].data)} samples ({split}), {dev}"
-                         f"{'' if precision == 'fp32' else f', {precision} forward passes'}"
-                         f"{', compiled' if compile_model == 'on' else ''}")
+                         f"{'' if options.precision == 'fp32' else f', {options.precision} forward passes'}"
+                         f"{', compiled' if options.compile == 'on' else ''}")
     def compute(out, part):
-        S.run_surface(jobs, str(out), x, y, mc=mc, bn=bn, seed=seed, shard=part, overwrite=overwrite, config=config,
-                      device=str(dev), precision=precision, compile=compile_model,
+        S.run_surface(jobs, str(out), options, shard=part, overwrite=overwrite, config=config, device=str(dev),
                       notice=(lambda line: common.info_line(f"lt surface: {line}")) if ctx.is_main else None,
                       progress=common.ProgressBar("surface", quiet=not ctx.is_main))
 

@@ -317,9 +317,10 @@ def run_hessian_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
                      batch_size=cfg.hessian_batch_size, batches=cfg.hessian_batches, scope="batch",
                      top_k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
                      max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, device=str(device), seed=cfg.seed)
-    H.run_hessian(jobs, str(output), k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
-                  max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, scope="batch", seed=cfg.seed,
-                  overwrite=overwrite, config=config, device=str(device), data_description=described,
+    options = H.HessianOptions(k=cfg.hessian_k, which="LM", method="lanczos", tol=cfg.hessian_tol,
+                               max_iter=cfg.hessian_max_iter, mc_seed=cfg.seed, scope="batch", seed=cfg.seed)
+    H.run_hessian(jobs, str(output), options, overwrite=overwrite, config=config, device=str(device),
+                  data_description=described,
                   progress=progress_for("hessian"))
 
 
@@ -342,8 +343,8 @@ def run_surface_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
     config = _config(cfg, "surface", models=[info.path for _, info in loaded], dims=2, x=grid.tolist(),
                      y=grid.tolist(), norm="filter", ignore="biasbn", split="train", samples=cfg.surface_samples,
                      batch_size=256, mc=0, bn="frozen", device=str(device), seed=cfg.seed, mode="random")
-    S.run_surface(jobs, str(output), grid, grid, mc=0, bn="frozen", seed=cfg.seed, overwrite=overwrite,
-                  config=config, device=str(device), progress=progress_for("surface"))
+    S.run_surface(jobs, str(output), S.SurfaceOptions(x=grid, y=grid, mc=0, bn="frozen", seed=cfg.seed),
+                  overwrite=overwrite, config=config, device=str(device), progress=progress_for("surface"))
 
 
 def run_featvar_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: bool, progress_for) -> None:
@@ -362,8 +363,9 @@ def run_featvar_stage(cfg: DemoConfig, loaded, output: Path, device, overwrite: 
     config = _config(cfg, "featvar", models=[info.path for _, info in loaded], over="mc", mc=cfg.featvar_mc,
                      source="dropout", layers="stages", fourier=True, split="test", samples=cfg.featvar_samples,
                      batch_size=cfg.featvar_batch_size, max_batch=None, seed=cfg.seed)
-    featvar.run_to_file(jobs, str(output), _provenance("featvar", config, cfg.seed, device), over="mc",
-                        mc=cfg.featvar_mc, source="dropout", layers="stages", fourier=True, seed=cfg.seed,
+    options = featvar.FeatvarOptions(over="mc", mc=cfg.featvar_mc, source="dropout", layers="stages", fourier=True,
+                                     seed=cfg.seed)
+    featvar.run_to_file(jobs, str(output), _provenance("featvar", config, cfg.seed, device), options,
                         overwrite=overwrite, progress=progress_for("featvar"))
 
 

@@ -2,18 +2,31 @@
 
 An analysis is a list of *units* (hessian: the rows, one Hessian per batch; surface: grid points, or
 (repeat, grid point) pairs with ``--repeats K``;
-featvar and evaluate: data batches), a way to compute the units it is given, a result layout with a
-``done`` mask over the units, and a merge that assembles units computed elsewhere.  This module
-owns everything around that, once for all four:
+featvar and evaluate: data batches), a frozen options dataclass validated once when it is made
+(:class:`~landscape_tools.hessian.HessianOptions`, :class:`~landscape_tools.surface.SurfaceOptions`,
+:class:`~landscape_tools.featvar.FeatvarOptions`, :class:`~landscape_tools.evaluate.EvaluateOptions`:
+the CLI builds one and passes it to the analysis' run function), a way to compute the units it is
+given, a result layout with a ``done`` mask over the units, and a merge that assembles units
+computed elsewhere.  This module owns everything around that, once for all four:
 
 - **one fingerprint scheme** (:func:`run_identity`): the SHA-256 of a JSON document holding the
-  result kind, the analysis' key (its resolved options, models and data), the seed scheme and the
-  runtime (device kind and TF32 setting, :func:`runtime`).  It is stored in every file as
+  result kind, the analysis' key (its options, :func:`options_key`: ``dataclasses.asdict`` of the
+  options less the fields that change only memory or speed, tagged with the class name; its models
+  and data), the seed scheme and the runtime (device kind and TF32 setting, :func:`runtime`).  It is stored in every file as
   ``run_fingerprint`` (the same for every shard of one run) with the readable document in
   ``run_key``; ``fingerprint`` adds the shard (``I/N``) and is what a ``.partial`` file is resumed by.
 - **resume** (:func:`open_run`): the ``.partial`` file is resumed unit by unit; a partial file of
   another run is refused with the first difference spelled out (another device kind, another
-  seed scheme, another option ...), never resumed with other masks.
+  seed scheme, another option, options recorded before they were a dataclass ...), never resumed
+  with other masks.
+- **the unit loop** (:func:`run_units`, surface and featvar): compute one unit, write finished units
+  (every unit, or in batches), report ``progress(done, total, message)``; on SIGINT / SIGTERM
+  (raised at a progress call or inside a unit) the finished units are written, the unit in progress
+  is dropped, and the exception leaves through the caller's ``finally``, which closes the partial
+  file and releases the lock; :mod:`landscape_tools.cli.main` turns it into exit 130 / 143.
+  Hessian rows run in :func:`landscape_tools.hessian.top_eigenvalues`' own loop (row 0's warm
+  start is shared by the rows of a call) and evaluate batches in ``score_batches`` (progress per MC
+  sample), each writing a unit the same way (values, flush, ``done``, flush) from their callback.
 - **the lock**: :class:`landscape_tools.store.OutputLock` (host, pid, heartbeat, stale takeover),
   taken by :func:`landscape_tools.store.open_partial`.
 - **the split** of units over ``--shard I/N`` jobs and over the ranks of a torchrun / srun job
@@ -30,17 +43,15 @@ owns everything around that, once for all four:
 - **seeds**: :func:`derive_seed` (:mod:`landscape_tools.seeds`, re-exported here) is the one
   derivation of every seed lt derives, with one purpose number per kind of draw; ``SEED_SCHEME``
   (2) is recorded in every run's key, so a partial file written under another scheme is refused.
-
-Progress is reported through each analysis' ``progress(done, total, message)`` callback and
-interrupts (SIGINT / SIGTERM) through :mod:`landscape_tools.cli.main`, which turns them into
-exit 130 / 143 after the ``finally`` blocks here have closed the partial file and released the lock.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,8 +63,8 @@ from .distributed import RankFailed
 from .errors import ConfigError, StoreError
 from .seeds import SEED_SCHEME, derive_seed   # the one seed derivation (re-exported here)
 
-__all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "run_identity", "parse_shard", "shard_units",
-           "shard_path", "shard_suffix", "open_run", "replace_partial", "array_of", "vote", "check_shard", "run_ranks",
+__all__ = ["SEED_SCHEME", "KINDS", "digest", "derive_seed", "runtime", "options_key", "run_identity", "parse_shard", "shard_units",
+           "shard_path", "shard_suffix", "open_run", "run_units", "replace_partial", "array_of", "vote", "check_shard", "run_ranks",
            "merge", "merge_done", "node_dict",
            "RankFailed"]
 
@@ -76,6 +87,20 @@ def runtime(device: torch.device | str) -> dict:
     if dev.type == "cuda":
         tf32 = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     return {"device_kind": dev.type, "tf32": tf32}
+
+
+def options_key(options) -> dict:
+    """The part of a run's key its options make: ``dataclasses.asdict`` of the analysis' frozen,
+    validated options dataclass, less the fields declared ``metadata={"identity": False}`` (those
+    that change only the memory or speed of a run, never its units' values, e.g. hessian's
+    ``sub_batch``), with ``options_class`` naming the dataclass.  A partial file written before the
+    options were a dataclass lacks ``options_class`` and is refused by that (:func:`open_run`)."""
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        raise TypeError(f"expected an options dataclass instance, got {type(options).__name__}")
+    skip = {f.name for f in dataclasses.fields(options) if not f.metadata.get("identity", True)}
+    key = {k: v for k, v in dataclasses.asdict(options).items() if k not in skip}
+    key["options_class"] = type(options).__name__
+    return key
 
 
 def run_identity(kind: str, key: dict, device: torch.device | str, shard: tuple[int, int] = (0, 1)) -> dict:
@@ -167,6 +192,52 @@ def open_run(output, root: dict, identity: dict, layout: dict, overwrite: bool =
     return store.open_partial(output, attrs, identity["fingerprint"], layout, overwrite=overwrite)
 
 
+def run_units(units: Sequence[Any], compute: Callable[[Any], Any], write: Callable[[list], None], *,
+              progress: Callable[[int, int, str], None] | None = None, done: int = 0, total: int | None = None,
+              message: Callable[[Any, Any], str] | None = None, every: int = 1, seconds: float | None = None,
+              on_unit: Callable[[Any], None] | None = None) -> int:
+    """The unit loop of a run into a partial file (:func:`open_run`), one for every analysis that
+    computes its units one at a time.
+
+    For each unit ``u`` of ``units`` (those still to do, in order): ``value = compute(u)``, then
+    ``on_unit(u)`` (a test hook), then the finished ``(u, value)`` waits in a batch that
+    ``write(batch)`` puts into the partial file (the analysis' layout: values, a flush, the units'
+    ``done`` flags, a flush) once ``every`` units wait or ``seconds`` have passed since the last
+    write (``every=1``: each unit at once), then ``progress(done, total, message(u, value))`` with
+    ``done`` counted from ``done`` (units found done in the file) up to ``total``.
+
+    Interrupts: SIGINT and SIGTERM are turned into ``KeyboardInterrupt`` / ``Terminated`` inside
+    ``compute`` or at the progress call (:func:`landscape_tools.cli.common.check_interrupted`); on
+    those, as on any error, the units finished before it are written (finished), the unit being
+    computed is dropped (a resumed run computes it again), and the exception propagates, so the
+    caller's ``finally`` closes the partial file and releases the lock, and ``lt`` exits 130 / 143
+    (:mod:`landscape_tools.cli.main`).  A ``write`` that fails is not retried.
+
+    Returns:
+        ``done`` plus the number of units computed.
+    """
+    from .device import report
+
+    pending: list = []
+    last = time.monotonic()
+    try:
+        for u in units:
+            value = compute(u)
+            pending.append((u, value))
+            done += 1
+            if on_unit is not None:
+                on_unit(u)
+            if len(pending) >= every or (seconds is not None and time.monotonic() - last >= seconds):
+                batch, pending = pending, []
+                write(batch)
+                last = time.monotonic()
+            report(progress, done, total if total is not None else done, message(u, value) if message else "")
+    finally:
+        if pending:
+            write(pending)
+    return done
+
+
 def replace_partial(part: "store.PartialResult", models: dict[str, dict]) -> Path:
     """Finish a run whose whole-run file has another layout than its partial file (evaluate: curves
     instead of per-batch units): write ``models`` under the partial file's root attributes to the
@@ -199,6 +270,12 @@ def _difference(old: dict, identity: dict, explain) -> str:
         was, now = json.loads(old["run_key"])["run"], json.loads(identity["run_key"])["run"]
     except (ValueError, KeyError, TypeError):
         return "another run"
+    old_options, new_options = was.get("options"), now.get("options")
+    if (isinstance(new_options, dict) and "options_class" in new_options
+            and not (isinstance(old_options, dict) and "options_class" in old_options)):
+        return (f"written by an older lt that recorded its options one by one, before they were validated as one "
+                f"{new_options['options_class']}: its units cannot be checked against this command's options, "
+                f"so it is not resumed; finish it with the lt version that started it, or pass --overwrite")
     why = explain(was, now) if explain is not None else None
     return why or _first_difference(was, now) or "another run"
 

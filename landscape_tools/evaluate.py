@@ -28,7 +28,7 @@ masks of one pass per sample), at most ``max_batch`` rows per pass (:data:`DEFAU
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -95,6 +95,11 @@ def _show(text) -> str:
 
 
 # ----------------------------------------------------------------------------- metrics
+def _check_bins(n_bins) -> None:
+    if int(n_bins) < 1:
+        raise ConfigError(f"n_bins={n_bins} must be at least 1")
+
+
 class MetricAccumulator:
     """Streaming NLL / accuracy / ECE / Brier / reliability over batches of predicted probabilities.
 
@@ -102,8 +107,7 @@ class MetricAccumulator:
     """
 
     def __init__(self, n_bins: int = N_BINS):
-        if int(n_bins) < 1:
-            raise ConfigError(f"n_bins={n_bins} must be at least 1")
+        _check_bins(n_bins)
         self.n_bins = int(n_bins)
         self.edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         self.n = 0
@@ -543,6 +547,42 @@ def curve_from_units(table: np.ndarray, per_sample: np.ndarray, sizes: Sequence[
 
 
 # ----------------------------------------------------------------------------- runs into a file: the run engine
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """The options of an evaluation run into a file (:func:`run_to_file`, ``lt evaluate``), validated
+    once, when it is made; the fields hold the resolved values.
+
+    ``sizes``: the ensemble sizes (``--mc``: comma-separated text or ints; sorted, de-duplicated by
+    :func:`parse_ensemble_sizes`); ``seed``, ``n_bins``, ``precision`` (parsed), ``compile``,
+    ``max_batch``: as :func:`ensemble_curve`, which keeps them as keywords for one model.  The run's
+    fingerprint hashes ``sizes``, ``seed``, ``n_bins`` and ``precision`` (``compile`` and ``max_batch``
+    change how the same numbers are computed; :func:`landscape_tools.engine.options_key`); the file
+    records them (the ``units`` group's attributes, each model group's ``precision`` and ``compiled``).
+
+    Raises:
+        ConfigError: bad sizes (the message names ``--mc``), ``n_bins`` below 1, an unknown precision,
+            a bad ``max_batch``.
+    """
+
+    sizes: tuple = DEFAULT_SIZES
+    seed: int = 0
+    n_bins: int = N_BINS
+    precision: str = "fp32"
+    compile: bool = field(default=False, metadata={"identity": False})
+    max_batch: int | None = field(default=None, metadata={"identity": False})
+
+    def __post_init__(self):
+        from .precision import parse_precision
+
+        sizes = self.sizes if isinstance(self.sizes, str) else tuple(self.sizes)
+        _check_bins(self.n_bins)
+        resolved = {"sizes": parse_ensemble_sizes(sizes), "seed": int(self.seed), "n_bins": int(self.n_bins),
+                    "precision": parse_precision(self.precision), "compile": bool(self.compile),
+                    "max_batch": check_max_batch(self.max_batch)}
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+
 @dataclass
 class Job:
     """One model to evaluate: its label, the network, its group attributes, its data batches, extra
@@ -558,10 +598,8 @@ class Job:
     groups: dict | None = None
 
 
-def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int] | str = DEFAULT_SIZES, seed: int = 0,
-                n_bins: int = N_BINS, precision: str = "fp32", compile_model: bool = False,
-                max_batch: int | None = None, overwrite: bool = False, progress=None, ctx=None,
-                shard: tuple[int, int] | None = None) -> dict[str, EnsembleCurve]:
+def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, options: EvaluateOptions, *, overwrite: bool = False,
+                progress=None, ctx=None, shard: tuple[int, int] | None = None) -> dict[str, EnsembleCurve]:
     """Evaluate every job into ``output`` through the run engine; the units are the data batches.
 
     Each batch's accumulator sums and per-sample values go to ``OUTPUT.partial`` as soon as it is
@@ -570,7 +608,8 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int]
     ``lt merge`` joins with the other shards (:func:`merge_units`); ranks of a torchrun / srun job
     do the same into rank files that rank 0 merges.  A whole run's file holds the curves
     (:meth:`EnsembleCurve.to_node`) computed by :func:`curve_from_units`, the same arithmetic in
-    every case, so a merged file equals one process's bit for bit.
+    every case, so a merged file equals one process's bit for bit.  ``options``: the run's
+    :class:`EvaluateOptions` (validated when made).
 
     Returns:
         label -> :class:`EnsembleCurve` when this call wrote a whole run's file (one process, or rank 0
@@ -581,11 +620,9 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int]
     """
     from . import engine
     from .distributed import Context
-    from .precision import parse_precision
 
-    sizes = parse_ensemble_sizes(ns if isinstance(ns, str) else [int(n) for n in ns], option="ensemble sizes")
-    precision = parse_precision(precision)
-    check_max_batch(max_batch)
+    o = options
+    sizes, seed, n_bins = o.sizes, o.seed, o.n_bins
     for job in jobs:
         if not job.batches:
             raise DataError(f"no data batches to evaluate for {job.label}")
@@ -608,7 +645,7 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int]
             **(job.groups or {})}}
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.description,
                        "batch_sizes": batch_sizes(job.batches)})
-    key = {"models": prints, "sizes": sizes, "seed": int(seed), "n_bins": int(n_bins), "precision": precision}
+    key = {"models": prints, "options": engine.options_key(o)}
     p0 = next(iter(jobs[0].model.parameters()), None)     # not the data: a streamed batch would be decoded for it
     device = p0.device if p0 is not None else jobs[0].batches[0][0].device
     curves: dict[str, EnsembleCurve] = {}
@@ -638,8 +675,8 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, ns: Sequence[int]
 
                 if todo:
                     score_batches(job.model, job.batches, sizes, todo, write, seed=seed, n_bins=n_bins,
-                                  progress=progress, precision=precision, compile_model=compile_model,
-                                  max_batch=max_batch)
+                                  progress=progress, precision=o.precision, compile_model=o.compile,
+                                  max_batch=o.max_batch)
             if part != (0, 1):
                 pr.finalize()
                 return

@@ -452,6 +452,25 @@ class FeatVarResult:
     attrs: dict = field(default_factory=dict)
 
 
+def _over_options(over: str, mc: int | None, source) -> tuple[int, Source | None]:
+    """``over``'s MC samples and source, resolved: ``mc``: (``mc`` or :data:`DEFAULT_MC`, the source);
+    ``spatial``: (1, None).
+
+    Raises:
+        ConfigError: an unknown ``over``, fewer than 2 MC samples, a bad source, a source with ``spatial``.
+    """
+    if over not in OVER:
+        raise ConfigError(f"--over {over!r}: expected one of {', '.join(OVER)}")
+    if over == "mc":
+        mc = DEFAULT_MC if mc is None else int(mc)
+        if mc < 2:
+            raise ConfigError(f"--mc {mc}: the sample variance needs at least 2 MC samples")
+        return mc, parse_source(source)
+    if source is not None and str(source) != "dropout":
+        raise ConfigError("--source applies to --over mc only; --over spatial is deterministic")
+    return 1, None
+
+
 class FeatureVariance:
     """The analysis of one model, batch by batch (so a run can resume at batch granularity).
 
@@ -481,24 +500,14 @@ class FeatureVariance:
     def __init__(self, model: nn.Module, sample: torch.Tensor, over: str = "mc", mc: int | None = DEFAULT_MC,
                  source: str | Source | None = None, layers: str | Sequence[str] | None = None,
                  fourier: bool = False, seed: int = 0, max_batch: int | None = None, precision: str = "fp32"):
-        if over not in OVER:
-            raise ConfigError(f"--over {over!r}: expected one of {', '.join(OVER)}")
+        mc, self.source = _over_options(over, mc, source)
         if over == "mc":
-            mc = DEFAULT_MC if mc is None else int(mc)
-            if mc < 2:
-                raise ConfigError(f"--mc {mc}: the sample variance needs at least 2 MC samples")
-            self.source = parse_source(source)
             if self.source.kind == "dropout":
                 active = [n for n, m in sampling_dropout_modules(model) if float(getattr(m, "p", 0.0)) > 0.0]
                 if not active:
                     raise ConfigError(f"{getattr(model, 'arch_name', type(model).__name__)} has no MC dropout, so "
                                       f"--source dropout gives zero variance; use --source noise:SIGMA (Gaussian "
                                       f"input noise, e.g. noise:0.1) or --over spatial")
-        else:
-            if source is not None and str(source) != "dropout":
-                raise ConfigError("--source applies to --over mc only; --over spatial is deterministic")
-            mc = 1
-            self.source = None
         self.split = max_batch is not None          # an explicit cap also splits batches larger than it
         if max_batch is None:
             max_batch = DEFAULT_MAX_BATCH.get(sample.device.type, DEFAULT_MAX_BATCH["cpu"])
@@ -757,6 +766,45 @@ def _layout(analysis: FeatureVariance, n_batches: int, model_attrs: dict) -> dic
     return node
 
 
+@dataclass(frozen=True)
+class FeatvarOptions:
+    """The options of a feature-variance run into a file (:func:`run_to_file`, ``lt featvar``),
+    validated once, when it is made; the fields hold the resolved values.
+
+    The fields mean what :class:`FeatureVariance`'s arguments of the same names mean (that per-model
+    class, like :func:`feature_variance`, keeps them as keywords).  Resolved on creation: ``mc``
+    None -> :data:`DEFAULT_MC` (``over="mc"``) or 1 (``spatial``), ``source`` as text (``dropout`` /
+    ``noise:SIGMA``; None for ``spatial``), ``precision`` parsed, ``layers`` a tuple of globs or one
+    spec (None: the default stages).  The run's fingerprint hashes every field but ``max_batch`` (the
+    numbers do not depend on it; :func:`landscape_tools.engine.options_key`); the file records them
+    as each model group's attributes.
+
+    Raises:
+        ConfigError: as :class:`FeatureVariance` for the options that do not depend on the model.
+    """
+
+    over: str = "mc"
+    mc: int | None = DEFAULT_MC
+    source: str | None = None
+    layers: str | tuple | None = None
+    fourier: bool = False
+    seed: int = 0
+    max_batch: int | None = field(default=None, metadata={"identity": False})
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        mc, source = _over_options(self.over, self.mc, self.source)
+        if self.max_batch is not None:
+            check_max_batch(self.max_batch)
+        layers = self.layers if self.layers is None or isinstance(self.layers, str) else tuple(self.layers)
+        resolved = {"mc": mc, "source": None if source is None else str(source), "layers": layers,
+                    "fourier": bool(self.fourier), "seed": int(self.seed),
+                    "max_batch": None if self.max_batch is None else int(self.max_batch),
+                    "precision": parse_precision(self.precision)}
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+
 @dataclass
 class Job:
     """One model to analyse: its label, the network, its group attributes and its data batches."""
@@ -768,11 +816,9 @@ class Job:
     data: dict = field(default_factory=dict)
 
 
-def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = "mc", mc: int | None = DEFAULT_MC,
-                source: str | Source | None = None, layers: str | Sequence[str] | None = None,
-                fourier: bool = False, seed: int = 0, max_batch: int | None = None, overwrite: bool = False,
-                progress: Progress = None, precision: str = "fp32", compile_model: bool = False,
-                ctx=None, shard: tuple[int, int] | None = None) -> dict[str, FeatVarResult]:
+def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, options: FeatvarOptions, *,
+                overwrite: bool = False, progress: Progress = None, ctx=None,
+                shard: tuple[int, int] | None = None) -> dict[str, FeatVarResult]:
     """Analyse every job and write one result file, resumable at batch granularity.
 
     Progress (per-batch sums) goes to ``OUTPUT.partial`` after every batch; the same call after an
@@ -790,10 +836,9 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
         jobs: the models with their data; each becomes one group.
         output: the ``.h5`` path.
         root_attrs: provenance (``store.provenance``).
-        over, mc, source, layers, fourier, seed, max_batch, precision: see :class:`FeatureVariance`.
+        options: the run's :class:`FeatvarOptions` (validated when made).
         overwrite: replace an existing output or a partial file of a different run.
         progress: ``progress(done, total, message)`` (this process's batches).
-        compile_model: must be False: see :data:`COMPILE_REFUSED`.
         ctx: a :class:`landscape_tools.distributed.Context`; None or one process: everything here.
         shard: ``(i, n)`` of ``--shard I/N``; None: every batch.
 
@@ -807,11 +852,8 @@ def run_to_file(jobs: Sequence[Job], output: str, root_attrs: dict, over: str = 
     from . import engine
     from .distributed import Context
 
-    if compile_model:
-        raise ConfigError(COMPILE_REFUSED)
     # torch.__version__ is a str subclass h5py cannot store: plain str for every text attribute
     root_attrs = {k: str(v) if isinstance(v, str) else v for k, v in root_attrs.items()}
-    options = (over, mc, source, layers, fourier, seed, max_batch, precision)
     prepared = _prepare(jobs, options)
     results: dict[str, FeatVarResult] = {}
 
@@ -864,42 +906,58 @@ COMPILE_REFUSED = ("--compile is not supported by lt featvar: its forward hooks 
                    "drop --compile (the hooks would break the graph at every layer anyway)")
 
 
-def _prepare(jobs: Sequence[Job], options: tuple):
+def _prepare(jobs: Sequence[Job], options: FeatvarOptions):
     """The analysis of every job, the partial file's layout and the run's key (for its fingerprint)."""
+    from . import engine
+
+    o = options
     analyses, layout, prints = [], {}, []
     for job in jobs:
         xs = inputs_of(job.batches)       # streamed: read when computed
         if not xs:
             raise ConfigError(f"no data batches for {job.label}")
-        analysis = FeatureVariance(job.model, xs[0], *options)
+        analysis = FeatureVariance(job.model, xs[0], o.over, o.mc, o.source, o.layers, o.fourier, o.seed,
+                                   o.max_batch, o.precision)
         analyses.append((job, analysis, xs))
         layout[job.label] = _layout(analysis, len(xs), dict(job.attrs, precision=analysis.precision))
         layout[job.label]["attrs"]["num_samples"] = sum(batch_sizes(xs))   # shards and merges too
         prints.append({"label": job.label, "sha256": job.attrs.get("checkpoint_sha256"), "data": job.data,
                        "batch_sizes": batch_sizes(xs), **analysis.settings()})
-    return analyses, layout, {"models": prints}
+    return analyses, layout, {"options": engine.options_key(o), "models": prints}
 
 
 _SUMS = ("var_sum", "count", "fourier_sum", "fourier_count")
 
 
 def _compute_rows(part, analyses, rank: tuple[int, int] | None, progress: Progress) -> None:
-    """Compute every batch not yet done (of rank ``(r, n)``: batches ``r, r + n, ...``) into ``part``."""
+    """Compute every batch not yet done (of rank ``(r, n)``: batches ``r, r + n, ...``) into ``part``,
+    through the engine's unit loop (:func:`landscape_tools.engine.run_units`)."""
+    from . import engine
+
     rows = [range(len(xs)) if rank is None else range(rank[0], len(xs), rank[1]) for _, _, xs in analyses]
-    total, done_total = sum(len(r) for r in rows), 0
-    for (job, analysis, xs), mine in zip(analyses, rows):
+    total = sum(len(r) for r in rows)
+    todo = []
+    for (job, _, _), mine in zip(analyses, rows):
+        done = part.read(job.label + "/sums/done").astype(bool)
+        todo.append([i for i in mine if not done[i]])
+    count = total - sum(len(t) for t in todo)
+    if count:
+        report(progress, count, total, "resumed")
+    for (job, analysis, xs), units in zip(analyses, todo):
         base = job.label + "/sums/"
-        done = part.read(base + "done").astype(bool)
-        for i in mine:
-            if not done[i]:
-                s = analysis.batch_stats(i, xs[i])
+
+        def write(batch, base=base):
+            for i, s in batch:
                 for key in _SUMS:
                     part.write(base + key, i, getattr(s, key))
-                part.flush()
+            part.flush()
+            for i, _ in batch:
                 part.write(base + "done", i, True)
-                part.flush()
-            done_total += 1
-            report(progress, done_total, total, job.label)
+            part.flush()
+
+        count = engine.run_units(units, lambda i, a=analysis, xs=xs: a.batch_stats(i, xs[i]), write,
+                                 progress=progress, done=count, total=total,
+                                 message=lambda i, s, label=job.label: label)
 
 
 def _finish_into(part, analyses, sums: dict | None = None) -> dict[str, FeatVarResult]:

@@ -31,7 +31,8 @@ from .streaming import as_sequence, batch_sizes, select
 
 __all__ = ["top_eigenvalues", "hessian_operator", "HessianSpectrum", "METHODS", "WHICH", "SCOPES",
            "default_max_iter", "count_hessian_parameters", "summary", "result_layout", "row_values",
-           "SharedDataOperator", "PeerFailed", "plan_run", "write_row", "run_job", "run_dataset_ranks", "dataset_share",
+           "SharedDataOperator", "PeerFailed", "HessianOptions", "parse_sub_batch", "plan_run", "run_hessian",
+           "write_row", "run_job", "run_dataset_ranks", "dataset_share",
            "merge_units"]
 
 METHODS = ("lanczos", "power")
@@ -349,7 +350,9 @@ def _as_batches(batches) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
     return as_sequence(batches)     # streamed batches stay unread until used
 
 
-def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
+def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim=None):
+    """The checks of :func:`top_eigenvalues`' options (and :class:`HessianOptions`'); ``dim``: the
+    Hessian's size, when known, which ``k`` may not exceed."""
     if which not in WHICH:
         raise ConfigError(f"--which {which!r} is not one of {', '.join(WHICH)} (LM: largest magnitude, "
                           f"LA: largest algebraic, SA: smallest algebraic)")
@@ -359,7 +362,7 @@ def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
         raise ConfigError(f"--scope {scope!r} is not one of {', '.join(SCOPES)}")
     if int(k) < 1:
         raise ConfigError(f"--top-k {k} must be at least 1")
-    if int(k) > dim:
+    if dim is not None and int(k) > dim:
         raise ConfigError(f"--top-k {k} is larger than the number of parameters in the Hessian ({dim}); "
                           f"ask for at most {dim} eigenvalues, or widen --params")
     if not tol > 0:
@@ -368,6 +371,19 @@ def _validate(k, which, method, tol, max_iter, scope, weight_decay, dim):
         raise ConfigError(f"--max-iter {max_iter} must be at least 1")
     if not weight_decay >= 0:
         raise ConfigError(f"--weight-decay {weight_decay} must be >= 0")
+
+
+def _validate_form(form) -> None:
+    if form not in FORMS + ("auto",):
+        raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+
+
+def _validate_estimators(trace, trace_probes, density, density_runs, density_steps) -> None:
+    """The checks of the trace and density options (:func:`top_eigenvalues`, :class:`HessianOptions`)."""
+    if trace and int(trace_probes) < 3:
+        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
+    if density and (int(density_runs) < 1 or int(density_steps) < 2):
+        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
 
 
 def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", method: str = "lanczos",
@@ -447,8 +463,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     _validate(k, which, method, tol, max_iter, scope, weight_decay, dim)
     vectors_meta = vector_meta(model, params, which, save_vectors) if save_vectors else None
     return_vectors = bool(return_vectors or save_vectors)
-    if form not in FORMS + ("auto",):
-        raise ConfigError(f"HVP form {form!r} is not one of {', '.join(FORMS)}, auto")
+    _validate_form(form)
     from .precision import parse_hessian_precision
     precision = parse_hessian_precision(precision)
     k = int(k)
@@ -472,10 +487,7 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         trace=_empty_trace(rows, trace_probes) if trace else None,
         density=_empty_density(rows, density_runs, density_steps) if density else None,
         eigenvectors=[None] * rows if return_vectors else None, vectors=vectors_meta)
-    if trace and int(trace_probes) < 3:
-        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
-    if density and (int(density_runs) < 1 or int(density_steps) < 2):
-        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
+    _validate_estimators(trace, trace_probes, density, density_runs, density_steps)
     skip_set = set(int(s) for s in (skip or ()))
     todo = [r for r in range(rows) if r not in skip_set]
     name = f"{label}: " if label else ""
@@ -570,6 +582,28 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
 def _warm(warm_start: bool, method: str, scope: str) -> bool:
     """Whether rows are warm-started: asked for, Lanczos, one Hessian per batch."""
     return bool(warm_start) and method == "lanczos" and scope == "batch"
+
+
+def parse_sub_batch(value) -> int | str | None:
+    """A ``--sub-batch`` value: ``"auto"``, ``"whole"`` / None (whole batches: None) or a positive
+    number of samples (an int or its text).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "whole"):
+        return None if text == "whole" else "auto"
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"--sub-batch {value!r} is not a positive number of samples, 'auto' or 'whole' "
+                          f"(e.g. --sub-batch 32)")
+    return number
 
 
 def _sub_batch_attr(sub_batch: int | None):
@@ -756,6 +790,68 @@ def summary(label: str, eigenvalues: np.ndarray, which: str = "LM", converged: n
 
 
 # ----------------------------------------------------------------------------- resumable runs into a file
+@dataclass(frozen=True)
+class HessianOptions:
+    """The options of a Hessian run into a file (:func:`run_hessian`, :func:`run_job`, ``lt hessian``),
+    validated once, when it is made; the fields hold the resolved values.
+
+    The fields mean what :func:`top_eigenvalues`' arguments of the same names mean (``k``: ``--top-k``),
+    which that per-model routine keeps as keywords.  Resolved on creation: ``which`` upper case,
+    ``max_iter`` None -> :func:`default_max_iter`, ``mc_seed`` None -> 0, ``precision`` parsed
+    (fp16 refused), ``sub_batch`` ``"auto"`` / None (whole batches) / samples, ``warm_start`` only
+    with Lanczos on ``scope="batch"``.  The run's fingerprint hashes every field but ``sub_batch``
+    (the Hessian does not depend on it; :func:`landscape_tools.engine.options_key`); the file
+    records them as each model group's attributes.
+
+    Raises:
+        ConfigError: a value that is not one of the choices or out of range (its message names the
+            option, the value and what is expected).
+    """
+
+    k: int = 5
+    which: str = "LM"
+    method: str = "lanczos"
+    tol: float = 1e-4
+    max_iter: int | None = None
+    params: str | None = None
+    weight_decay: float = 0.0
+    mc_seed: int | None = None
+    scope: str = "batch"
+    seed: int = 0
+    trace: bool = False
+    trace_probes: int = 30
+    density: bool = False
+    density_runs: int = 4
+    density_steps: int = 64
+    form: str = "auto"
+    precision: str = "fp32"
+    sub_batch: int | str | None = field(default="auto", metadata={"identity": False})
+    warm_start: bool = True
+    save_vectors: str | None = None
+
+    def __post_init__(self):
+        from .precision import parse_hessian_precision
+
+        which = str(self.which).upper()
+        _validate(self.k, which, self.method, self.tol, self.max_iter, self.scope, self.weight_decay)
+        _validate_estimators(self.trace, self.trace_probes, self.density, self.density_runs, self.density_steps)
+        _validate_form(self.form)
+        if self.save_vectors not in (None, "float32", "float64"):
+            raise ConfigError(f"--vector-dtype {self.save_vectors!r} is not float32 or float64")
+        k = int(self.k)
+        resolved = {"k": k, "which": which, "tol": float(self.tol),
+                    "max_iter": int(self.max_iter) if self.max_iter is not None else default_max_iter(self.method, k),
+                    "weight_decay": float(self.weight_decay),
+                    "mc_seed": 0 if self.mc_seed is None else int(self.mc_seed), "seed": int(self.seed),
+                    "trace": bool(self.trace), "trace_probes": int(self.trace_probes), "density": bool(self.density),
+                    "density_runs": int(self.density_runs), "density_steps": int(self.density_steps),
+                    "precision": parse_hessian_precision(self.precision), "sub_batch": parse_sub_batch(self.sub_batch),
+                    "warm_start": _warm(self.warm_start, self.method, self.scope),
+                    "save_vectors": self.save_vectors or None}
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+
 @dataclass
 class HessianJob:
     """One model to analyse: its label, the module, its checkpoint info (or None) and its batches."""
@@ -776,10 +872,12 @@ def _short(description):
 
 @dataclass
 class RunPlan:
-    """What :func:`run_hessian` writes: the options (resolved), the run's fingerprint, root attributes
-    and the full-size layout of every model's group (see :func:`plan_run`)."""
+    """What :func:`run_hessian` writes: the options, the sub-batch resolved for the models' device,
+    the run's fingerprint, root attributes and the full-size layout of every model's group (see
+    :func:`plan_run`)."""
 
-    options: dict
+    options: HessianOptions
+    sub_batch: int | None
     identity: dict
     root: dict
     layout: dict
@@ -792,80 +890,64 @@ class RunPlan:
         return self.identity["fingerprint"]
 
 
-def plan_run(jobs: Sequence[HessianJob], *, k: int = 5, which: str = "LM", method: str = "lanczos",
-             tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
-             mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
-             trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
-             form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
-             command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
-             data_description: dict | None = None, warm_start: bool = True,
-             save_vectors: str | None = None, shard: tuple[int, int] = (0, 1)) -> RunPlan:
-    """Validate a run's options and lay out its result file (nothing is computed or written).
+def plan_run(jobs: Sequence[HessianJob], options: HessianOptions, *, command: Sequence[str] | None = None,
+             config: dict | None = None, device: str = "cpu", data_description: dict | None = None,
+             shard: tuple[int, int] = (0, 1)) -> RunPlan:
+    """Check the options against the models and lay out the result file (nothing is computed or written).
 
     ``shard``: ``(i, n)`` of a ``--shard I/N`` run (or a rank's file): part of the file's identity.
 
     Raises:
-        ConfigError: as :func:`top_eigenvalues`, or no jobs; a shard of a ``dataset`` scope run.
+        ConfigError: no jobs; ``k`` larger than a model's Hessian; a shard of a ``dataset`` scope run.
     """
     from . import engine, store
-    from .precision import parse_hessian_precision as parse_precision
 
     if not jobs:
         raise ConfigError("no models to analyse")
-    k = int(k)
-    which = str(which).upper()
-    precision = parse_precision(precision)
-    max_iter_resolved = int(max_iter) if max_iter is not None else default_max_iter(method, k)
+    o = options
     for job in jobs:
-        _validate(k, which, method, tol, max_iter, scope, weight_decay, count_hessian_parameters(job.model, params))
-    if trace and int(trace_probes) < 3:
-        raise ConfigError(f"--trace-probes {trace_probes} must be at least 3 (Hutch++ splits them in three)")
-    if density and (int(density_runs) < 1 or int(density_steps) < 2):
-        raise ConfigError(f"density needs at least 1 run and 2 steps (got {density_runs} x {density_steps})")
-    options = {"k": k, "which": which, "method": method, "tol": float(tol), "max_iter": max_iter_resolved,
-               "params": params, "weight_decay": float(weight_decay), "mc_seed": 0 if mc_seed is None else int(mc_seed),
-               "scope": scope, "seed": int(seed), "trace": bool(trace), "trace_probes": int(trace_probes),
-               "density": bool(density), "density_runs": int(density_runs), "density_steps": int(density_steps),
-               "form": form, "warm_start": _warm(warm_start, method, scope)}
-    key_options = dict(options)
-    # --tol is a certified eigenvalue accuracy (it was a residual before): no partial file of the
-    # old meaning (nor its layout, without certificates) is resumed into a new one
-    key_options["tol_kind"] = "certified eigenvalue error"
-    if precision != "fp32":      # fp32 runs keep the fingerprint of files written before --precision existed
-        key_options["precision"] = precision
-    if save_vectors:             # another layout: a partial file without the vectors is not resumed into it
-        key_options["save_vectors"] = save_vectors
-    options["precision"] = precision
-    options["save_vectors"] = save_vectors or None
-    # the matrix does not depend on the sub-batch (only rounding does): not in the fingerprint
-    options["sub_batch"] = resolve_sub_batch(sub_batch, next(jobs[0].model.parameters()).device)
-    key = {"options": key_options, "data": data_description,
-           "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
-                       "batch_sizes": batch_sizes(j.batches)} for j in jobs]}
-    if scope == "dataset" and int(shard[1]) > 1:
+        _validate(o.k, o.which, o.method, o.tol, o.max_iter, o.scope, o.weight_decay,
+                  count_hessian_parameters(job.model, o.params))
+    if o.scope == "dataset" and int(shard[1]) > 1:
         raise ConfigError(f"--shard {shard[0]}/{shard[1]} with --scope dataset: every product of the one Hessian "
                           f"needs every batch, so independent jobs cannot share it; use --scope batch, or share the "
                           f"products between the ranks of one torchrun / srun job")
+    key = {"options": engine.options_key(o), "data": data_description,
+           "models": [{"label": j.label, "sha256": getattr(j.info, "sha256", None),
+                       "batch_sizes": batch_sizes(j.batches)} for j in jobs]}
     p0 = next(iter(jobs[0].model.parameters()), None)
     identity = engine.run_identity("hessian", key, p0.device if p0 is not None else "cpu", shard)
     # str() because torch.__version__ is a str subclass that h5py cannot store as an attribute
     root = {key: str(value) if isinstance(value, str) else value
-            for key, value in store.provenance("hessian", command, config, seed, device).items()}
+            for key, value in store.provenance("hessian", command, config, o.seed, device).items()}
+    sub_batch = resolve_sub_batch(o.sub_batch, next(jobs[0].model.parameters()).device)
     layout, rows_of = {}, []
     for job in jobs:
-        rows = len(job.batches) if scope == "batch" else 1
+        rows = len(job.batches) if o.scope == "batch" else 1
         rows_of.append(rows)
         attrs = dict(job.info.describe()) if job.info is not None else {}
-        attrs.update({"method": method, "which": which, "k": k, "tol": float(tol), "max_iter": max_iter_resolved,
-                      "scope": scope, "hessian_params": count_hessian_parameters(job.model, params),
-                      "params": params, "weight_decay": float(weight_decay), "mc_seed": options["mc_seed"],
-                      "seed": int(seed), "precision": precision, "warm_start": options["warm_start"],
-                      "sub_batch": _sub_batch_attr(options["sub_batch"]),
+        attrs.update({"method": o.method, "which": o.which, "k": o.k, "tol": o.tol, "max_iter": o.max_iter,
+                      "scope": o.scope, "hessian_params": count_hessian_parameters(job.model, o.params),
+                      "params": o.params, "weight_decay": o.weight_decay, "mc_seed": o.mc_seed,
+                      "seed": o.seed, "precision": o.precision, "warm_start": o.warm_start,
+                      "sub_batch": _sub_batch_attr(sub_batch),
                       "data": _short(data_description)})
-        vectors = vector_meta(job.model, params, which, save_vectors) if save_vectors else None
-        layout[job.label] = result_layout(rows, k, batch_sizes(job.batches), attrs, trace,
-                                          trace_probes, density, density_runs, density_steps, vectors=vectors)
-    return RunPlan(options, identity, root, layout, rows_of, key)
+        vectors = vector_meta(job.model, o.params, o.which, o.save_vectors) if o.save_vectors else None
+        layout[job.label] = result_layout(rows, o.k, batch_sizes(job.batches), attrs, o.trace,
+                                          o.trace_probes, o.density, o.density_runs, o.density_steps, vectors=vectors)
+    return RunPlan(o, sub_batch, identity, root, layout, rows_of, key)
+
+
+def _solve(job: HessianJob, o: HessianOptions, sub_batch, **kwargs) -> "HessianSpectrum":
+    """:func:`top_eigenvalues` of one job with the run's options (``kwargs``: skip, on_row, label,
+    make_operator, scope)."""
+    kwargs.setdefault("scope", o.scope)
+    return top_eigenvalues(
+        job.model, job.batches, k=o.k, which=o.which, method=o.method, tol=o.tol, max_iter=o.max_iter,
+        params=o.params, weight_decay=o.weight_decay, mc_seed=o.mc_seed, seed=o.seed, trace=o.trace,
+        trace_probes=o.trace_probes, density=o.density, density_runs=o.density_runs,
+        density_steps=o.density_steps, form=o.form, precision=o.precision, sub_batch=sub_batch,
+        warm_start=o.warm_start, save_vectors=o.save_vectors, **kwargs)
 
 
 def write_row(part, label: str, row: int, res: HessianSpectrum) -> None:
@@ -880,28 +962,24 @@ def write_row(part, label: str, row: int, res: HessianSpectrum) -> None:
     part.flush()
 
 
-def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: str = "LM", method: str = "lanczos",
-                tol: float = 1e-4, max_iter: int | None = None, params=None, weight_decay: float = 0.0,
-                mc_seed: int | None = None, scope: str = "batch", seed: int = 0, trace: bool = False,
-                trace_probes: int = 30, density: bool = False, density_runs: int = 4, density_steps: int = 64,
-                form: str = "auto", precision: str = "fp32", sub_batch: int | str | None = "auto",
-                overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
-                device: str = "cpu",
+def run_hessian(jobs: Sequence[HessianJob], output: str, options: HessianOptions, *, overwrite: bool = False,
+                command: Sequence[str] | None = None, config: dict | None = None, device: str = "cpu",
                 data_description: dict | None = None, progress: Progress = None,
                 on_row: Callable[[int, int], None] | None = None,
-                shard: tuple[int, int] | None = None, warm_start: bool = True,
-                save_vectors: str | None = None) -> dict:
+                shard: tuple[int, int] | None = None) -> dict:
     """Compute every job's spectra into ``output``, resumably, one finished row at a time.
 
     Rows go into ``output + ".partial"`` (values first, then the row's ``done`` flag, then a flush),
     so a run killed at any moment keeps every finished batch, and the same call later computes only
     the rest; the finished file is renamed to ``output``.  The result equals an uninterrupted run's
-    because every row depends only on its batch and the seeds.
+    because every row depends only on its batch and the seeds (with ``warm_start``, also on the first
+    batch, whose Ritz vectors a call that does not compute row 0 solves again: the file is the same
+    whichever rows each call or rank computes).
 
     Args:
         jobs: models with their batches.
         output: final ``.h5`` path.
-        k ... form, precision, sub_batch: as :func:`top_eigenvalues`.
+        options: the run's :class:`HessianOptions` (validated when made).
         overwrite: replace an existing output or a partial file of another run.
         command, config, device: provenance (root attributes).
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
@@ -910,11 +988,6 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
         shard: ``(i, n)``: compute only the rows of ``--shard i/n`` (:func:`landscape_tools.engine.shard_units`:
             ``i, i + n, ...``; the others stay NaN / not done in the file, which ``lt merge`` assembles
             with the other shards), e.g. a rank's share; None: all.  ``--scope batch`` only.
-        warm_start: as :func:`top_eigenvalues` (rows after the first start from the first batch's
-            Ritz vectors, which a call that does not compute row 0 solves again: the file is the
-            same whichever rows each call or rank computes).
-        save_vectors: ``"float32"`` / ``"float64"``: store every row's eigenvectors, per parameter
-            (:func:`vector_meta`); None: not stored.
 
     Returns:
         label -> :class:`HessianSpectrum` with the values computed in this call (rows done earlier NaN).
@@ -925,14 +998,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
     """
     from . import engine
 
-    plan = plan_run(jobs, k=k, which=which, method=method, tol=tol, max_iter=max_iter, params=params,
-                    weight_decay=weight_decay, mc_seed=mc_seed, scope=scope, seed=seed, trace=trace,
-                    trace_probes=trace_probes, density=density, density_runs=density_runs,
-                    density_steps=density_steps, form=form, precision=precision, sub_batch=sub_batch,
-                    command=command, config=config,
-                    device=device, data_description=data_description, warm_start=warm_start,
-                    save_vectors=save_vectors, shard=shard or (0, 1))
-    opts = plan.options
+    plan = plan_run(jobs, options, command=command, config=config, device=device,
+                    data_description=data_description, shard=shard or (0, 1))
     part = engine.open_run(output, plan.root, plan.identity, plan.layout, overwrite=overwrite)
     results = {}
     try:
@@ -942,7 +1009,7 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                            for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
         counter = {"n": 0}
-        pieces = opts["sub_batch"]
+        pieces = plan.sub_batch
         for ji, job in enumerate(jobs):
             skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
 
@@ -953,17 +1020,11 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
                 if on_row is not None:
                     on_row(_ji, row)
 
-            results[job.label] = top_eigenvalues(
-                job.model, job.batches, k=opts["k"], which=opts["which"], method=method, tol=tol,
-                max_iter=opts["max_iter"], params=params, weight_decay=weight_decay, mc_seed=mc_seed, scope=scope,
-                seed=seed, trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
-                density_steps=density_steps, form=form, skip=skip, on_row=on_finished, label=job.label,
-                precision=opts["precision"], sub_batch=pieces, warm_start=opts["warm_start"],
-                save_vectors=opts["save_vectors"])
+            results[job.label] = _solve(job, options, pieces, skip=skip, on_row=on_finished, label=job.label)
             used = results[job.label].config.get("sub_batch_used")
             if used is not None:        # out of memory made the pieces smaller: kept for the next model
                 pieces = None if used == "whole" else int(used)
-            if pieces != opts["sub_batch"]:     # and recorded next to the requested sub_batch
+            if pieces != plan.sub_batch:     # and recorded next to the requested sub_batch
                 part.set_attrs(job.label, {"sub_batch_used": _sub_batch_attr(pieces)})
         part.finalize()
     finally:
@@ -972,15 +1033,16 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, *, k: int = 5, which: s
 
 
 # ----------------------------------------------------------------------------- shards, ranks and merging
-def run_job(ctx, jobs: Sequence[HessianJob], output: str, *, scope: str = "batch", shard: tuple[int, int] | None = None,
-            overwrite: bool = False, command: Sequence[str] | None = None, **kwargs):
+def run_job(ctx, jobs: Sequence[HessianJob], output: str, options: HessianOptions, *,
+            shard: tuple[int, int] | None = None, overwrite: bool = False, command: Sequence[str] | None = None,
+            **kwargs):
     """:func:`run_hessian` on one process, on a ``--shard I/N`` or on the ranks of a torchrun / srun job.
 
-    ``scope="batch"``: the rows (one Hessian per batch) are the units; rank ``r`` of ``n`` computes
+    ``options.scope == "batch"``: the rows (one Hessian per batch) are the units; rank ``r`` of ``n`` computes
     rows ``r, r + n, ...`` into its rank file and rank 0 merges (:func:`landscape_tools.engine.run_ranks`);
     every row depends only on its batch and the seeds, so the file equals one process's bit for bit.
-    ``scope="dataset"``: one Hessian of the mean loss, its products' batch partial sums shared and
-    all-reduced (:func:`run_dataset_ranks`).
+    ``"dataset"``: one Hessian of the mean loss, its products' batch partial sums shared and
+    all-reduced (:func:`run_dataset_ranks`).  ``kwargs``: as :func:`run_hessian`.
 
     Returns:
         The output path (on every rank).
@@ -989,12 +1051,12 @@ def run_job(ctx, jobs: Sequence[HessianJob], output: str, *, scope: str = "batch
 
     from . import engine
 
-    if scope == "dataset" and ctx.distributed:
+    if options.scope == "dataset" and ctx.distributed:
         engine.check_shard(ctx, shard)
-        run_dataset_ranks(ctx, jobs, output, overwrite=overwrite, command=command, **kwargs)
+        run_dataset_ranks(ctx, jobs, output, options, overwrite=overwrite, command=command, **kwargs)
         return Path(output)
     return engine.run_ranks(ctx, output, lambda out, part: run_hessian(
-        jobs, str(out), scope=scope, shard=None if part == (0, 1) else part, overwrite=overwrite, command=command,
+        jobs, str(out), options, shard=None if part == (0, 1) else part, overwrite=overwrite, command=command,
         **kwargs), shard=shard, overwrite=overwrite)
 
 
@@ -1005,8 +1067,8 @@ def dataset_share(n_batches: int, rank: int, world_size: int) -> list[int]:
     return [int(i) for i in engine.shard_units(int(n_batches), int(rank), int(world_size))]
 
 
-def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, *, overwrite: bool = False, command=None,
-                      progress: Progress = None, on_row=None, **kwargs) -> None:
+def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, options: HessianOptions, *, overwrite: bool = False,
+                      command=None, progress: Progress = None, on_row=None, **kwargs) -> None:
     """``--scope dataset`` on the ranks of a job: the products of every model's Hessian are shared
     between the ranks and all-reduced (:class:`SharedDataOperator`); the units are the batches'
     partial sums of each product.
@@ -1026,7 +1088,7 @@ def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, *, overwrite: boo
     error, part, plan = None, None, None
     done = torch.zeros(n_models, dtype=torch.int64)
     try:
-        plan = plan_run(jobs, scope="dataset", command=command, **kwargs)
+        plan = plan_run(jobs, options, command=command, **kwargs)
         if ctx.is_main:
             part = engine.open_run(output, plan.root, plan.identity, plan.layout, overwrite=overwrite)
             for i, job in enumerate(jobs):
@@ -1047,7 +1109,7 @@ def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, *, overwrite: boo
             raise engine.RankFailed(f"rank(s) {', '.join(map(str, failed))} of {ctx.world_size} failed before "
                                     f"starting (see their messages); nothing was computed")
         done = flags[ctx.world_size:].bool().tolist()
-        opts = plan.options
+        o, sub_batch = plan.options, plan.sub_batch
         todo = [i for i in range(n_models) if not done[i]]
 
         def reduce(t):
@@ -1059,21 +1121,13 @@ def run_dataset_ranks(ctx, jobs: Sequence[HessianJob], output, *, overwrite: boo
 
             def make(idx, _job=job, _share=share):
                 return SharedDataOperator(_job.model, select(_job.batches, idx), _share, reduce,
-                                          rank=ctx.rank, world_size=ctx.world_size, params=opts["params"],
-                                          weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"],
-                                          form=opts["form"], precision=opts["precision"],
-                                          sub_batch=opts["sub_batch"])
+                                          rank=ctx.rank, world_size=ctx.world_size, params=o.params,
+                                          weight_decay=o.weight_decay, mc_seed=o.mc_seed,
+                                          form=o.form, precision=o.precision, sub_batch=sub_batch)
 
             error = None
             try:
-                res = top_eigenvalues(
-                    job.model, job.batches, k=opts["k"], which=opts["which"], method=opts["method"],
-                    tol=opts["tol"], max_iter=opts["max_iter"], params=opts["params"],
-                    weight_decay=opts["weight_decay"], mc_seed=opts["mc_seed"], scope="dataset", seed=opts["seed"],
-                    trace=opts["trace"], trace_probes=opts["trace_probes"], density=opts["density"],
-                    density_runs=opts["density_runs"], density_steps=opts["density_steps"], form=opts["form"],
-                    precision=opts["precision"], sub_batch=opts["sub_batch"], make_operator=make, label=job.label,
-                    save_vectors=opts["save_vectors"])
+                res = _solve(job, o, sub_batch, make_operator=make, label=job.label)
                 if ctx.is_main:
                     write_row(part, job.label, 0, res)
             except Exception as exc:

@@ -27,7 +27,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,7 +52,7 @@ from ._compiled import SeededCompiled
 __all__ = ["Directions", "NORMS", "IGNORES", "BN_MODES", "normalize_direction", "random_directions", "line_to",
            "plane_through", "pca_directions", "model_fingerprint", "parse_range", "parse_shard", "shard_points",
            "SurfaceEvaluator", "surface", "SurfaceJob", "run_surface", "merge_shards", "load_directions",
-           "evaluate_model", "surface_options", "recompute_bn_statistics", "COMPILE_MODES", "parse_compile",
+           "evaluate_model", "SurfaceOptions", "recompute_bn_statistics", "COMPILE_MODES", "parse_compile",
            "hessian_directions", "parse_eig", "split_directions_spec",
            "estimated_compile_seconds", "repeat_seed", "repeat_directions", "border_rise", "centre_curvature",
            "sharpness", "REPEAT_TAG"]
@@ -383,6 +383,13 @@ def _restore_training(model: nn.Module, flags) -> None:
         m.training = flag
 
 
+def _check_mc_bn(mc, bn) -> None:
+    if bn not in BN_MODES:
+        raise ConfigError(f"--bn {bn!r} is not one of {', '.join(BN_MODES)}")
+    if mc < 0:
+        raise ConfigError(f"--mc {mc} must be 0 (dropout off) or a number of samples >= 1")
+
+
 class SurfaceEvaluator:
     """Evaluates a model at points of a slice, in place, and restores it exactly on exit.
 
@@ -430,10 +437,7 @@ class SurfaceEvaluator:
     def __init__(self, model: nn.Module, data: DataSet, directions: Directions, mc: int = 0, bn: str = "frozen",
                  seed: int = 0, precision: str = "fp32", compile: bool | str = False, points: int | None = None,
                  notice: Callable[[str], None] | None = None):
-        if bn not in BN_MODES:
-            raise ConfigError(f"--bn {bn!r} is not one of {', '.join(BN_MODES)}")
-        if mc < 0:
-            raise ConfigError(f"--mc {mc} must be 0 (dropout off) or a number of samples >= 1")
+        _check_mc_bn(mc, bn)
         self.model, self.data, self.directions, self.mc, self.bn, self.seed = model, data, directions, int(mc), bn, seed
         self.precision = _check_precision(model, precision)
         self.compile_option = parse_compile(compile)
@@ -966,25 +970,61 @@ def sharpness(loss: np.ndarray, x: np.ndarray, y: np.ndarray | None = None) -> d
     return {"sharpness_rise": border_rise(loss, x, y), "sharpness_curvature": centre_curvature(loss, x, y)}
 
 
-def surface_options(mc: int = 0, bn: str = "frozen", seed: int = 0, precision: str = "fp32") -> dict:
-    """The options that determine a surface's values, as they enter :func:`run_fingerprint`.
+@dataclass(frozen=True)
+class SurfaceOptions:
+    """The options of a surface run into a file (:func:`run_surface`, ``lt surface``), validated once,
+    when it is made; the fields hold the resolved values.
 
-    ``precision`` appears only when it is not ``fp32``, so fp32 runs keep the fingerprint they had
-    before ``--precision`` existed (their partial and shard files still resume and merge).
-    ``--compile`` is not part of it: it changes how the same numbers are computed, not which.
+    ``x``, ``y``: the grid's coordinates (``y`` None for a line; float tuples, e.g. from
+    :func:`parse_range`); ``mc``, ``bn``, ``seed``, ``precision`` (parsed), ``compile`` (``auto`` /
+    ``on`` / ``off``) as :class:`SurfaceEvaluator`, which, like :func:`surface`, keeps them as keywords
+    for one model.  The run's fingerprint hashes every field but ``compile`` (it changes how the same
+    numbers are computed, not which; :func:`landscape_tools.engine.options_key`); the file records
+    them as each model group's attributes and its ``x`` / ``y`` arrays.
+
+    Raises:
+        ConfigError: an empty or non-finite grid, a negative ``mc``, an unknown ``bn``, ``precision``
+            or ``compile``.
     """
-    options = {"mc": int(mc), "bn": bn, "seed": int(seed)}
-    precision = parse_precision(precision)
-    if precision != "fp32":
-        options["precision"] = precision
-    return options
+
+    x: tuple
+    y: tuple | None = None
+    mc: int = 0
+    bn: str = "frozen"
+    seed: int = 0
+    precision: str = "fp32"
+    compile: str = field(default="off", metadata={"identity": False})
+
+    def __post_init__(self):
+        axes = {"x": _axis(self.x, "x"), "y": None if self.y is None else _axis(self.y, "y")}
+        _check_mc_bn(int(self.mc), self.bn)
+        resolved = dict(axes, mc=int(self.mc), seed=int(self.seed), precision=parse_precision(self.precision),
+                        compile=parse_compile(self.compile))
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The grid's shape: ``(len(x),)`` or ``(len(x), len(y))``."""
+        return (len(self.x),) if self.y is None else (len(self.x), len(self.y))
 
 
-def run_fingerprint(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
-    """Everything that determines a surface result (shard excluded), as a JSON-able dict."""
-    return {"models": [_job_key(j) for j in jobs], "x": [float(v) for v in x],
-            "y": None if y is None else [float(v) for v in y],
-            "options": {k: options[k] for k in sorted(options)}}
+def _axis(values, name: str) -> tuple:
+    try:
+        axis = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        axis = None
+    if axis is None or axis.ndim != 1 or axis.size == 0 or not np.isfinite(axis).all():
+        raise ConfigError(f"the grid's {name} coordinates {values!r} are not a list of finite numbers; give them as "
+                          f"--{name} MIN:MAX:NUM, e.g. --{name} -1:1:21")
+    return tuple(float(v) for v in axis)
+
+
+def run_key(jobs: Sequence[SurfaceJob], options: SurfaceOptions, repeats: int) -> dict:
+    """Everything that determines a surface result (shard excluded), as a JSON-able dict: the models
+    (with their data and directions), the options (:func:`landscape_tools.engine.options_key`, the grid
+    included) and the number of repeats (direction pairs)."""
+    return {"models": [_job_key(j) for j in jobs], "options": engine.options_key(options), "repeats": int(repeats)}
 
 
 def _provenance(command, config, seed, device) -> dict:
@@ -993,8 +1033,8 @@ def _provenance(command, config, seed, device) -> dict:
     return {k: (str(v) if isinstance(v, str) else v) for k, v in root.items()}
 
 
-def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: dict) -> dict:
-    grid = (len(x),) if y is None else (len(x), len(y))
+def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, options: SurfaceOptions) -> dict:
+    grid = options.grid
     layout = {}
     for j in jobs:
         k = len(j.repeats)
@@ -1009,8 +1049,8 @@ def _layout(jobs: Sequence[SurfaceJob], x: np.ndarray, y: np.ndarray | None, opt
             data["sharpness_curvature"] = np.full((k, len(grid)), np.nan)
         attrs = dict(j.info.describe()) if hasattr(j.info, "describe") else {}
         attrs.update({"norm": j.directions.recipe.get("norm"), "ignore": j.directions.recipe.get("ignore"),
-                      "bn": options["bn"], "mc": options["mc"], "precision": options.get("precision", "fp32"),
-                      "compile": False, "compile_option": options.get("compile", "off"), "compile_note": "",
+                      "bn": options.bn, "mc": options.mc, "precision": options.precision,
+                      "compile": False, "compile_option": options.compile, "compile_note": "",
                       "split": j.data.split, "dims": j.directions.dims,
                       "directions_kind": j.directions.recipe.get("kind"), "num_samples": len(j.data),
                       "data": json.dumps(j.data.describe(), sort_keys=True, default=str)})
@@ -1037,11 +1077,10 @@ def _explain_mismatch(old: dict, key: dict) -> str | None:
     """Which part of an earlier run's key (a partial file's) differs from this run's, in words."""
     if not isinstance(old, dict):
         return None
-    was, now = (int((k.get("options") or {}).get("repeats", 1)) for k in (old, key))
+    was, now = (int(k.get("repeats", 1)) for k in (old, key))
     if was != now:
         return f"another --repeats: {now}, the partial file has {was}"
-    for part, what in (("models", "models or directions or data"), ("x", "grid (--x)"), ("y", "grid (--y)"),
-                       ("options", "options")):
+    for part, what in (("models", "models or directions or data"), ("options", "options")):
         if old.get(part) != key.get(part):
             if part == "models" and isinstance(old.get("models"), list):
                 for o, n in zip(old["models"], key["models"]):
@@ -1050,21 +1089,19 @@ def _explain_mismatch(old: dict, key: dict) -> str | None:
                         if o.get(k) != n.get(k):
                             return f"another {label} ({n['label']})"
             if part == "options" and isinstance(old.get("options"), dict):
-                defaults = {"precision": "fp32"}
                 for k in sorted(set(old["options"]) | set(key["options"])):
-                    was, now = (o.get(k, defaults.get(k)) for o in (old["options"], key["options"]))
+                    was, now = (o.get(k) for o in (old["options"], key["options"]))
                     if was != now:
-                        return f"another --{k}: {now}, the partial file has {was}"
+                        return f"another grid (--{k})" if k in ("x", "y") else \
+                            f"another --{k}: {now}, the partial file has {was}"
             return f"another {what}"
     return None
 
 
-def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.ndarray | None = None, *,
-                mc: int = 0, bn: str = "frozen", seed: int = 0, shard: tuple[int, int] | None = None,
-                overwrite: bool = False, command: Sequence[str] | None = None, config: dict | None = None,
-                device: str = "cpu", progress: Progress = None, flush_seconds: float = 5.0,
-                flush_points: int = 64, on_point: Callable[[int, int], None] | None = None,
-                precision: str = "fp32", compile: bool | str = False,
+def run_surface(jobs: Sequence[SurfaceJob], output: str, options: SurfaceOptions, *,
+                shard: tuple[int, int] | None = None, overwrite: bool = False, command: Sequence[str] | None = None,
+                config: dict | None = None, device: str = "cpu", progress: Progress = None,
+                flush_seconds: float = 5.0, flush_points: int = 64, on_point: Callable[[int, int], None] | None = None,
                 notice: Callable[[str], None] | None = None) -> Path:
     """Compute a surface for each job into ``output``, resumably; returns the final path.
 
@@ -1075,8 +1112,16 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
     Args:
         jobs: the models with their data and directions.
         output: final ``.h5`` path.
-        x, y: grid coordinates (``y`` None for 1-D).
-        mc, bn, seed: see :class:`SurfaceEvaluator`.
+        options: the run's :class:`SurfaceOptions` (grid, mc, bn, seed, precision, compile; validated
+            when made).  ``compile="auto"`` decides for each model from the points it has left to
+            compute.  Each model group's attrs record the precision, ``compile_option`` (auto / on /
+            off as asked), ``compile`` (True: the forward passes ran compiled, False: eagerly) and
+            ``compile_note`` (why).  The precision is part of the run's fingerprint (a partial file
+            of another precision is refused, like one of another grid); compilation is not (the same
+            numbers to float rounding): a resumed run decides again, and when its points ran
+            otherwise than the earlier ones, ``compile`` is ``"mixed"``.  When a forward pass ran out
+            of memory and batches went through in smaller pieces (the same numbers up to rounding;
+            :class:`Pieces`), ``rows_per_pass`` records the samples per pass.
         shard: ``(i, n)``: compute only :func:`shard_points` ``(N, i, n)``; root attrs ``shard``, ``n_shards``.
         overwrite: replace an existing output or a partial file of another run.
         command, config, device: provenance.
@@ -1084,15 +1129,7 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
         flush_seconds, flush_points: write batching.
         on_point: called as ``on_point(job_index, point_index)`` after each point is computed (a test
             hook: raising from it simulates an interrupted run).
-        precision, compile, notice: see :class:`SurfaceEvaluator` (``compile="auto"`` decides for each
-            model from the points it has left to compute).  Each model group's attrs record the
-            precision, ``compile_option`` (auto / on / off as asked), ``compile`` (True: the forward
-            passes ran compiled, False: eagerly) and ``compile_note`` (why).  The precision is part of
-            the run's fingerprint (a partial file of another precision is refused, like one of another
-            grid); compilation is not (the same numbers to float rounding): a resumed run decides
-            again, and when its points ran otherwise than the earlier ones, ``compile`` is ``"mixed"``.
-            When a forward pass ran out of memory and batches went through in smaller pieces (the same
-            numbers up to rounding; :class:`Pieces`), ``rows_per_pass`` records the samples per pass.
+        notice: see :class:`SurfaceEvaluator`.
 
     Raises:
         StoreError: output exists, another process writes it, a partial file of another run.
@@ -1100,8 +1137,10 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
     """
     if not jobs:
         raise ConfigError("no models to evaluate")
-    x = np.asarray(x, np.float64)
-    y = None if y is None else np.asarray(y, np.float64)
+    o = options
+    mc, bn, seed, precision, compile_option = o.mc, o.bn, o.seed, o.precision, o.compile
+    x = np.asarray(o.x, np.float64)
+    y = None if o.y is None else np.asarray(o.y, np.float64)
     for j in jobs:
         for d in j.repeats:
             _grid_shape(d, x, y)
@@ -1113,23 +1152,18 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
     shape = grid if n_repeats == 1 else (n_repeats,) + grid
     n_points = int(np.prod(grid))
     n_units = n_points * n_repeats         # unit u: repeat u // n_points, grid point u % n_points
-    options = surface_options(mc, bn, seed, precision)
-    if n_repeats > 1:          # one repeat: the options (and fingerprint) it had before --repeats existed
-        options["repeats"] = n_repeats
-    precision = parse_precision(precision)
-    compile_option = parse_compile(compile)
     for j in jobs:     # refuse a bad precision, or a compilation that cannot be done, before any file is touched
         _check_precision(j.model, precision)
-        blocker = _compile_blocker(j.model, int(mc)) if compile_option == "on" else None
+        blocker = _compile_blocker(j.model, mc) if compile_option == "on" else None
         if blocker:
             raise ConfigError(f"--compile on: {blocker}; use --compile off (or auto, which runs it eagerly)")
-    key = run_fingerprint(jobs, x, y, options)
+    key = run_key(jobs, o, n_repeats)
     shard_i, shard_n = shard if shard is not None else (0, 1)
     points = shard_points(n_units, shard_i, shard_n)
     identity = engine.run_identity("surface", key, _device_of(jobs[0].model), (shard_i, shard_n))
     root = _provenance(command, config, seed, device)
     root["dims"] = 1 if y is None else 2
-    layout = _layout(jobs, x, y, dict(options, compile=compile_option))
+    layout = _layout(jobs, x, y, o)
     result = engine.open_run(output, root, identity, layout, overwrite=overwrite, explain=_explain_mismatch)
     try:
         total = len(points) * len(jobs)
@@ -1148,8 +1182,6 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                 units = [u for u in todo[ji] if u // n_points == r]
                 if not units:
                     continue
-                pending: list[tuple[int, float, float]] = []
-                last = time.monotonic()
                 name = job.label if n_repeats == 1 else f"{job.label} repeat {r}"
                 said = any(u // n_points < r for u in todo[ji])      # an earlier repeat already told the notice
                 with SurfaceEvaluator(job.model, job.data, directions, mc, bn, seed, precision, compile_option,
@@ -1158,21 +1190,20 @@ def run_surface(jobs: Sequence[SurfaceJob], output: str, x: np.ndarray, y: np.nd
                     _record_compile(result, job.label, compile_option, ev,
                                     earlier=len(points) - len(todo[ji]) + sum(u // n_points < r for u in todo[ji]))
                     ev.pieces.size = rows_per_pass
+
+                    def compute(u, ev=ev):
+                        return ev(*coords[u % n_points])
+
+                    def write(batch, label=job.label):
+                        if result.file is not None:
+                            _write_points(result, label, shape, [(u, loss, acc) for u, (loss, acc) in batch])
+
                     try:
-                        for u in units:
-                            a, b = coords[u % n_points]
-                            loss, acc = ev(a, b)
-                            pending.append((u, loss, acc))
-                            done_count += 1
-                            if on_point is not None:
-                                on_point(ji, u)
-                            if len(pending) >= flush_points or time.monotonic() - last >= flush_seconds:
-                                _write_points(result, job.label, shape, pending)
-                                pending, last = [], time.monotonic()
-                            report(progress, done_count, total, name)
+                        done_count = engine.run_units(
+                            units, compute, write, progress=progress, done=done_count, total=total,
+                            message=lambda u, value, name=name: name, every=flush_points, seconds=flush_seconds,
+                            on_unit=None if on_point is None else (lambda u, ji=ji: on_point(ji, u)))
                     finally:
-                        if pending and result.file is not None:
-                            _write_points(result, job.label, shape, pending)
                         rows_per_pass = ev.pieces.size
                         if rows_per_pass is not None and result.file is not None:
                             result.set_attrs(job.label, {"rows_per_pass": int(rows_per_pass)})

@@ -70,10 +70,11 @@ def _jobs(files, seed=0):
 X, Y = np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 3)
 
 
-def surface_ranks(ctx, jobs, out, x=X, y=Y, **kw):
-    """What `lt surface` runs on each rank: the engine's split, vote and merge around run_surface."""
-    return E.run_ranks(ctx, out, lambda o, part: S.run_surface(jobs, str(o), x, y, shard=part, **kw),
-                       shard=kw.pop("shard", None))
+def surface_ranks(ctx, jobs, out, x=X, y=Y, shard=None, **kw):
+    """What `lt surface` runs on each rank: the engine's split, vote and merge around run_surface
+    (``kw``: the other :class:`SurfaceOptions`)."""
+    options = S.SurfaceOptions(x, y, **kw)
+    return E.run_ranks(ctx, out, lambda o, part: S.run_surface(jobs, str(o), options, shard=part), shard=shard)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -83,8 +84,8 @@ def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_pat
     out = tmp_path / "out.h5"
     jobs = _jobs(files)
     kw = {"precision": precision}
-    ref = S.run_surface(jobs, str(tmp_path / "ref.h5"), X, Y, **kw)
-    S.run_surface(jobs, str(E.shard_path(out, 0, 2)), X, Y, shard=(0, 2), **kw)      # the earlier job's shard 0
+    ref = S.run_surface(jobs, str(tmp_path / "ref.h5"), S.SurfaceOptions(X, Y, **kw))
+    S.run_surface(jobs, str(E.shard_path(out, 0, 2)), S.SurfaceOptions(X, Y, **kw), shard=(0, 2))   # earlier job's shard 0
     assert surface_ranks(D.Context(rank=1, world_size=2), jobs, out, **kw) == out
     assert not out.exists() and E.shard_path(out, 1, 2).exists()
     assert surface_ranks(D.Context(rank=0, world_size=2), jobs, out, **kw) == out
@@ -95,7 +96,7 @@ def test_rank_logic_in_one_process_with_reuse_of_a_finished_shard(files, tmp_pat
 
 def test_stale_shard_of_another_run_is_refused(files, tmp_path):
     out = tmp_path / "out.h5"
-    S.run_surface(_jobs(files, seed=1), str(E.shard_path(out, 0, 2)), X, Y, shard=(0, 2))
+    S.run_surface(_jobs(files, seed=1), str(E.shard_path(out, 0, 2)), S.SurfaceOptions(X, Y), shard=(0, 2))
     with pytest.raises(StoreError, match=r"out.rank0of2.h5.partial holds progress of a different run \(another "
                                          r"directions \(m\)\); rerun the same command to resume it, or pass "
                                          r"--overwrite"):
@@ -181,14 +182,14 @@ def _hjobs(files):
 
 def test_hessian_rank_logic_in_one_process_resumes_a_finished_rank_file(files, tmp_path):
     from landscape_tools import hessian as H
-    jobs, kw = _hjobs(files), {"k": 2, "trace": True, "trace_probes": 3}
-    H.run_hessian(jobs, str(tmp_path / "ref.h5"), **kw)
+    jobs, options = _hjobs(files), H.HessianOptions(k=2, trace=True, trace_probes=3)
+    H.run_hessian(jobs, str(tmp_path / "ref.h5"), options)
     out = tmp_path / "out.h5"
-    H.run_hessian(jobs, str(E.shard_path(out, 0, 2)), shard=(0, 2), **kw)    # an earlier job's rank 0
+    H.run_hessian(jobs, str(E.shard_path(out, 0, 2)), options, shard=(0, 2))    # an earlier job's rank 0
     rows = []
-    H.run_job(D.Context(rank=1, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=1, world_size=2), jobs, out, options, on_row=lambda j, r: rows.append(r))
     assert rows == [1] and not out.exists()
-    H.run_job(D.Context(rank=0, world_size=2), jobs, out, on_row=lambda j, r: rows.append(r), **kw)
+    H.run_job(D.Context(rank=0, world_size=2), jobs, out, options, on_row=lambda j, r: rows.append(r))
     assert rows == [1]                                   # rank 0 found its rows done: nothing recomputed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
     _equal_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
@@ -419,7 +420,8 @@ def test_dataset_scope_rank_that_sees_another_fail_before_starting_writes_nothin
     monkeypatch.setattr(D, "all_reduce", rank0_failed)
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 0 of 2 failed before starting \(see their messages\); "
                                          r"nothing was computed"):
-        H.run_job(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5", scope="dataset", k=2)
+        H.run_job(D.Context(rank=1, world_size=2), _hjobs(files), tmp_path / "d.h5",
+                  H.HessianOptions(scope="dataset", k=2))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -147,32 +147,32 @@ def test_a_resume_on_another_device_kind_or_tf32_setting_is_refused(files, tmp_p
     out = str(tmp_path / "s.h5")
     monkeypatch.setattr(E, "runtime", lambda device: dict(faked))       # as if started on a GPU
     with pytest.raises(Stop):
-        S.run_surface(_surface_job(files), out, *GRID, mc=2, on_point=stop_after(3), flush_points=1)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2), on_point=stop_after(3), flush_points=1)
     partial = store.read_result(store.partial_path(out))
     assert partial.attrs["device_kind"] == faked["device_kind"] and partial.models["m"].data["done"].sum() == 3
     monkeypatch.undo()
     with pytest.raises(StoreError) as err:
-        S.run_surface(_surface_job(files), out, *GRID, mc=2)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2))
     assert str(err.value) == (
         f"{out}.partial holds progress of a different run ({why}: random masks and rounding differ between device "
         f"kinds, so the two cannot be mixed in one result; resume it on a {faked['device_kind']} device with the "
         f"same --precision); rerun the same command to resume it, or pass --overwrite to start again")
     assert store.read_result(store.partial_path(out)).models["m"].data["done"].sum() == 3     # left as it was
-    S.run_surface(_surface_job(files), out, *GRID, mc=2, overwrite=True)      # --overwrite starts again on this one
+    S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2), overwrite=True)      # --overwrite starts again on this one
     assert store.read_result(out).attrs["device_kind"] == "cpu"
 
 
 def test_a_partial_file_without_seed_scheme_is_refused(files, tmp_path, monkeypatch):
     out = str(tmp_path / "s.h5")
     with pytest.raises(Stop):
-        S.run_surface(_surface_job(files), out, *GRID, on_point=stop_after(2), flush_points=1)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID), on_point=stop_after(2), flush_points=1)
     import h5py
     with h5py.File(store.partial_path(out), "r+") as f:        # as written by an lt before the engine
         del f.attrs["seed_scheme"]
         f.attrs["fingerprint"] = "0" * 64
     with pytest.raises(StoreError, match=r"written by an older lt whose seeds were derived otherwise \(no "
                                          r"seed_scheme\): resuming it would mix dropout masks"):
-        S.run_surface(_surface_job(files), out, *GRID)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID))
 
 
 def test_a_partial_file_of_an_older_seed_scheme_is_refused_and_overwrite_recomputes(files, tmp_path, monkeypatch):

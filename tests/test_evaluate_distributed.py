@@ -168,13 +168,13 @@ def test_shards_merge_into_the_one_process_file(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "forward", lambda x: (seen.append(int(x.shape[0])), original(x))[1])
     parts = [tmp_path / f"s{i}.h5" for i in range(2)]
     for i in (1, 0):
-        assert evaluate.run_to_file(eval_jobs(model, batches), parts[i], ATTRS, SIZES, seed=3, shard=(i, 2)) == {}
+        assert evaluate.run_to_file(eval_jobs(model, batches), parts[i], ATTRS, evaluate.EvaluateOptions(SIZES, seed=3), shard=(i, 2)) == {}
     assert seen == [3 * 5, 3 * 5, 3 * 2]           # each batch once, its 3 MC samples stacked in one pass
     monkeypatch.undo()
     s0 = store.read_result(parts[0]).models["m"]
     np.testing.assert_array_equal(s0["units/done"], [True, False, True])
     assert s0["sample_units/done"].tolist() == [True] * 5 + [False] * 5 + [True] * 2
-    curves = evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "one.h5", ATTRS, SIZES, seed=3)
+    curves = evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "one.h5", ATTRS, evaluate.EvaluateOptions(SIZES, seed=3))
     ref = ensemble_curve(model, batches, SIZES, seed=3)
     for key in ("nll", "accuracy", "ece", "brier", "bin_counts", "bin_accuracy", "bin_confidence"):
         np.testing.assert_array_equal(getattr(curves["m"], key), getattr(ref, key), err_msg=key)
@@ -194,25 +194,25 @@ def test_an_interrupted_evaluate_resumes_and_a_failing_rank_stops_every_rank(tin
         if done == 6:                       # batch 1's 3 MC samples ran (one stacked pass); batch 0 is written
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, SIZES, seed=3, progress=interrupt)
+        evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, evaluate.EvaluateOptions(SIZES, seed=3), progress=interrupt)
     assert store.partial_path(out).exists() and not out.exists()
     scored = []
     original = evaluate._batch_state
     monkeypatch.setattr(evaluate, "_batch_state", lambda p, y, n: (scored.append(int(y.shape[0])), original(p, y, n))[1])
-    evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, SIZES, seed=3)
+    evaluate.run_to_file(eval_jobs(model, batches), out, ATTRS, evaluate.EvaluateOptions(SIZES, seed=3))
     assert scored == [5] * 3 + [2] * 3                   # batches 1 and 2 (one state per N), not batch 0 again
     monkeypatch.undo()
-    evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "ref.h5", ATTRS, SIZES, seed=3)
+    evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "ref.h5", ATTRS, evaluate.EvaluateOptions(SIZES, seed=3))
     assert_same_nodes(store.read_result(out).models["m"], store.read_result(tmp_path / "ref.h5").models["m"])
 
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [1])                  # rank 1 failed elsewhere
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards"):
-        evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "r.h5", ATTRS, SIZES, ctx=D.Context(0, 2))
+        evaluate.run_to_file(eval_jobs(model, batches), tmp_path / "r.h5", ATTRS, evaluate.EvaluateOptions(SIZES), ctx=D.Context(0, 2))
     assert not (tmp_path / "r.h5").exists() and E.shard_path(tmp_path / "r.h5", 0, 2).exists()
     bad = [(x, y + 7) for x, y in batches]                                 # labels out of range on this rank
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if ok else [ctx.rank])
     with pytest.raises(DataError, match="labels range over"):
-        evaluate.run_to_file(eval_jobs(model, bad), tmp_path / "b.h5", ATTRS, SIZES, ctx=D.Context(1, 2))
+        evaluate.run_to_file(eval_jobs(model, bad), tmp_path / "b.h5", ATTRS, evaluate.EvaluateOptions(SIZES), ctx=D.Context(1, 2))
 
 
 # ----------------------------------------------------------------------------- precision and compile

@@ -280,7 +280,7 @@ def test_resume_after_interruption_equals_a_full_run(tmp_path):
     attrs = store.provenance("featvar", ["lt", "featvar"], {}, 0)
     kw = dict(mc=3, fourier=True, seed=SEED)
     full = tmp_path / "full.h5"
-    featvar.run_to_file(make_jobs(), str(full), attrs, **kw)
+    featvar.run_to_file(make_jobs(), str(full), attrs, featvar.FeatvarOptions(**kw))
 
     out = tmp_path / "resumed.h5"
     calls = []
@@ -290,10 +290,10 @@ def test_resume_after_interruption_equals_a_full_run(tmp_path):
         if done == 4:                                     # a's 3 batches and b's first are done
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        featvar.run_to_file(make_jobs(), str(out), attrs, progress=interrupt, **kw)
+        featvar.run_to_file(make_jobs(), str(out), attrs, featvar.FeatvarOptions(**kw), progress=interrupt)
     assert not out.exists() and store.partial_path(out).exists()
     with pytest.raises(StoreError, match="holds progress of a different run"):
-        featvar.run_to_file(make_jobs(), str(out), attrs, mc=4, fourier=True, seed=SEED)
+        featvar.run_to_file(make_jobs(), str(out), attrs, featvar.FeatvarOptions(mc=4, fourier=True, seed=SEED))
     computed = []
     jobs = make_jobs()
     original = featvar.FeatureVariance.batch_stats
@@ -303,7 +303,7 @@ def test_resume_after_interruption_equals_a_full_run(tmp_path):
         return original(self, index, x)
     featvar.FeatureVariance.batch_stats = counting
     try:
-        featvar.run_to_file(jobs, str(out), attrs, **kw)
+        featvar.run_to_file(jobs, str(out), attrs, featvar.FeatvarOptions(**kw))
     finally:
         featvar.FeatureVariance.batch_stats = original
     assert computed == [1, 2]                             # only b's remaining batches

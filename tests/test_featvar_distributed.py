@@ -14,7 +14,6 @@ from landscape_tools import featvar, store
 from landscape_tools.checkpoints import load_checkpoint
 from landscape_tools.cli.main import cli
 from landscape_tools.data import load_data
-from landscape_tools.errors import ConfigError
 from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
 
 OPTIONS = ("mc", 3, None, None, True, 5, None, "fp32")     # over, mc, source, layers, fourier, seed, max_batch, precision
@@ -67,11 +66,11 @@ def test_shards_merge_into_the_one_process_file_and_the_brute_force_mean(files, 
     kw = dict(over="mc", mc=3, fourier=True, seed=5)
     parts = [str(tmp_path / f"s{i}.h5") for i in range(2)]
     for i in (1, 0):
-        assert featvar.run_to_file(make_jobs(files), parts[i], ATTRS, shard=(i, 2), **kw) == {}
+        assert featvar.run_to_file(make_jobs(files), parts[i], ATTRS, featvar.FeatvarOptions(**kw), shard=(i, 2)) == {}
     s1 = store.read_result(parts[1]).models["m"]
     np.testing.assert_array_equal(s1["sums/done"], [False, True, False])
     assert np.all(s1["sums/var_sum"][[0, 2]] == 0) and np.all(np.isnan(s1["variance"]))   # only its sums
-    featvar.run_to_file(make_jobs(files), str(tmp_path / "ref.h5"), ATTRS, **kw)
+    featvar.run_to_file(make_jobs(files), str(tmp_path / "ref.h5"), ATTRS, featvar.FeatvarOptions(**kw))
     merged = E.merge(parts[::-1], tmp_path / "merged.h5")
     got, ref = store.read_result(merged), store.read_result(tmp_path / "ref.h5")
     assert_same_nodes(got.models["m"], ref.models["m"])
@@ -94,22 +93,20 @@ def test_an_interrupted_shard_resumes_its_own_batches(files, tmp_path, monkeypat
         if done == 1:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, fourier=True, seed=5, shard=(0, 2),
-                            progress=interrupt)
+        featvar.run_to_file(make_jobs(files), str(out), ATTRS, featvar.FeatvarOptions(mc=3, fourier=True, seed=5), shard=(0, 2), progress=interrupt)
     computed = []
     original = featvar.FeatureVariance.batch_stats
     monkeypatch.setattr(featvar.FeatureVariance, "batch_stats",
                         lambda self, i, x: (computed.append(i), original(self, i, x))[1])
-    featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, fourier=True, seed=5, shard=(0, 2))
+    featvar.run_to_file(make_jobs(files), str(out), ATTRS, featvar.FeatvarOptions(mc=3, fourier=True, seed=5), shard=(0, 2))
     assert computed == [2]                                   # batch 0 was done before the interruption
     np.testing.assert_array_equal(store.read_result(out).models["m"]["sums/done"], [True, False, True])
     # a partial file of other options is refused, not mixed in
     with pytest.raises(KeyboardInterrupt):
-        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=3, seed=5, shard=(0, 2),
-                            progress=interrupt)
+        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, featvar.FeatvarOptions(mc=3, seed=5), shard=(0, 2), progress=interrupt)
     with pytest.raises(Exception, match=r"holds progress of a different run \(another models\[0\]\.samples: 4, "
                                         r"the partial file has 3\)"):
-        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=4, seed=5, shard=(0, 2))
+        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, featvar.FeatvarOptions(mc=4, seed=5), shard=(0, 2))
 
 
 def test_a_failed_rank_stops_the_others_writes_nothing_and_keeps_the_rank_file(files, tmp_path, monkeypatch):
@@ -117,7 +114,7 @@ def test_a_failed_rank_stops_the_others_writes_nothing_and_keeps_the_rank_file(f
     monkeypatch.setattr(D, "all_ok", lambda ctx, ok: [] if not ok else [1])   # rank 1 failed elsewhere
     with pytest.raises(D.RankFailed, match=r"rank\(s\) 1 of 2 failed \(see their messages\); finished shards and "
                                            r"partial progress are kept"):
-        featvar.run_to_file(make_jobs(files), str(out), ATTRS, mc=3, seed=5, ctx=D.Context(rank=0, world_size=2))
+        featvar.run_to_file(make_jobs(files), str(out), ATTRS, featvar.FeatvarOptions(mc=3, seed=5), ctx=D.Context(rank=0, world_size=2))
     assert not out.exists() and E.shard_path(out, 0, 2).exists()
     assert not store.partial_path(out).exists()
 
@@ -135,8 +132,6 @@ def test_bf16_is_close_to_fp32_but_not_identical(files):
 
 
 def test_compile_is_refused(files, tmp_path):
-    with pytest.raises(ConfigError, match="--compile is not supported by lt featvar"):
-        featvar.run_to_file(make_jobs(files), str(tmp_path / "o.h5"), ATTRS, mc=3, compile_model=True)
     r = CliRunner().invoke(cli, ["featvar", files["model"], "--data", files["data"], "--mc", "3", "--compile",
                                  "-o", str(tmp_path / "o.h5")])
     assert r.exit_code == 1 and r.output.startswith("Error: --compile is not supported by lt featvar: its forward "

@@ -90,7 +90,7 @@ def write_hessian(path, nodes: dict):
 def line(tmp_path, model, d, directions, name="s.h5", h=H, **kw):
     """The stored 1-D surface at -h, 0, h."""
     path = S.run_surface([S.SurfaceJob("m", model, None, d, directions)], str(tmp_path / name),
-                         np.array([-h, 0.0, h]), **kw)
+                         S.SurfaceOptions(np.array([-h, 0.0, h]), **kw))
     node = store.read_result(path).models["m"]
     assert node.data["done"].all()
     return node
@@ -293,8 +293,7 @@ def test_eigenvectors_of_another_architecture_are_refused(tmp_path):
 def test_surface_files_take_no_row_or_eig(tmp_path):
     model, d = net(), data()
     directions = S.random_directions(model, 1)
-    path = str(S.run_surface([S.SurfaceJob("m", model, None, d, directions)], str(tmp_path / "s.h5"),
-                             np.array([0.0])))
+    path = str(S.run_surface([S.SurfaceJob("m", model, None, d, directions)], str(tmp_path / "s.h5"), S.SurfaceOptions(np.array([0.0]))))
     with pytest.raises(ConfigError, match=r"a :ROW picks a Hessian of a hessian file, .* drop :1"):
         load(path, model, row=1)
     with pytest.raises(ConfigError, match="--eig 1 picks eigenvectors of a hessian file"):

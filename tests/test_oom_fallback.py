@@ -202,15 +202,15 @@ def test_top_eigenvalues_density_stores_a_float32_basis_for_a_float32_model(monk
 def test_run_hessian_records_the_smaller_pieces_in_the_file_and_keeps_them_for_the_next_model(limit, tmp_path):
     import h5py
 
-    from landscape_tools.hessian import HessianJob, run_hessian
+    from landscape_tools.hessian import HessianJob, HessianOptions, run_hessian
 
     model, batches = make()
     other, _ = make(mc=True)
     jobs = lambda: [HessianJob("a", model, None, batches), HessianJob("b", other, None, batches)]  # noqa: E731
-    kw = dict(k=2, tol=1e-10, seed=3, sub_batch=None)
-    free = run_hessian(jobs(), str(tmp_path / "free.h5"), **kw)
+    options = HessianOptions(k=2, tol=1e-10, seed=3, sub_batch=None)
+    free = run_hessian(jobs(), str(tmp_path / "free.h5"), options)
     tried = limit(3)
-    got = run_hessian(jobs(), str(tmp_path / "oom.h5"), **kw)
+    got = run_hessian(jobs(), str(tmp_path / "oom.h5"), options)
     assert tried.count(8) == 1                      # model b starts at the smaller size
     with h5py.File(tmp_path / "oom.h5", "r") as f:
         assert f["a"].attrs["sub_batch"] == "whole" and f["a"].attrs["sub_batch_used"] == 2
@@ -303,9 +303,9 @@ def test_run_surface_records_the_rows_per_pass_and_keeps_them_for_the_next_model
     d_other = S.random_directions(other, 2, seed=2)
     jobs = lambda: [S.SurfaceJob("a", model, None, data, d), S.SurfaceJob("b", other, None, data, d_other)]  # noqa: E731
     xs, ys = np.array([-0.5, 0.5]), np.array([0.0, 0.3])
-    S.run_surface(jobs(), str(tmp_path / "free.h5"), xs, ys, mc=2, seed=1)
+    S.run_surface(jobs(), str(tmp_path / "free.h5"), S.SurfaceOptions(xs, ys, mc=2, seed=1))
     tried = forward_limit(5)
-    S.run_surface(jobs(), str(tmp_path / "oom.h5"), xs, ys, mc=2, seed=1, notice=lambda line: None)
+    S.run_surface(jobs(), str(tmp_path / "oom.h5"), S.SurfaceOptions(xs, ys, mc=2, seed=1), notice=lambda line: None)
     assert tried.count(8) == 1                      # model b starts at the smaller size
     with h5py.File(tmp_path / "oom.h5", "r") as f, h5py.File(tmp_path / "free.h5", "r") as ref:
         for k in ("a", "b"):

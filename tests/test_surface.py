@@ -136,7 +136,7 @@ def test_model_restored_after_an_exception_mid_grid(tmp_path):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        S.run_surface([job], str(tmp_path / "s.h5"), np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), on_point=boom)
+        S.run_surface([job], str(tmp_path / "s.h5"), S.SurfaceOptions(np.linspace(-1, 1, 3), np.linspace(-1, 1, 3)), on_point=boom)
     assert state_equal(model, before)
 
 
@@ -436,7 +436,7 @@ def _assert_same(a, b):
 
 
 def test_resume_after_an_interruption_equals_a_full_run(tmp_path):
-    full = S.run_surface([_job()], str(tmp_path / "full.h5"), *GRID)
+    full = S.run_surface([_job()], str(tmp_path / "full.h5"), S.SurfaceOptions(*GRID))
     out = str(tmp_path / "s.h5")
     calls = []
 
@@ -446,12 +446,12 @@ def test_resume_after_an_interruption_equals_a_full_run(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.run_surface([_job()], out, *GRID, flush_points=2, on_point=interrupt)
+        S.run_surface([_job()], out, S.SurfaceOptions(*GRID), flush_points=2, on_point=interrupt)
     partial = store.read_result(out + ".partial").models["m"]
     assert partial.data["done"].sum() == 5                      # the unflushed tail was saved on the way out
     assert np.isnan(partial.data["loss"][~partial.data["done"].astype(bool)]).all()
     resumed = []
-    S.run_surface([_job()], out, *GRID, on_point=lambda j, p: resumed.append(p))
+    S.run_surface([_job()], out, S.SurfaceOptions(*GRID), on_point=lambda j, p: resumed.append(p))
     assert len(resumed) == 12 - 5
     _assert_same(_arrays(full), _arrays(out))
     assert not os.path.exists(out + ".partial") and not os.path.exists(out + ".lock")
@@ -471,15 +471,15 @@ def test_kill_9_then_resume_equals_a_full_run(tmp_path):
             n.append(p)
             if len(n) == 7:
                 os.kill(os.getpid(), signal.SIGKILL)
-        S.run_surface([T._job()], {out!r}, *T.GRID, flush_points=3, on_point=hook)
+        S.run_surface([T._job()], {out!r}, S.SurfaceOptions(*T.GRID), flush_points=3, on_point=hook)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == -9, proc.stderr.decode()
     assert os.path.exists(out + ".partial") and os.path.exists(out + ".lock")
     done = store.read_result(out + ".partial").models["m"].data["done"]
     assert done.sum() == 6                                       # two flushed batches of 3; the 7th point lost
-    S.run_surface([_job()], out, *GRID)
-    full = S.run_surface([_job()], str(tmp_path / "full.h5"), *GRID)
+    S.run_surface([_job()], out, S.SurfaceOptions(*GRID))
+    full = S.run_surface([_job()], str(tmp_path / "full.h5"), S.SurfaceOptions(*GRID))
     _assert_same(_arrays(full), _arrays(out))
 
 
@@ -490,19 +490,19 @@ def test_partial_file_of_another_run_is_refused(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.run_surface([_job(seed=0)], out, *GRID, on_point=stop)
+        S.run_surface([_job(seed=0)], out, S.SurfaceOptions(*GRID), on_point=stop)
     with pytest.raises(StoreError, match=r"holds progress of a different run \(another directions \(m\)\)"):
-        S.run_surface([_job(seed=1)], out, *GRID)
+        S.run_surface([_job(seed=1)], out, S.SurfaceOptions(*GRID))
     with pytest.raises(StoreError, match=r"another grid \(--x\)"):
-        S.run_surface([_job(seed=0)], out, np.linspace(-2, 2, 3), GRID[1])
-    S.run_surface([_job(seed=1)], out, *GRID, overwrite=True)
+        S.run_surface([_job(seed=0)], out, S.SurfaceOptions(np.linspace(-2, 2, 3), GRID[1]))
+    S.run_surface([_job(seed=1)], out, S.SurfaceOptions(*GRID), overwrite=True)
     with pytest.raises(StoreError, match="already exists"):
-        S.run_surface([_job(seed=1)], out, *GRID)
+        S.run_surface([_job(seed=1)], out, S.SurfaceOptions(*GRID))
 
 
 def test_shards_merge_into_the_single_run(tmp_path):
-    single = S.run_surface([_job()], str(tmp_path / "single.h5"), *GRID)
-    parts = [str(S.run_surface([_job()], str(tmp_path / f"p{i}.h5"), *GRID, shard=(i, 3))) for i in range(3)]
+    single = S.run_surface([_job()], str(tmp_path / "single.h5"), S.SurfaceOptions(*GRID))
+    parts = [str(S.run_surface([_job()], str(tmp_path / f"p{i}.h5"), S.SurfaceOptions(*GRID), shard=(i, 3))) for i in range(3)]
     part0 = store.read_result(parts[0])
     assert part0.attrs["shard"] == 0 and part0.attrs["n_shards"] == 3
     assert part0.models["m"].data["done"].sum() == 4
@@ -515,8 +515,8 @@ def test_shards_merge_into_the_single_run(tmp_path):
 
 
 def test_merge_refuses_inconsistent_shards(tmp_path):
-    p = [str(S.run_surface([_job()], str(tmp_path / f"p{i}.h5"), *GRID, shard=(i, 2))) for i in range(2)]
-    other = str(S.run_surface([_job(seed=9)], str(tmp_path / "o1.h5"), *GRID, shard=(1, 2)))
+    p = [str(S.run_surface([_job()], str(tmp_path / f"p{i}.h5"), S.SurfaceOptions(*GRID), shard=(i, 2))) for i in range(2)]
+    other = str(S.run_surface([_job(seed=9)], str(tmp_path / "o1.h5"), S.SurfaceOptions(*GRID), shard=(1, 2)))
     with pytest.raises(ConfigError, match="different runs"):
         S.merge_shards([p[0], other], str(tmp_path / "m.h5"))
     with pytest.raises(ConfigError, match=r"shard 0/2 given twice"):
@@ -529,12 +529,12 @@ def test_merge_refuses_inconsistent_shards(tmp_path):
 
 def test_direction_files_are_reused_exactly_and_checked(tmp_path):
     job = _job(seed=3)
-    path = S.run_surface([job], str(tmp_path / "a.h5"), *GRID)
+    path = S.run_surface([job], str(tmp_path / "a.h5"), S.SurfaceOptions(*GRID))
     d = S.load_directions(str(path), S.model_fingerprint(job.model), 2)
     assert d.digest() == job.directions.digest()
-    again = S.run_surface([S.SurfaceJob("m", job.model, None, job.data, d)], str(tmp_path / "b.h5"), *GRID)
+    again = S.run_surface([S.SurfaceJob("m", job.model, None, job.data, d)], str(tmp_path / "b.h5"), S.SurfaceOptions(*GRID))
     _assert_same(_arrays(path), _arrays(again))
-    line = S.run_surface([_job(dims=1)], str(tmp_path / "line.h5"), GRID[0])
+    line = S.run_surface([_job(dims=1)], str(tmp_path / "line.h5"), S.SurfaceOptions(GRID[0]))
     with pytest.raises(ConfigError, match=r"holds 1-D directions but this run is 2-D"):
         S.load_directions(str(line), S.model_fingerprint(job.model), 2)
     with pytest.raises(ConfigError, match="was made for other weights"):
@@ -545,7 +545,7 @@ def test_direction_files_are_reused_exactly_and_checked(tmp_path):
 
 def test_stored_layout(tmp_path):
     job = _job()
-    path = S.run_surface([job], str(tmp_path / "a.h5"), *GRID)
+    path = S.run_surface([job], str(tmp_path / "a.h5"), S.SurfaceOptions(*GRID))
     res = store.read_result(path)
     node = res.models["m"]
     assert res.kind == "surface" and node.data["loss"].dtype == np.float64

@@ -138,28 +138,30 @@ def _interrupt_after(k):
 def test_resume_with_another_precision_is_refused(tmp_path):
     out = str(tmp_path / "s.h5")
     with pytest.raises(KeyboardInterrupt):
-        S.run_surface([_job()], out, X, Y, precision="bf16", flush_points=1, on_point=_interrupt_after(4))
+        S.run_surface([_job()], out, S.SurfaceOptions(X, Y, precision="bf16"), flush_points=1, on_point=_interrupt_after(4))
     with pytest.raises(StoreError, match=r"s\.h5\.partial holds progress of a different run \(another --precision: "
                                          r"fp32, the partial file has bf16\); rerun the same command"):
-        S.run_surface([_job()], out, X, Y)
+        S.run_surface([_job()], out, S.SurfaceOptions(X, Y))
     with pytest.raises(StoreError, match=r"another --precision: fp16, the partial file has bf16"):
-        S.run_surface([_job()], out, X, Y, precision="fp16")
+        S.run_surface([_job()], out, S.SurfaceOptions(X, Y, precision="fp16"))
     resumed = []
-    S.run_surface([_job()], out, X, Y, precision="bf16", on_point=lambda j, p: resumed.append(p))
+    S.run_surface([_job()], out, S.SurfaceOptions(X, Y, precision="bf16"), on_point=lambda j, p: resumed.append(p))
     assert len(resumed) == 9 - 4
-    full = S.run_surface([_job()], str(tmp_path / "full.h5"), X, Y, precision="bf16")
+    full = S.run_surface([_job()], str(tmp_path / "full.h5"), S.SurfaceOptions(X, Y, precision="bf16"))
     a, b = store.read_result(out).models["m"], store.read_result(full).models["m"]
     np.testing.assert_array_equal(a.data["loss"], b.data["loss"])
     assert a.attrs["precision"] == "bf16" and a.attrs["compile"] == False  # noqa: E712 (numpy bool)
-    # fp32 keeps the fingerprint of files made before --precision existed (torchrun shard reuse checks it)
-    assert S.surface_options(1, "frozen", 2) == {"mc": 1, "bn": "frozen", "seed": 2}
-    assert S.surface_options(1, "frozen", 2, "bf16") == {"mc": 1, "bn": "frozen", "seed": 2, "precision": "bf16"}
+    # the fingerprint hashes the options, the precision included; --compile is not part of it
+    from landscape_tools.engine import options_key
+    assert options_key(S.SurfaceOptions(X, Y, mc=1, seed=2, precision="BF16", compile="on")) == {
+        "x": tuple(X), "y": tuple(Y), "mc": 1, "bn": "frozen", "seed": 2, "precision": "bf16",
+        "options_class": "SurfaceOptions"}
 
 
 def test_precision_is_checked_before_any_file_is_written(tmp_path):
     out = tmp_path / "s.h5"
     with pytest.raises(ConfigError, match="needs a float32 model"):
-        S.run_surface([_job(torch.float64)], str(out), X, Y, precision="fp16")
+        S.run_surface([_job(torch.float64)], str(out), S.SurfaceOptions(X, Y, precision="fp16"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -179,8 +181,8 @@ def test_compiled_surface_equals_eager_at_every_point_and_resumes_an_eager_run(t
     job = S.SurfaceJob("m", model, None, data, d)
     out = str(tmp_path / "s.h5")
     with pytest.raises(KeyboardInterrupt):
-        S.run_surface([job], out, X, Y, flush_points=1, on_point=_interrupt_after(3))
-    S.run_surface([job], out, X, Y, compile=True)
+        S.run_surface([job], out, S.SurfaceOptions(X, Y), flush_points=1, on_point=_interrupt_after(3))
+    S.run_surface([job], out, S.SurfaceOptions(X, Y, compile=True))
     node = store.read_result(out).models["m"]
     np.testing.assert_allclose(node.data["loss"], eager["loss"], rtol=1e-10, atol=0)
     assert node.attrs["compile"] == "mixed" and node.attrs["precision"] == "fp32"
@@ -303,7 +305,7 @@ def test_merge_of_shards_that_ran_differently_records_mixed(tmp_path):
     job = _job()
     parts = [str(tmp_path / f"p{i}.h5") for i in range(2)]
     for i, part in enumerate(parts):
-        S.run_surface([job], part, X, Y, shard=(i, 2), compile="off")
+        S.run_surface([job], part, S.SurfaceOptions(X, Y, compile="off"), shard=(i, 2))
     same = store.read_result(S.merge_shards(parts, str(tmp_path / "same.h5"))).models["m"]
     assert same.attrs["compile"] == False and same.attrs["compile_option"] == "off"  # noqa: E712 (numpy bool)
     with h5py.File(parts[1], "r+") as f:                 # as if shard 1 had run compiled

@@ -69,7 +69,7 @@ def test_repeat_seeds_are_a_prefix_and_repeat_zero_is_the_run_seed():
 @pytest.mark.parametrize("dims", [1, 2])
 def test_each_repeat_equals_a_one_repeat_run_with_its_seed(tmp_path, dims):
     y = Y if dims == 2 else None
-    path = S.run_surface([_job(3, dims=dims)], str(tmp_path / "k3.h5"), X, y)
+    path = S.run_surface([_job(3, dims=dims)], str(tmp_path / "k3.h5"), S.SurfaceOptions(X, y))
     node = store.read_result(path).models["m"]
     assert node.attrs["repeats"] == 3
     grid = (len(X),) if dims == 1 else (len(X), len(Y))
@@ -78,7 +78,7 @@ def test_each_repeat_equals_a_one_repeat_run_with_its_seed(tmp_path, dims):
     for r in range(3):
         model, data = tiny(), tiny_data()
         one = S.SurfaceJob("m", model, None, data, S.random_directions(model, dims, seed=S.repeat_seed(3, r)))
-        single = store.read_result(S.run_surface([one], str(tmp_path / f"one{r}.h5"), X, y)).models["m"]
+        single = store.read_result(S.run_surface([one], str(tmp_path / f"one{r}.h5"), S.SurfaceOptions(X, y))).models["m"]
         assert "repeats" not in single.attrs and single["loss"].shape == grid      # one repeat: the old layout
         np.testing.assert_array_equal(node["loss"][r], single["loss"])
         np.testing.assert_array_equal(node["accuracy"][r], single["accuracy"])
@@ -88,7 +88,7 @@ def test_each_repeat_equals_a_one_repeat_run_with_its_seed(tmp_path, dims):
 
 
 def test_sharpness_summaries_equal_a_hand_computation(tmp_path):
-    path = S.run_surface([_job(2)], str(tmp_path / "k2.h5"), X, Y)
+    path = S.run_surface([_job(2)], str(tmp_path / "k2.h5"), S.SurfaceOptions(X, Y))
     node = store.read_result(path).models["m"]
     h, k = 0.5, 0.5                                  # X: -1..1 step 0.5 (centre index 2); Y: step 0.5 (centre 1)
     for r in range(2):
@@ -99,7 +99,7 @@ def test_sharpness_summaries_equal_a_hand_computation(tmp_path):
         cx = (g[3, 1] - 2 * g[2, 1] + g[1, 1]) / h ** 2
         cy = (g[2, 2] - 2 * g[2, 1] + g[2, 0]) / k ** 2
         np.testing.assert_allclose(node["sharpness_curvature"][r], [cx, cy], rtol=1e-10, atol=1e-12)
-    line = store.read_result(S.run_surface([_job(2, dims=1)], str(tmp_path / "l.h5"), X)).models["m"]
+    line = store.read_result(S.run_surface([_job(2, dims=1)], str(tmp_path / "l.h5"), S.SurfaceOptions(X))).models["m"]
     for r in range(2):
         g = line["loss"][r]
         assert line["sharpness_rise"][r] == pytest.approx((g[0] + g[4]) / 2 - g[2], rel=1e-12, abs=1e-15)
@@ -114,8 +114,8 @@ def test_uneven_grid_second_difference():
 
 def test_shards_and_merge_equal_one_process_and_resume(tmp_path):
     jobs = lambda: [_job(3, label="a"), _job(3, label="b", scale=1.3)]
-    single = S.run_surface(jobs(), str(tmp_path / "single.h5"), X, Y)
-    parts = [str(S.run_surface(jobs(), str(tmp_path / f"p{i}.h5"), X, Y, shard=(i, 4))) for i in range(4)]
+    single = S.run_surface(jobs(), str(tmp_path / "single.h5"), S.SurfaceOptions(X, Y))
+    parts = [str(S.run_surface(jobs(), str(tmp_path / f"p{i}.h5"), S.SurfaceOptions(X, Y), shard=(i, 4))) for i in range(4)]
     p0 = store.read_result(parts[0]).models["a"]
     assert int(p0["done"].sum()) == len(range(0, 3 * 15, 4))                 # units (repeat, point) interleaved
     assert np.isnan(p0["sharpness_rise"]).all()                              # a shard has no whole grid
@@ -132,10 +132,10 @@ def test_shards_and_merge_equal_one_process_and_resume(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        S.run_surface(jobs(), out, X, Y, on_point=stop, flush_points=4)
+        S.run_surface(jobs(), out, S.SurfaceOptions(X, Y), on_point=stop, flush_points=4)
     done = store.read_result(out + ".partial").models["b"]["done"]
     assert 0 < done.sum() < done.size
-    S.run_surface(jobs(), out, X, Y)
+    S.run_surface(jobs(), out, S.SurfaceOptions(X, Y))
     _assert_same(_all_arrays(single), _all_arrays(out))
 
 
@@ -146,17 +146,17 @@ def test_a_partial_file_with_another_repeat_count_is_refused(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.run_surface([_job(2)], out, X, Y, on_point=stop)
+        S.run_surface([_job(2)], out, S.SurfaceOptions(X, Y), on_point=stop)
     with pytest.raises(StoreError, match=r"different run \(another --repeats: 3, the partial file has 2\)"):
-        S.run_surface([_job(3)], out, X, Y)
+        S.run_surface([_job(3)], out, S.SurfaceOptions(X, Y))
     with pytest.raises(StoreError, match=r"different run \(another --repeats: 1, the partial file has 2\)"):
-        S.run_surface([_job(1)], out, X, Y)
-    S.run_surface([_job(2)], out, X, Y)                    # the same run resumes
+        S.run_surface([_job(1)], out, S.SurfaceOptions(X, Y))
+    S.run_surface([_job(2)], out, S.SurfaceOptions(X, Y))                    # the same run resumes
 
 
 def test_models_with_different_repeat_counts_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="same number of repeats"):
-        S.run_surface([_job(2, label="a"), _job(3, label="b")], str(tmp_path / "x.h5"), X, Y)
+        S.run_surface([_job(2, label="a"), _job(3, label="b")], str(tmp_path / "x.h5"), S.SurfaceOptions(X, Y))
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
 
 
@@ -244,7 +244,7 @@ def test_compare_pairs_models_over_the_repeats(tmp_path):
     from landscape_tools import compare as C
 
     jobs = [_job(6, dims=1, label="a"), _job(6, dims=1, label="same"), _job(6, dims=1, label="sharp", scale=2.0)]
-    path = str(S.run_surface(jobs, str(tmp_path / "rep.h5"), X))
+    path = str(S.run_surface(jobs, str(tmp_path / "rep.h5"), S.SurfaceOptions(X)))
     comps = {c.b: c for c in C.compare_files([path], str(tmp_path / "cmp.h5"))}
     nodes = store.read_result(path).models
     for c in comps.values():
@@ -269,8 +269,8 @@ def test_compare_pairs_models_over_the_repeats(tmp_path):
 def test_compare_does_not_pair_different_direction_seeds(tmp_path):
     from landscape_tools import compare as C
 
-    p1 = str(S.run_surface([_job(3, dims=1, label="a", seed=1)], str(tmp_path / "a.h5"), X))
-    p2 = str(S.run_surface([_job(3, dims=1, label="b", seed=2)], str(tmp_path / "b.h5"), X))
+    p1 = str(S.run_surface([_job(3, dims=1, label="a", seed=1)], str(tmp_path / "a.h5"), S.SurfaceOptions(X)))
+    p2 = str(S.run_surface([_job(3, dims=1, label="b", seed=2)], str(tmp_path / "b.h5"), S.SurfaceOptions(X)))
     (c,) = C.compare_files([p1, p2], str(tmp_path / "cmp.h5"))
     for row in c.rows:
         assert not row.paired and "different" in row.note and row.method.startswith("Welch")

@@ -179,7 +179,7 @@ def test_a_partial_file_of_an_older_seed_scheme_is_refused_and_overwrite_recompu
     out = str(tmp_path / "s.h5")
     monkeypatch.setattr(E, "SEED_SCHEME", 1)                      # as an lt of seed scheme 1 wrote it
     with pytest.raises(Stop):
-        S.run_surface(_surface_job(files), out, *GRID, mc=2, on_point=stop_after(3), flush_points=1)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2), on_point=stop_after(3), flush_points=1)
     monkeypatch.undo()
     import h5py
     with h5py.File(store.partial_path(out), "r+") as f:
@@ -192,14 +192,14 @@ def test_a_partial_file_of_an_older_seed_scheme_is_refused_and_overwrite_recompu
         loss[...] = values
     assert E.SEED_SCHEME == 2
     with pytest.raises(StoreError) as err:
-        S.run_surface(_surface_job(files), out, *GRID, mc=2)
+        S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2))
     assert str(err.value) == (
         f"{out}.partial holds progress of a different run (written with seed scheme 1, this lt derives its seeds "
         f"with scheme 2 (landscape_tools.seeds): resuming it would mix dropout masks, start vectors and probes of "
         f"two schemes); rerun the same command to resume it, or pass --overwrite to start again")
     assert store.read_result(store.partial_path(out)).models["m"].data["done"].sum() == 3     # left as it was
-    S.run_surface(_surface_job(files), out, *GRID, mc=2, overwrite=True)      # --overwrite: every point again
-    S.run_surface(_surface_job(files), str(tmp_path / "fresh.h5"), *GRID, mc=2)
+    S.run_surface(_surface_job(files), out, S.SurfaceOptions(*GRID, mc=2), overwrite=True)      # --overwrite: every point again
+    S.run_surface(_surface_job(files), str(tmp_path / "fresh.h5"), S.SurfaceOptions(*GRID, mc=2))
     again, fresh = store.read_result(out), store.read_result(tmp_path / "fresh.h5")
     assert again.attrs["seed_scheme"] == 2 and not (np.asarray(again.models["m"].data["loss"]) == 123.0).any()
     assert_bit_equal(again.models["m"], fresh.models["m"], timing=("compile_note",))

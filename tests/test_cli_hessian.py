@@ -26,7 +26,7 @@ def files(tmp_path_factory):
         paths[name] = path
     rng = np.random.default_rng(0)
     data = root / "d.npz"
-    save_tensors(data, x=rng.standard_normal((20, 3, 32, 32)).astype(np.float32),
+    save_tensors(data, x=rng.standard_normal((20, 3, 16, 16)).astype(np.float32),
                  y=rng.integers(0, 10, 20).astype(np.int64))
     return root, paths, data
 

@@ -245,6 +245,8 @@ def test_slurm_submits_the_stages_as_a_dependency_graph(tmp_path):
 def test_paper_profile_commands_are_valid_lt_command_lines(tmp_path):
     """The paper profile's command lines (recorded by a stand-in for lt that only creates each -o file)
     parse with lt's own option parser, with the paper's settings."""
+    import click
+
     from landscape_tools.cli.main import cli
 
     record = tmp_path / "commands.txt"
@@ -263,7 +265,10 @@ def test_paper_profile_commands_are_valid_lt_command_lines(tmp_path):
         ["featvar"] * 2 + ["evaluate"] * 2 + ["compare"] * 2
     for args in commands:
         command = cli.get_command(None, args[0])
-        ctx = command.make_context(args[0], list(args[1:]))      # raises on an unknown or invalid option
+        # under lt's own context (its -h/--help): a context without that parent leaves the command's
+        # help option cached as --help only, and `lt COMMAND -h` fails in every later test of the process
+        parent = click.Context(cli, info_name="lt", **cli.context_settings)
+        ctx = command.make_context(args[0], list(args[1:]), parent=parent)      # raises on an invalid option
         p = ctx.params
         if args[0] == "train":
             assert (p["width"], p["epochs"], p["batch_size"], p["lr"], p["momentum"], p["weight_decay"]) == \

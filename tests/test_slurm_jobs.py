@@ -38,7 +38,9 @@ def first_job_id() -> int:
 @pytest.fixture
 def cluster(tmp_path):
     """A tiny MC-dropout smoothing model with train and test data, and the environment of a login
-    node whose PATH has the stand-in Slurm commands and `lt`."""
+    node whose PATH has the stand-in Slurm commands and `lt`.  Each task gets one CPU
+    (FAKE_SLURM_CPUS_PER_TASK: the job files' 8..32 would make every task start that many torch
+    threads, the job files' OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK, on this 2-core machine)."""
     _, model, _ = tiny_checkpoint_and_data(tmp_path, arch="resnet_mcdo_smoothing_18")
     random_tensors(tmp_path / "data.npz", 12, 12, (1, 8, 8))
     state = tmp_path / "slurm-state"
@@ -46,8 +48,8 @@ def cluster(tmp_path):
     (state / "next_job_id").write_text(str(first_job_id()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LT_")) and k not in LAUNCHER_VARS}
     env.update(PATH=os.pathsep.join([str(TESTS / "fake_slurm"), str(Path(sys.executable).parent), env["PATH"]]),
-               FAKE_SLURM_STATE=str(state), OMP_NUM_THREADS="1", MPLBACKEND="Agg", LT_MODEL="m.pt",
-               LT_DATA="tensors:data.npz", LT_DEVICE="cpu")
+               FAKE_SLURM_STATE=str(state), FAKE_SLURM_CPUS_PER_TASK="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+               LT_MODEL="m.pt", LT_DATA="tensors:data.npz", LT_DEVICE="cpu")
     return {"root": tmp_path, "env": env}
 
 

@@ -19,8 +19,10 @@ $(STAMP): $(PY) setup.py
 
 install: $(STAMP)
 
+# two pytest-xdist (>= 3.8) workers, whole modules each (module-scoped fixtures run once), slowest modules first
+# (tests/conftest.py); every test uses its own tmp_path and free ports.  Serial: $(PY) -m pytest -q
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(VENV)/bin/lt demo -o demo-out

@@ -26,6 +26,6 @@ setup(
         "h5py>=3.8",
         "scikit-learn>=1.2",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pytest-xdist>=3.8"]},
     entry_points={"console_scripts": ["lt = landscape_tools.cli.main:main"]},
 )

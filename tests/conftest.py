@@ -9,9 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 #: the modules that take longest (real processes: fake Slurm jobs, the paper pipeline, torchrun, the
-#: demo), run first: with pytest-xdist (`pytest -n 2 --dist loadfile --no-loadscope-reorder`, not yet
-#: what `make test` runs) a long module started last would leave the other worker idle at the end
-SLOW_FIRST = ("test_slurm_jobs.py", "test_paper_recipe.py", "test_demo.py", "test_sigterm.py", "test_distributed.py",
+#: demo), run first: under pytest-xdist (`make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`)
+#: a long module started last would leave the other worker idle at the end
+SLOW_FIRST = ("test_paper_recipe.py", "test_slurm_jobs.py", "test_demo.py", "test_sigterm.py", "test_distributed.py",
               "test_faults.py", "test_examples_python.py", "test_locks.py", "test_gpu_check.py")
 
 

@@ -19,14 +19,20 @@ computed elsewhere.  This module owns everything around that, once for all four:
   another run is refused with the first difference spelled out (another device kind, another
   seed scheme, another option, options recorded before they were a dataclass ...), never resumed
   with other masks.
-- **the unit loop** (:func:`run_units`, surface and featvar): compute one unit, write finished units
+- **the unit loop** (:func:`run_units`, every analysis): compute one unit, write finished units
   (every unit, or in batches), report ``progress(done, total, message)``; on SIGINT / SIGTERM
   (raised at a progress call or inside a unit) the finished units are written, the unit in progress
   is dropped, and the exception leaves through the caller's ``finally``, which closes the partial
   file and releases the lock; :mod:`landscape_tools.cli.main` turns it into exit 130 / 143.
-  Hessian rows run in :func:`landscape_tools.hessian.top_eigenvalues`' own loop (row 0's warm
-  start is shared by the rows of a call) and evaluate batches in ``score_batches`` (progress per MC
-  sample), each writing a unit the same way (values, flush, ``done``, flush) from their callback.
+  Hessian rows are its units (:func:`landscape_tools.hessian.top_eigenvalues` and ``run_hessian``
+  run them through it); the row computer keeps row 0's warm-start anchor between the rows it is
+  given (row 0 solved again, unstored, when a call does not compute it), so a row's values do not
+  depend on which rows a call, a shard or a rank computes.  Evaluate's batches are units the same
+  way (:func:`landscape_tools.evaluate.batch_scorer` gives their compute, which reports progress per
+  MC sample from inside the unit).  Only ``--scope dataset`` under torchrun / srun
+  (:func:`landscape_tools.hessian.run_dataset_ranks`) keeps a loop of its own over the models: every
+  rank takes part in every product and votes after each model is written, a collective step the
+  unit loop does not have.
 - **the lock**: :class:`landscape_tools.store.OutputLock` (host, pid, heartbeat, stale takeover),
   taken by :func:`landscape_tools.store.open_partial`.
 - **the split** of units over ``--shard I/N`` jobs and over the ranks of a torchrun / srun job

@@ -423,29 +423,43 @@ def ensemble_curve(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     per_sample = np.zeros((int(offsets[-1]), len(_PER_SAMPLE), len(sizes)))
     batch_first = np.ones(len(batches), dtype=bool)
 
-    def keep(b, state, values, first):
-        table[b], per_sample[offsets[b]:offsets[b + 1]], batch_first[b] = state, values, first
+    def keep(finished):
+        for b, (state, values, first) in finished:
+            table[b], per_sample[offsets[b]:offsets[b + 1]], batch_first[b] = state, values, first
 
-    active, passes = score_batches(model, batches, sizes, range(len(batches)), keep, seed=seed, n_bins=n_bins,
-                                   progress=progress, precision=precision, compile_model=compile_model,
-                                   max_batch=max_batch)
-    return curve_from_units(table, per_sample, sizes, n_bins, active, passes, seed, bool(batch_first.all()))
+    from . import engine
+    with batch_scorer(model, batches, sizes, len(batches), seed=seed, n_bins=n_bins, progress=progress,
+                      precision=precision, compile_model=compile_model, max_batch=max_batch) as scorer:
+        engine.run_units(range(len(batches)), scorer.compute, keep)    # progress per MC sample, from compute
+    return curve_from_units(table, per_sample, sizes, n_bins, scorer.active, scorer.passes, seed,
+                            bool(batch_first.all()))
 
 
 def _offsets(batches) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(batch_sizes(batches))]).astype(np.int64)
 
 
-def score_batches(model: nn.Module, batches: Sequence, sizes: Sequence[int], todo: Iterable[int], on_batch,
-                  seed: int = 0, n_bins: int = N_BINS, progress: Progress = None, precision: str = "fp32",
-                  compile_model: bool = False, max_batch: int | None = None) -> tuple[bool, int]:
-    """Score batches ``todo`` (global indices, which seed the masks) of the MC-dropout ensemble: for
-    each, ``on_batch(b, state, values, batch_first)`` with ``state`` (len(sizes), state size) the
-    :class:`MetricAccumulator` sums of batch ``b`` per ensemble size and ``values`` (rows, 4,
-    len(sizes)) the per-sample values of :data:`_PER_SAMPLE`.  See :func:`ensemble_curve`.
+class _Scorer:
+    """What :func:`batch_scorer` yields: ``compute(b)`` scores batch ``b`` (a unit of
+    :func:`landscape_tools.engine.run_units`) and returns ``(state, values, batch_first)``;
+    ``active``: the model samples dropout; ``passes``: forward passes per batch."""
 
-    Returns:
-        ``(mc_active, forward passes per batch)``.
+    def __init__(self, compute, active: bool, passes: int):
+        self.compute, self.active, self.passes = compute, active, passes
+
+
+@contextlib.contextmanager
+def batch_scorer(model: nn.Module, batches: Sequence, sizes: Sequence[int], n_todo: int, seed: int = 0,
+                 n_bins: int = N_BINS, progress: Progress = None, precision: str = "fp32",
+                 compile_model: bool = False, max_batch: int | None = None) -> Iterator[_Scorer]:
+    """The MC-dropout ensemble's batches as units: yields a :class:`_Scorer` whose ``compute(b)``
+    scores batch ``b`` (its global index seeds the masks) into ``state`` (len(sizes), state size),
+    the :class:`MetricAccumulator` sums of the batch per ensemble size, ``values`` (rows, 4,
+    len(sizes)), the per-sample values of :data:`_PER_SAMPLE`, and whether the model's dropout
+    inputs were batch-first.  The model is in eval mode with its MC dropout switched on (and
+    ``no_grad``) inside the block, in its own mode again after it.  ``progress(done, total,
+    message)`` is told after every forward pass, ``done`` counting MC samples of the ``n_todo``
+    batches to score (a batch interrupted or failed is not counted).  See :func:`ensemble_curve`.
     """
     from . import precision as P
 
@@ -455,18 +469,18 @@ def score_batches(model: nn.Module, batches: Sequence, sizes: Sequence[int], tod
     passes = max(sizes) if active else 1
     column = {n: j for j, n in enumerate(sizes)}
     width = MetricAccumulator(n_bins).state_size()
-    todo = list(todo)
     params = next(iter(model.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else None
     out_dtype = P.model_dtype(model)
-    total, done = len(todo) * passes, 0
+    total, counted = int(n_todo) * passes, {"done": 0}
     was_training = model.training
     holder: list = [None]
     batch_first = [True]
     model.eval()
     try:
         with torch.no_grad(), _sampling(model, holder, active, compile_model) as forward:
-            for b in todo:
+            def compute(b: int):
+                done = counted["done"]
                 x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
                     x = x.to(dtype)
@@ -507,11 +521,12 @@ def score_batches(model: nn.Module, batches: Sequence, sizes: Sequence[int], tod
                 if not active:
                     state[:] = _batch_state(running, y, n_bins)
                     values[:] = _sample_values(running, y).T[:, :, None]
-                done += passes
-                on_batch(b, state, values, batch_first[0])
+                counted["done"] = done + passes
+                return state, values, batch_first[0]
+
+            yield _Scorer(compute, active, passes)
     finally:
         model.train(was_training)
-    return active, passes
 
 
 def curve_from_units(table: np.ndarray, per_sample: np.ndarray, sizes: Sequence[int], n_bins: int, active: bool,
@@ -664,19 +679,22 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, options: Evaluate
                 done = pr.read(base + "units/done").astype(bool)
                 todo = [int(b) for b in engine.shard_units(len(job.batches), *part) if not done[b]]
 
-                def write(b, state, values, first, base=base, offsets=offsets):
-                    pr.write(base + "units/state", b, state)
-                    pr.write(base + "units/batch_first", b, first)
-                    pr.write(base + "sample_units/values", slice(offsets[b], offsets[b + 1]), values)
-                    pr.write(base + "sample_units/done", slice(offsets[b], offsets[b + 1]), True)
+                def write(finished, base=base, offsets=offsets):
+                    for b, (state, values, first) in finished:
+                        pr.write(base + "units/state", b, state)
+                        pr.write(base + "units/batch_first", b, first)
+                        pr.write(base + "sample_units/values", slice(offsets[b], offsets[b + 1]), values)
+                        pr.write(base + "sample_units/done", slice(offsets[b], offsets[b + 1]), True)
                     pr.flush()
-                    pr.write(base + "units/done", b, True)
+                    for b, _ in finished:
+                        pr.write(base + "units/done", b, True)
                     pr.flush()
 
-                if todo:
-                    score_batches(job.model, job.batches, sizes, todo, write, seed=seed, n_bins=n_bins,
-                                  progress=progress, precision=o.precision, compile_model=o.compile,
-                                  max_batch=o.max_batch)
+                if todo:       # the batches are the units; progress per MC sample, told from compute
+                    with batch_scorer(job.model, job.batches, sizes, len(todo), seed=seed, n_bins=n_bins,
+                                      progress=progress, precision=o.precision, compile_model=o.compile,
+                                      max_batch=o.max_batch) as scorer:
+                        engine.run_units(todo, scorer.compute, write)
             if part != (0, 1):
                 pr.finalize()
                 return

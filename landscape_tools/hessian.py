@@ -427,8 +427,11 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         form: HVP form ``graph``, ``double``, ``func`` or ``auto`` (by device).
         return_vectors: keep the eigenvectors (rows x (k, n) float64) in the result.
         skip: rows not to compute (left NaN), e.g. done by an interrupted earlier run.
-        on_row: called with ``(row, result)`` after each finished row (for resumable writes).
-        progress: ``progress(done, total, message)`` callback.
+        on_row: called with ``(row, result)`` after each finished row (for resumable writes): the
+            write of :func:`landscape_tools.engine.run_units`, the loop the rows run in; if a row
+            fails or is interrupted, the rows finished before it are still passed to ``on_row``.
+        progress: ``progress(done, total, message)`` callback, after each row (and before row 0 is
+            solved again for the warm start).
         label: model name used in messages.
         precision: ``fp32`` (default, exact), ``bf16`` or ``fp16``: the forward pass of the loss runs
             under autocast, the loss itself in the model's dtype (an approximate Hessian).
@@ -455,6 +458,45 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     Raises:
         ConfigError: bad option values, ``k`` larger than the Hessian, no matching parameters.
         NumericalError: non-finite loss, or an operator that is not deterministic.
+    """
+    from . import engine
+
+    out, todo, compute = _row_solver(
+        model, batches, k, which, method, tol, max_iter, params, weight_decay, mc_seed, scope, seed=seed,
+        trace=trace, trace_probes=trace_probes, density=density, density_runs=density_runs,
+        density_steps=density_steps, ncv=ncv, form=form, return_vectors=return_vectors, skip=skip,
+        progress=progress, label=label, precision=precision, sub_batch=sub_batch, make_operator=make_operator,
+        warm_start=warm_start, save_vectors=save_vectors)
+    name = f"{label}: " if label else ""
+
+    def write(finished) -> None:
+        if on_row is not None:
+            for r, _ in finished:
+                on_row(r, out)
+
+    engine.run_units(todo, compute, write, progress=progress, total=len(todo),
+                     message=lambda r, res: f"{name}row {r}: top {res.eigenvalues[r][0]:.5g}")
+    return out
+
+
+def _row_solver(model: nn.Module, batches, k: int = 5, which: str = "LM", method: str = "lanczos",
+                tol: float = 1e-4, max_iter: int | None = None, params: str | Sequence[str] | None = None,
+                weight_decay: float = 0.0, mc_seed: int | None = None, scope: str = "batch", *,
+                seed: int = 0, trace: bool = False, trace_probes: int = 30, density: bool = False,
+                density_runs: int = 4, density_steps: int = 64, ncv: int | None = None, form: str = "auto",
+                return_vectors: bool = False, skip: Sequence[int] | None = None, progress: Progress = None,
+                label: str = "", precision: str = "fp32", sub_batch: int | str | None = "auto",
+                make_operator: Callable[[list[int]], Any] | None = None,
+                warm_start: bool = True,
+                save_vectors: str | None = None) -> tuple[HessianSpectrum, list[int], Callable[[int], HessianSpectrum]]:
+    """The rows of :func:`top_eigenvalues` as units of :func:`landscape_tools.engine.run_units`:
+    the options validated, the result with every row NaN, the rows to compute (all but ``skip``) and
+    ``compute(row)``, which solves one row into the result and returns it.
+
+    ``compute`` holds the warm start's anchor (row 0's Ritz vectors) between the rows it is given:
+    kept from row 0 when row 0 is computed first, else row 0 solved again (cold, not stored) before
+    the first other row, with ``progress`` told so; a row interrupted or failed leaves the anchor as
+    it was.  Arguments as :func:`top_eigenvalues`.
     """
     batch_list = _as_batches(batches)
     if not batch_list:
@@ -497,7 +539,6 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
     # give the same numbers); row 0 is solved again, cold, when this call does not compute it
     warm = _warm(warm_start, method, scope) and rows > 1
     keep = k + WARM_GUARDS if warm else 0
-    anchor = None
 
     # pieces made smaller by an out-of-memory error stay smaller for the rest of the run
     pieces = {"size": sub_batch}
@@ -526,22 +567,24 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
                                                   precision=_precision(op), **common)
         return _lanczos.deflated_power(op, dim, k, max_iter=max_iter, start=start, precision=_precision(op), **common)
 
-    for done, r in enumerate(todo):
+    state = {"anchor": None, "computed": 0}
+
+    def compute(r: int) -> HessianSpectrum:
+        anchor = state["anchor"]
         if warm and r != 0 and anchor is None:
-            report(progress, done, len(todo), f"{name}row 0 again (the warm start of the others)")
+            report(progress, state["computed"], len(todo), f"{name}row 0 again (the warm start of the others)")
             op = operator(0)
             try:
-                anchor = _anchor(solve(op, 0, None, keep).vectors, op)
+                anchor = state["anchor"] = _anchor(solve(op, 0, None, keep).vectors, op)
             finally:
                 note_pieces(op)
                 op.close()
-        report(progress, done, len(todo), f"{name}row {r}")
         op = operator(r)
         try:
             vectors = keep if warm and r == 0 else return_vectors
             pairs = solve(op, r, anchor if warm and r != 0 else None, vectors)
             if warm and r == 0:
-                anchor = _anchor(pairs.vectors, op)
+                state["anchor"] = _anchor(pairs.vectors, op)
             out.eigenvalues[r] = pairs.values
             out.residuals[r] = pairs.residuals
             out.certificates[r] = pairs.certificates
@@ -573,10 +616,10 @@ def top_eigenvalues(model: nn.Module, batches, k: int = 5, which: str = "LM", me
         finally:
             note_pieces(op)
             op.close()
-        if on_row is not None:
-            on_row(r, out)
-    report(progress, len(todo), len(todo), f"{name}done")
-    return out
+        state["computed"] += 1
+        return out
+
+    return out, todo, compute
 
 
 def _warm(warm_start: bool, method: str, scope: str) -> bool:
@@ -938,11 +981,12 @@ def plan_run(jobs: Sequence[HessianJob], options: HessianOptions, *, command: Se
     return RunPlan(o, sub_batch, identity, root, layout, rows_of, key)
 
 
-def _solve(job: HessianJob, o: HessianOptions, sub_batch, **kwargs) -> "HessianSpectrum":
+def _solve(job: HessianJob, o: HessianOptions, sub_batch, rows: bool = False, **kwargs):
     """:func:`top_eigenvalues` of one job with the run's options (``kwargs``: skip, on_row, label,
-    make_operator, scope)."""
+    make_operator, scope); ``rows``: :func:`_row_solver`'s ``(result, rows to do, compute)`` instead,
+    for a caller that runs the rows itself."""
     kwargs.setdefault("scope", o.scope)
-    return top_eigenvalues(
+    return (_row_solver if rows else top_eigenvalues)(
         job.model, job.batches, k=o.k, which=o.which, method=o.method, tol=o.tol, max_iter=o.max_iter,
         params=o.params, weight_decay=o.weight_decay, mc_seed=o.mc_seed, seed=o.seed, trace=o.trace,
         trace_probes=o.trace_probes, density=o.density, density_runs=o.density_runs,
@@ -984,7 +1028,8 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, options: HessianOptions
         command, config, device: provenance (root attributes).
         data_description: stored in the fingerprint and in each group's ``data`` attribute.
         progress: ``progress(done, total, message)`` over all rows of all models.
-        on_row: test hook called as ``on_row(job_index, row)`` after a row is safely written.
+        on_row: test hook called as ``on_row(job_index, row)`` after a row is computed (the unit
+            loop's ``on_unit``: the row is written even if the hook raises).
         shard: ``(i, n)``: compute only the rows of ``--shard i/n`` (:func:`landscape_tools.engine.shard_units`:
             ``i, i + n, ...``; the others stay NaN / not done in the file, which ``lt merge`` assembles
             with the other shards), e.g. a rank's share; None: all.  ``--scope batch`` only.
@@ -1008,19 +1053,22 @@ def run_hessian(jobs: Sequence[HessianJob], output: str, options: HessianOptions
             done_before = {label: d | ~np.isin(np.arange(d.size), engine.shard_units(d.size, *shard))
                            for label, d in done_before.items()}
         total = sum(int((~d).sum()) for d in done_before.values())
-        counter = {"n": 0}
+        count = 0
         pieces = plan.sub_batch
         for ji, job in enumerate(jobs):
             skip = [int(i) for i in np.flatnonzero(done_before[job.label])]
+            res, todo, compute = _solve(job, options, pieces, rows=True, skip=skip, label=job.label)
+            results[job.label] = res
 
-            def on_finished(row: int, res: HessianSpectrum, _label=job.label, _ji=ji) -> None:
-                write_row(part, _label, row, res)
-                counter["n"] += 1
-                report(progress, counter["n"], total, f"{_label} row {row}: top {res.eigenvalues[row][0]:.5g}")
-                if on_row is not None:
-                    on_row(_ji, row)
+            def write(finished, _label=job.label) -> None:
+                for row, value in finished:
+                    write_row(part, _label, row, value)
 
-            results[job.label] = _solve(job, options, pieces, skip=skip, on_row=on_finished, label=job.label)
+            # the rows are the units: each written as it finishes, an interrupted row dropped
+            count = engine.run_units(
+                todo, compute, write, progress=progress, done=count, total=total,
+                message=lambda row, value, _label=job.label: f"{_label} row {row}: top {value.eigenvalues[row][0]:.5g}",
+                on_unit=None if on_row is None else (lambda row, _ji=ji: on_row(_ji, row)))
             used = results[job.label].config.get("sub_batch_used")
             if used is not None:        # out of memory made the pieces smaller: kept for the next model
                 pieces = None if used == "whole" else int(used)

@@ -22,8 +22,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
     """`lt surface` on a 13 x 13 grid of the tiny zoo model (seconds of work), `lt hessian --scope
-    batch` on 40 batches of a 23-parameter MLP and `lt featvar` on 30 batches of 4 samples of the tiny
-    model; each with its uninterrupted reference result."""
+    batch` on 40 batches of a 23-parameter MLP, `lt featvar` on 30 batches of 4 samples of the tiny
+    model and `lt evaluate` on 60 batches of 2 samples of a tiny MC-dropout model (8 MC samples,
+    one pass each: --max-batch 2); each with its uninterrupted reference result."""
     import lt_user_models
     import torch
     from landscape_tools.data import save_tensors
@@ -32,6 +33,8 @@ def commands(tmp_path_factory):
     _, model, data = tiny_checkpoint_and_data(root)
     (root / "fv").mkdir()
     _, _, fv_data = tiny_checkpoint_and_data(root / "fv", n=120)        # the same model, 120 samples
+    (root / "ev").mkdir()
+    _, mcdo, ev_data = tiny_checkpoint_and_data(root / "ev", arch="resnet_mcdo_18", n=120)
     torch.manual_seed(0)
     torch.save(lt_user_models.tiny_mlp().state_dict(), root / "mlp.pt")
     rng = np.random.default_rng(0)
@@ -44,6 +47,8 @@ def commands(tmp_path_factory):
                      "--device", "cpu"], "mlp/done", 40),
         "featvar": (["featvar", str(model), "--data", fv_data, "--split", "train", "--batch-size", "4", "--mc", "4",
                      "--source", "noise:0.1", "--device", "cpu"], "m/sums/done", 30),
+        "evaluate": (["evaluate", str(mcdo), "--data", ev_data, "--split", "train", "--batch-size", "2", "--mc", "1,8",
+                      "--max-batch", "2", "--seed", "3", "--device", "cpu"], "m/units/done", 60),
     }
     refs = {}
     for name, (args, _, _) in cmds.items():
@@ -74,7 +79,7 @@ def assert_same_node(a, b, where=""):
         assert_same_node(a.groups[name], group, where + name + "/")
 
 
-@pytest.mark.parametrize("name", ["surface", "hessian", "featvar"])
+@pytest.mark.parametrize("name", ["surface", "hessian", "featvar", "evaluate"])
 def test_sigterm_mid_run_exits_143_and_the_rerun_equals_an_uninterrupted_run(commands, name):
     root = commands["root"]
     args, flags, n_units = commands["cmds"][name]

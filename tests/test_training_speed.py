@@ -186,7 +186,8 @@ def test_every_command_turns_out_of_memory_into_one_error_line(tmp_path, monkeyp
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
-    monkeypatch.setattr(H, "top_eigenvalues", oom)
+    monkeypatch.setattr(H, "top_eigenvalues", oom)     # the library call, and the rows of lt hessian's run:
+    monkeypatch.setattr(H, "_row_solver", oom)
     result = CliRunner().invoke(cli, ["hessian", str(ckpt), "--data", data, "--batches", "1", "--batch-size", "4",
                                       "--top-k", "1", "-o", str(tmp_path / "h.h5")])
     assert result.exit_code == 1, result.output

@@ -65,6 +65,31 @@ def wait_for_progress(proc, partial, timeout=60.0) -> int:
     pytest.fail("no progress written within the timeout")
 
 
+def stopped_mid_run(launch, out, count, total, attempts=3):
+    """Start a run with ``launch()`` and SIGSTOP it while it is part-way: progress in its partial file
+    (``count(partial) > 0``) and not yet finished.  A run that finished before the stop landed (a fast
+    machine, or a poll delayed by a busy one) is a matter of timing, not of lt: it is started again
+    from scratch, up to ``attempts`` times.  Returns the stopped process."""
+    partial = store.partial_path(out)
+    for _ in range(attempts):
+        proc = launch()
+        end = time.monotonic() + 60.0
+        while count(partial) == 0:
+            assert proc.poll() is None, "the command ended before any progress was seen: " + proc.stderr.read()
+            assert time.monotonic() < end, "no progress written within the timeout"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)
+        if proc.poll() is None and 0 < count(partial) < total:
+            return proc
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.communicate()
+        for path in (str(out), str(partial), f"{out}.lock"):
+            if os.path.exists(path):
+                os.remove(path)
+    pytest.fail(f"the run finished before it could be stopped part-way, {attempts} times")
+
+
 def interrupt(proc, lock, attempts=20):
     """Wait for a Ctrl-C'ed process to end, pressing Ctrl-C again if it was lost; returns (stdout, stderr).
 
@@ -112,9 +137,8 @@ def test_sigkill_mid_run_then_resume(files):
 
 def test_second_writer_refused_then_ctrl_c_and_resume(files):
     root, out = files["root"], files["root"] / "busy.h5"
-    proc = start(files, out)
-    wait_for_progress(proc, store.partial_path(out))
-    proc.send_signal(signal.SIGSTOP)       # holds the lock, mid-run, for as long as the check takes
+    # stopped: holds the lock, mid-run, for as long as the check takes
+    proc = stopped_mid_run(lambda: start(files, out), out, done_points, N_POINTS)
     r = run(files, out)                    # the same output while the first process writes it
     assert r.exit_code == 1
     assert f"Error: {out} is being written by another lt process ({proc.pid}@" in r.output
@@ -301,9 +325,9 @@ def test_ctrl_c_hessian_keeps_finished_batches_and_resumes(batch_files):
     root = batch_files["root"]
     args, label, flags, n_rows = batch_files["commands"]["hessian"]
     out = root / "ctrlc_hessian.h5"
-    proc = start_command(args, out)
-    wait_for_rows(proc, store.partial_path(out), flags)
+    proc = stopped_mid_run(lambda: start_command(args, out), out, lambda p: done_rows(p, flags), n_rows)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _, err = interrupt(proc, root / "ctrlc_hessian.h5.lock")
     assert proc.returncode == 130, err
     assert "Error: interrupted. No half-written result file is left" in err

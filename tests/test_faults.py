@@ -53,18 +53,6 @@ def done_points(partial) -> int:
         return 0
 
 
-def wait_for_progress(proc, partial, timeout=60.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        n = done_points(partial)
-        if n > 0:
-            return n
-        assert proc.poll() is None, "lt surface ended before any progress was seen: " + proc.stderr.read()
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("no progress written within the timeout")
-
-
 def stopped_mid_run(launch, out, count, total, attempts=3):
     """Start a run with ``launch()`` and SIGSTOP it while it is part-way: progress in its partial file
     (``count(partial) > 0``) and not yet finished.  A run that finished before the stop landed (a fast
@@ -120,8 +108,8 @@ def leftovers(root, name):
 
 def test_sigkill_mid_run_then_resume(files):
     root, out = files["root"], files["root"] / "killed.h5"
-    proc = start(files, out)
-    seen = wait_for_progress(proc, store.partial_path(out))
+    proc = stopped_mid_run(lambda: start(files, out), out, done_points, N_POINTS)
+    seen = done_points(store.partial_path(out))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -274,18 +262,6 @@ def done_rows(partial, flags) -> int:
         return 0
 
 
-def wait_for_rows(proc, partial, flags, timeout=60.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        n = done_rows(partial, flags)
-        if n > 0:
-            return n
-        assert proc.poll() is None, "the command ended before any progress was seen: " + proc.stderr.read()
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("no progress written within the timeout")
-
-
 def assert_same_result(got, ref):
     """Every dataset and attribute of every model group equal (the root differs in time and command)."""
     assert set(got.models) == set(ref.models) and got.attrs["fingerprint"] == ref.attrs["fingerprint"]
@@ -307,8 +283,8 @@ def test_sigkill_mid_run_then_resume_batch_commands(batch_files, name):
     root = batch_files["root"]
     args, label, flags, n_rows = batch_files["commands"][name]
     out = root / f"killed_{name}.h5"
-    proc = start_command(args, out)
-    seen = wait_for_rows(proc, store.partial_path(out), flags)
+    proc = stopped_mid_run(lambda: start_command(args, out), out, lambda p: done_rows(p, flags), n_rows)
+    seen = done_rows(store.partial_path(out), flags)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -38,10 +38,18 @@ def run(files, out, *extra):
     return CliRunner().invoke(cli, [*files["args"], "-o", str(out), *extra], catch_exceptions=False)
 
 
+def _ctrl_c_as_in_a_terminal():
+    """In the child, before exec: SIGINT back to its default, so the lt started here takes Ctrl-C as it
+    does from a terminal.  A test run started in the background by a non-interactive shell
+    (`make test &`) inherits SIGINT ignored, and lt rightly keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(files, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     return subprocess.Popen([sys.executable, "-m", "landscape_tools.cli.main", *files["args"], "-o", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def done_points(partial) -> int:
@@ -250,7 +258,8 @@ def start_command(args, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     return subprocess.Popen([sys.executable, "-m", "landscape_tools.cli.main", *args, "-o", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def done_rows(partial, flags) -> int:

@@ -669,10 +669,6 @@ def run_to_file(jobs: Sequence[Job], output, root_attrs: dict, options: Evaluate
         identity = engine.run_identity("evaluate", key, device, part)
         pr = engine.open_run(out, root_attrs, identity, layout, overwrite=overwrite)
         try:
-            todo_total = 0
-            for job in jobs:
-                done = pr.read(f"{job.label}/units/done").astype(bool)
-                todo_total += sum(1 for b in engine.shard_units(len(job.batches), *part) if not done[b])
             for job in jobs:
                 base = f"{job.label}/"
                 offsets = _offsets(job.batches)

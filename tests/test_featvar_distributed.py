@@ -16,7 +16,6 @@ from landscape_tools.cli.main import cli
 from landscape_tools.data import load_data
 from tiny_files import assert_same_nodes, free_port, tiny_checkpoint_and_data
 
-OPTIONS = ("mc", 3, None, None, True, 5, None, "fp32")     # over, mc, source, layers, fourier, seed, max_batch, precision
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ wall time of an idle machine, and stays close to it while other jobs share the c
 
 Usage: python benchmarks/bench_hessian_batches.py [--init fresh|trained] [--batches 16] [--batch 32]
        [--seed 0] [--skip-pyhessian] [--rounds 1] [--clock wall|cpu] [--reference-tol 1e-8]
+       [--reference-dtype float64|float32] [--reference-file ref.npz]
 """
 from __future__ import annotations
 
@@ -81,6 +82,27 @@ def reference(model, batches, tol: float, dtype: str = "float64"):
     return res.eigenvalues
 
 
+def cached_reference(args, model, batches, clock):
+    """The reference, from ``--reference-file`` when it holds one made with the same settings."""
+    settings = np.array([args.init, str(args.batches), str(args.batch), str(args.seed),
+                         repr(args.reference_tol), args.reference_dtype, torch.__version__])
+    path = args.reference_file
+    if path is not None and path.exists():
+        with np.load(path) as f:
+            if np.array_equal(f["settings"], settings):
+                print(f"reference: loaded from {path}", file=sys.stderr, flush=True)
+                return f["values"]
+        print(f"reference: {path} was made with other settings; computing it again", file=sys.stderr)
+    t = clock()
+    ref = reference(model, batches, args.reference_tol, args.reference_dtype)
+    print(f"reference: {clock() - t:.0f} s", file=sys.stderr, flush=True)
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, settings=settings, values=ref)
+        tmp.replace(path)
+    return ref
+
+
 def errors(values, ref):
     return np.max(np.abs(values - ref) / np.abs(ref), axis=1)
 
@@ -97,6 +119,9 @@ def main(argv=None) -> int:
                     help="wall: time.perf_counter; cpu: time.process_time (use with OMP_NUM_THREADS=1)")
     ap.add_argument("--reference-tol", type=float, default=1e-8,
                     help="certified relative accuracy of the reference (default 1e-8)")
+    ap.add_argument("--reference-file", type=Path, default=None,
+                    help="an .npz of the reference: loaded when it exists and matches this run's settings, "
+                         "else computed and saved there (the reference is the long part of this benchmark)")
     ap.add_argument("--reference-dtype", choices=["float64", "float32"], default="float64",
                     help="the reference model's dtype: float32 is ~4x cheaper on a CPU; its rounding "
                          "(~1e-6 relative) is still far below the 1e-3 checked (use --reference-tol 1e-6)")
@@ -116,9 +141,7 @@ def main(argv=None) -> int:
           f"(seed {args.seed}); torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
           f"time = best of {args.rounds} round(s), {args.clock} clock")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    t = clock()
-    ref = reference(model, batches, args.reference_tol, args.reference_dtype)
-    print(f"reference: {clock() - t:.0f} s", file=sys.stderr, flush=True)
+    ref = cached_reference(args, model, batches, clock)
     top_eigenvalues(model, batches[:2], k=2, tol=1e-2)      # warms up every code path of ours
 
     runs = [("ours (defaults: warm start)", lambda: ours(model, batches, True)),

@@ -139,6 +139,29 @@ def test_shards_and_merge_equal_one_process_and_resume(tmp_path):
     _assert_same(_all_arrays(single), _all_arrays(out))
 
 
+def test_torchrun_rank_steps_of_a_repeats_run_equal_one_process(tmp_path):
+    """What `lt surface --repeats 3` runs on each of 2 torchrun ranks (the engine's split, vote and merge
+    around run_surface), the ranks' steps one after the other in this process: the merged file is the
+    one-process file, every (repeat, grid point) unit and every repeat's directions, bit for bit."""
+    from landscape_tools import distributed as D
+
+    jobs = lambda: [_job(3, label="a"), _job(3, label="b", scale=1.3)]
+    single = S.run_surface(jobs(), str(tmp_path / "single.h5"), S.SurfaceOptions(X, Y))
+    out = tmp_path / "ranks.h5"
+
+    def rank(r):
+        return engine.run_ranks(D.Context(rank=r, world_size=2), out,
+                                lambda o, part: S.run_surface(jobs(), str(o), S.SurfaceOptions(X, Y), shard=part))
+
+    assert rank(1) == out and not out.exists()
+    shard = store.read_result(engine.shard_path(out, 1, 2)).models["a"]["done"]
+    assert int(shard.sum()) == len(range(1, 3 * 15, 2))              # rank 1: every other (repeat, point) unit
+    assert rank(0) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks.h5", "single.h5"]   # shards merged and removed
+    _assert_same(_all_arrays(single), _all_arrays(out))
+    assert int(store.read_result(out).models["b"].attrs["repeats"]) == 3
+
+
 def test_a_partial_file_with_another_repeat_count_is_refused(tmp_path):
     out = str(tmp_path / "s.h5")
 

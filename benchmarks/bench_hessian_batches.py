@@ -12,17 +12,22 @@ and its first training images), one process.  Compared, over the same ``--batche
 * PyHessian 0.1's top-5 with its defaults, one batch after another (a fresh ``hessian`` object per
   batch, its start vectors from torch's global generator seeded ``--seed + batch``).
 
-Every value is checked against a reference: our Lanczos on a float64 copy of the model, every
-batch cold, certified to ``--reference-tol`` (1e-8: five orders below the 1e-3 asked;
-``--reference-dtype float32 --reference-tol 1e-6``: about 4x cheaper on a CPU, still three orders below).  Printed: per batch, the products of each (ours: the solver's, the
-start vector's included; the determinism check adds one more per batch, not counted, its time
-included) and the largest relative error; in all, the time of each and the ratios.  ``--clock cpu``
-times with the process's CPU time instead of the wall clock: with ``OMP_NUM_THREADS=1`` it is the
-wall time of an idle machine, and stays close to it while other jobs share the cores.
+Every value is checked against a reference: our Lanczos on a copy of the model, every batch cold,
+whole batches, certified to ``--reference-tol``.  The default is a float32 copy certified to 3e-5,
+33 times below the 1e-3 checked: a float64 copy (``--reference-dtype float64``) is exact to 1e-8 but
+its convolutions run 20-30 times slower on a CPU (an hour or two for 16 batches), and a float32
+certificate has a rounding floor of about ``5e-7 * max|theta|``, which for the trained net's spread
+of values (largest/5th up to 20) is about 1e-5 of the 5th value, so tighter float32 tolerances are
+not reached and the solve runs to its budget.  ``--reference-file`` keeps the reference between runs.
+Printed: per batch, the products of each (ours: the solver's, the start vector's included; the
+determinism check adds one more per batch, not counted, its time included) and the largest relative
+error; in all, the time of each and the ratios.  ``--clock cpu`` times with the process's CPU time
+instead of the wall clock: with ``OMP_NUM_THREADS=1`` it is the wall time of an idle machine, and
+stays close to it while other jobs share the cores.
 
 Usage: python benchmarks/bench_hessian_batches.py [--init fresh|trained] [--batches 16] [--batch 32]
-       [--seed 0] [--skip-pyhessian] [--rounds 1] [--clock wall|cpu] [--reference-tol 1e-8]
-       [--reference-dtype float64|float32] [--reference-file ref.npz]
+       [--seed 0] [--skip-pyhessian] [--rounds 1] [--clock wall|cpu] [--reference-tol 3e-5]
+       [--reference-dtype float32|float64] [--reference-file ref.npz]
 """
 from __future__ import annotations
 
@@ -117,14 +122,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-pyhessian", action="store_true")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: time.perf_counter; cpu: time.process_time (use with OMP_NUM_THREADS=1)")
-    ap.add_argument("--reference-tol", type=float, default=1e-8,
-                    help="certified relative accuracy of the reference (default 1e-8)")
+    ap.add_argument("--reference-tol", type=float, default=3e-5,
+                    help="certified relative accuracy of the reference (default 3e-5; 1e-8 with float64)")
     ap.add_argument("--reference-file", type=Path, default=None,
                     help="an .npz of the reference: loaded when it exists and matches this run's settings, "
                          "else computed and saved there (the reference is the long part of this benchmark)")
-    ap.add_argument("--reference-dtype", choices=["float64", "float32"], default="float64",
-                    help="the reference model's dtype: float32 is ~4x cheaper on a CPU; its rounding "
-                         "(~1e-6 relative) is still far below the 1e-3 checked (use --reference-tol 1e-6)")
+    ap.add_argument("--reference-dtype", choices=["float64", "float32"], default="float32",
+                    help="the reference model's dtype (default float32: its rounding, ~1e-6 of the largest "
+                         "value, is far below the 1e-3 checked; float64 is 20-30x slower on a CPU)")
     args = ap.parse_args(argv)
 
     have_pyhessian = False

@@ -141,6 +141,14 @@ check_item() {
   die "stage $STAGE has no item '$ITEM': expected one of ${valid[*]}"
 }
 
+# a loop, not `printf | grep -q`: under pipefail, grep exiting at its first match can leave printf
+# killed by SIGPIPE, and the pipeline then fails for a stage that exists (seen once under load)
+known_stage() {
+  local s
+  for s in "${STAGES[@]}"; do [[ $s == "$1" ]] && return 0; done
+  return 1
+}
+
 ckpt() { echo "$OUT/models/$1.pt"; }
 # $LT is a command line (e.g. "python -m landscape_tools.cli.main"): split on spaces
 run_lt() { $LT "$@"; }
@@ -243,8 +251,7 @@ run_stage() {
 case $STAGE in
   list) printf '%s\n' "${STAGES[@]}"; exit 0 ;;
   all) ;;
-  *) printf '%s\n' "${STAGES[@]}" | grep -qx -- "$STAGE" \
-       || die "unknown stage '$STAGE': expected all or one of ${STAGES[*]}" ;;
+  *) known_stage "$STAGE" || die "unknown stage '$STAGE': expected all or one of ${STAGES[*]}" ;;
 esac
 check_item
 pin_profile

@@ -472,7 +472,7 @@ def batch_scorer(model: nn.Module, batches: Sequence, sizes: Sequence[int], n_to
     params = next(iter(model.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else None
     out_dtype = P.model_dtype(model)
-    total, counted = int(n_todo) * passes, {"done": 0}
+    total, done = int(n_todo) * passes, 0      # MC samples of the finished batches
     was_training = model.training
     holder: list = [None]
     batch_first = [True]
@@ -480,7 +480,7 @@ def batch_scorer(model: nn.Module, batches: Sequence, sizes: Sequence[int], n_to
     try:
         with torch.no_grad(), _sampling(model, holder, active, compile_model) as forward:
             def compute(b: int):
-                done = counted["done"]
+                nonlocal done
                 x, y = batches[b]
                 if dtype is not None and x.is_floating_point():
                     x = x.to(dtype)
@@ -521,7 +521,7 @@ def batch_scorer(model: nn.Module, batches: Sequence, sizes: Sequence[int], n_to
                 if not active:
                     state[:] = _batch_state(running, y, n_bins)
                     values[:] = _sample_values(running, y).T[:, :, None]
-                counted["done"] = done + passes
+                done += passes        # only once the batch is finished
                 return state, values, batch_first[0]
 
             yield _Scorer(compute, active, passes)

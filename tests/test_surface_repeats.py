@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from landscape_tools import distributed as D
 from landscape_tools import engine, plotting, store
 from landscape_tools import surface as S
 from landscape_tools.cli.main import cli
@@ -143,8 +144,6 @@ def test_torchrun_rank_steps_of_a_repeats_run_equal_one_process(tmp_path):
     """What `lt surface --repeats 3` runs on each of 2 torchrun ranks (the engine's split, vote and merge
     around run_surface), the ranks' steps one after the other in this process: the merged file is the
     one-process file, every (repeat, grid point) unit and every repeat's directions, bit for bit."""
-    from landscape_tools import distributed as D
-
     jobs = lambda: [_job(3, label="a"), _job(3, label="b", scale=1.3)]
     single = S.run_surface(jobs(), str(tmp_path / "single.h5"), S.SurfaceOptions(X, Y))
     out = tmp_path / "ranks.h5"
